@@ -1,0 +1,86 @@
+"""`rlhfkit <stage> [flags]`: one subcommand per pipeline stage.
+
+Stages are imported lazily, so `rlhfkit --help` and config errors come back without loading torch.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+from rlhfkit import __version__
+from rlhfkit.errors import RLHFKitError
+
+# Training stages: name -> (one-line help, config class in rlhfkit.config, "module:function(cfg)").
+STAGES: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("pretrain a causal LM (tiny Llama from scratch by default) on a text corpus",
+                 "PretrainConfig", "rlhfkit.train.pretrain:train"),
+    "sft": ("supervised fine-tuning on prompt/response pairs (loss on the response only)",
+            "SFTConfig", "rlhfkit.train.sft:train"),
+}
+
+# Commands with their own sub-commands or arguments: name -> (one-line help, "module:main(argv)").
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("list, fetch and inspect the offline data sources", "rlhfkit.data.cli:main"),
+    "tokenizer": ("train a byte-level BPE tokenizer or inspect one", "rlhfkit.data.tokenizer:main"),
+    "sample": ("generate text from a checkpoint (quick look at a model)", "rlhfkit.models.sample:main"),
+}
+
+
+def _load(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in [*STAGES, *COMMANDS]) + 2
+    lines = [f"rlhfkit {__version__}: RLHF for language models, from pretraining to serving.", "",
+             "usage: rlhfkit <command> [--config FILE.yaml] [--section.field VALUE ...]", "",
+             "training stages:"]
+    lines += [f"  {n:<{width}}{h}" for n, (h, _, _) in STAGES.items()]
+    lines += ["", "other commands:"]
+    lines += [f"  {n:<{width}}{h}" for n, (h, _) in COMMANDS.items()]
+    lines += ["", "`rlhfkit <command> --help` explains every flag of a command."]
+    return "\n".join(lines)
+
+
+def run_stage(name: str, argv: list[str]) -> int:
+    from rlhfkit import config
+
+    helptext, cls_name, target = STAGES[name]
+    cls = getattr(config, cls_name)
+    cfg = config.parse_config(cls, argv, prog=f"rlhfkit {name}")
+    _load(target)(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    try:
+        if name in STAGES:
+            return run_stage(name, rest)
+        if name in COMMANDS:
+            return int(_load(COMMANDS[name][1])(rest) or 0)
+    except RLHFKitError as e:
+        print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nrlhfkit {name}: interrupted", file=sys.stderr)
+        return 130
+    import difflib
+
+    close = difflib.get_close_matches(name, [*STAGES, *COMMANDS], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    print(f"rlhfkit: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

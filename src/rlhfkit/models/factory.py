@@ -1,0 +1,123 @@
+"""Build a tiny Llama-architecture LM from scratch, or load any HF causal LM, with its tokenizer.
+
+Everything is a plain `transformers` model, so checkpoints are HF format (safetensors + config.json +
+tokenizer.json) and load in vLLM, PEFT, accelerate and DeepSpeed unchanged.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.config import ModelConfig, TokenizerConfig
+from rlhfkit.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def d_ff_for(d_model: int) -> int:
+    """Llama's MLP width: 8/3 * d, rounded up to a multiple of 64."""
+    return int(math.ceil(8 * d_model / 3 / 64) * 64)
+
+
+def tiny_llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int | None,
+                      pad_id: int | None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff or d_ff_for(cfg.d_model),
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head, max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta, attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        rms_norm_eps=1e-5, use_cache=True)
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any = None) -> torch.nn.Module:
+    """A fresh model from `cfg` (needs the tokenizer for vocab size and special ids), or a loaded one."""
+    if cfg.name_or_path:
+        model = load_causal_lm(cfg.name_or_path, cfg.dtype)
+    else:
+        from transformers import LlamaForCausalLM
+
+        if tokenizer is None:
+            raise ConfigError("a from-scratch model needs a tokenizer (for its vocabulary size)")
+        mcfg = tiny_llama_config(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                 tokenizer.pad_token_id)
+        model = LlamaForCausalLM(mcfg).to(DTYPES[cfg.dtype])
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    p = Path(path)
+    ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
+    if p.suffix == ".gguf" or (ggufs and not (p / "config.json").exists()):
+        # A GGUF file (e.g. the SmolLM2 wheel): transformers dequantises it into a normal model.
+        gguf = p if p.suffix == ".gguf" else ggufs[0]
+        path, kw["gguf_file"] = str(gguf.parent), gguf.name
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load a causal LM from {path!r}: {e}") from None
+
+
+def get_tokenizer(tcfg: TokenizerConfig, model_path: str = "", texts: Any = None):
+    """The tokenizer to use: tcfg.path, else the model's own, else train one on `texts`."""
+    from rlhfkit.data.tokenizer import load_tokenizer, train_tokenizer
+
+    if tcfg.path:
+        return load_tokenizer(tcfg.path)
+    if model_path:
+        p = Path(model_path)
+        if p.suffix == ".gguf" or (p.is_dir() and not (p / "tokenizer.json").exists()
+                                   and not (p / "tokenizer_config.json").exists()):
+            raise ConfigError(f"{model_path}: no tokenizer next to the model; set tokenizer.path")
+        return load_tokenizer(model_path)
+    if texts is None:
+        raise ConfigError("no tokenizer: set tokenizer.path, or model.name_or_path to a model with one")
+    return train_tokenizer(texts, tcfg.vocab_size, tcfg.min_frequency)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters counted once (tied embedding/head weights are shared)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices, not norms, biases or embeddings (as in GPT-2/Llama recipes)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, ocfg: Any) -> torch.optim.Optimizer:
+    groups = decay_param_groups(model, ocfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps)
+
+
+def lr_lambda(ocfg: Any):
+    """Warm-up then cosine/linear decay to min_lr_ratio (as a multiplier of lr), or constant."""
+    warm, total, floor = ocfg.warmup_steps, ocfg.max_steps, ocfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if ocfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if ocfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f

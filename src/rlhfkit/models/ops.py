@@ -1,0 +1,61 @@
+"""Token-level numerics shared by every stage: masking, log-prob gathering, LM loss, entropy.
+
+Pure functions on tensors; shapes in comments use B = batch, T = time, V = vocab.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (0 where the mask is empty)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the full (B, T, V) log-softmax.
+
+    logits (B, T, V), ids (B, T) -> (B, T) float32.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits): (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over the positions where mask is 1.
+
+    logits (B, T, V) predict labels (B, T) position by position (the caller has already shifted).
+    Returns (mean loss, number of tokens counted) so callers can weight micro-batches exactly.
+    """
+    per_tok = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                              reduction="none").view_as(labels)
+    if mask is None:
+        return per_tok.mean(), torch.tensor(labels.numel())
+    n = mask.sum()
+    return (per_tok * mask).sum() / n.clamp(min=1), n

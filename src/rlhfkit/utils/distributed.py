@@ -1,0 +1,74 @@
+"""A thin layer over `accelerate`: the same training loop runs as one process, under `torchrun`, or under
+`accelerate launch` (DDP with gloo on CPU / NCCL on GPU, DeepSpeed, FSDP), unchanged.
+
+Data sharding is ours, not accelerate's: every rank walks the same global batch order and takes its own
+slice, so a run's loss is the same whatever the world size for the same global batch, and a checkpoint
+resumes across world sizes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import torch
+
+
+class Dist:
+    def __init__(self, device: str = "auto", precision: str = "no") -> None:
+        from accelerate import Accelerator
+
+        if device.startswith("cuda") and ":" in device and "LOCAL_RANK" not in os.environ:
+            torch.cuda.set_device(torch.device(device))
+        self.acc = Accelerator(cpu=(device == "cpu"), mixed_precision=precision)
+        self.rank = self.acc.process_index
+        self.world = self.acc.num_processes
+        self.is_main = self.acc.is_main_process
+        self.device = self.acc.device
+
+    def prepare(self, *objs: Any) -> Any:
+        return self.acc.prepare(*objs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: torch.nn.Module, sync: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce on micro-batches that are not the last of an accumulation."""
+        if sync or self.world == 1:
+            yield
+        else:
+            with self.acc.no_sync(model):
+                yield
+
+    def clip_grad_norm(self, params: Any, max_norm: float) -> float:
+        if max_norm > 0:
+            return float(self.acc.clip_grad_norm_(params, max_norm))
+        norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
+    def mean(self, value: float | torch.Tensor) -> float:
+        """Mean of a scalar over all ranks."""
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(1)
+        if self.world > 1:
+            t = self.acc.reduce(t, reduction="mean")
+        return float(t.item())
+
+    def sum(self, value: float | torch.Tensor) -> float:
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(1)
+        if self.world > 1:
+            t = self.acc.reduce(t, reduction="sum")
+        return float(t.item())
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.acc.unwrap_model(model)
+
+    def shard(self, n: int) -> slice:
+        """This rank's slice of a global batch of n rows (n must divide evenly)."""
+        if n % self.world:
+            raise ValueError(f"global batch of {n} does not split over {self.world} processes")
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
