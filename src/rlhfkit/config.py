@@ -228,6 +228,18 @@ class SFTConfig:
         _non_negative(self, "epochs")
 
 
+# ---- feedback stage configs go here ----
+
+
+
+# ---- reward stage configs go here ----
+
+
+
+# ---- RL stage configs (ppo, grpo, rloo, reinforce, dpo) go here ----
+
+
+
 # --------------------------------------------------------------------------------------------------
 # Parsing: YAML + flags -> dataclass
 # --------------------------------------------------------------------------------------------------
