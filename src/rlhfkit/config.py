@@ -37,9 +37,10 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
-def section(cls: type, help: str) -> Any:
-    """A nested config section (its own YAML mapping, flags prefixed by its name)."""
-    return field(default_factory=cls, metadata={"help": help})
+def section(cls: type, help: str, **defaults: Any) -> Any:
+    """A nested config section (its own YAML mapping, flags prefixed by its name); `defaults` override
+    the section's own defaults for this stage (e.g. a smaller learning rate for SFT)."""
+    return field(default_factory=lambda: cls(**defaults), metadata={"help": help})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,29 +179,31 @@ class PretrainConfig:
     log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory")
     run: RunConfig = section(RunConfig, "seed, device and run control")
     early_stop_patience: int = opt(0, "stop after this many validation passes without improvement; 0 = off")
-    eval_batches: int = opt(20, "validation batches per evaluation pass; 0 = the whole validation split")
+    eval_sequences: int = opt(256, "validation sequences (of data.seq_len tokens) per evaluation pass, "
+                                   "always the same ones; 0 = the whole validation split")
     sample_prompts: list = opt(["The movie", "I think"], "prompts sampled at each evaluation to eyeball progress")
 
     def check(self) -> None:
         if self.data.seq_len > self.model.max_seq_len and not self.model.name_or_path:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}")
-        _non_negative(self, "early_stop_patience", "eval_batches")
+        _non_negative(self, "early_stop_patience", "eval_sequences")
         if self.early_stop_patience and not self.log.eval_every:
             raise ConfigError("early_stop_patience needs log.eval_every > 0 (it counts evaluations)")
 
 
 @dataclass
 class SFTDataConfig:
-    source: str = opt("chatterbot", "prompt/response pairs: a named source (`rlhfkit data list`), a "
-                                    "JSONL file, or hf:<dataset>[:<config>]")
+    source: str = opt("chatterbot", "prompt/response pairs: chatterbot, a JSONL file (docs/formats.md), "
+                                    "or hf:<dataset>[:<config>][@<split>]")
     prompt_field: str = opt("prompt", "field holding the prompt in JSONL / HF records")
     response_field: str = opt("response", "field holding the response in JSONL / HF records")
     template: Literal["plain", "chat"] = opt(
-        "plain", "how a pair becomes text: plain (prompt + response + EOS) or chat (the tokenizer's "
-                 "chat template)")
+        "chat", "how a pair becomes tokens: plain (prompt then response then EOS, exactly as written) or "
+                "chat (the tokenizer's chat template around the prompt, then response and EOS)")
     val_fraction: float = opt(0.05, "fraction of pairs held out for validation")
-    max_len: int = opt(128, "truncate prompt+response to this many tokens (the prompt is cut first)")
+    max_len: int = opt(128, "truncate prompt+response to this many tokens (the prompt loses its start "
+                            "first, then the response its end)")
     max_examples: int = opt(0, "use at most this many pairs; 0 = all")
 
     def check(self) -> None:
@@ -216,16 +219,20 @@ class SFTConfig:
     model: ModelConfig = section(ModelConfig, "model to fine-tune (name_or_path is required)")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
     data: SFTDataConfig = section(SFTDataConfig, "prompt/response pairs")
-    optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batch sizes")
-    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory")
+    optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batch sizes", lr=3e-4, max_steps=300,
+                                 warmup_steps=20, batch_size=16)
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", eval_every=50,
+                             save_every=100)
     run: RunConfig = section(RunConfig, "seed, device and run control")
-    epochs: float = opt(0.0, "if > 0, set optim.max_steps to cover this many passes over the data")
+    eval_examples: int = opt(256, "validation pairs per evaluation pass; 0 = the whole validation split")
+    sample_prompts: list = opt(["Hello, how are you?", "What is your favorite movie?"],
+                               "prompts answered at each evaluation to eyeball progress")
 
     def check(self) -> None:
         if not self.model.name_or_path:
             raise ConfigError("sft needs model.name_or_path (a pretrained checkpoint, e.g. "
                               "runs/pretrain/final)")
-        _non_negative(self, "epochs")
+        _non_negative(self, "eval_examples")
 
 
 # ---- feedback stage configs go here ----
@@ -374,18 +381,21 @@ def _set(cfg: Any, dotted: str, value: Any, where: str) -> None:
     setattr(obj, parts[-1], convert(value, hints[parts[-1]], where))
 
 
-def iter_fields(cls: type, prefix: str = ""):
-    """Yield (dotted_name, type, field, default) for every leaf field of a config class."""
-    hints = _hints(cls)
-    proto = cls()
-    for f in dataclasses.fields(cls):
+def iter_fields(cls: type, prefix: str = "", _obj: Any = None):
+    """Yield (dotted_name, type, field, default) for every leaf field of a config class.
+
+    Defaults come from an instance of the stage, so a stage's own section defaults (e.g. SFT's smaller
+    learning rate) are the ones shown in --help."""
+    obj = cls() if _obj is None else _obj
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
         if f.name.startswith("_"):
             continue
         tp = hints[f.name]
         if _is_section(tp):
-            yield from iter_fields(tp, f"{prefix}{f.name}.")
+            yield from iter_fields(tp, f"{prefix}{f.name}.", getattr(obj, f.name))
         else:
-            yield f"{prefix}{f.name}", tp, f, getattr(proto, f.name)
+            yield f"{prefix}{f.name}", tp, f, getattr(obj, f.name)
 
 
 def _line_map(text: str) -> dict[str, int]:

@@ -7,7 +7,7 @@ position is a single global counter of blocks consumed, so a checkpoint resumes 
 processes with the same global batch.
 
 Departures from the usual recipe, and why:
-  * validation uses the first `eval_batches` blocks of the held-out stream, always the same ones, so
+  * validation uses the first `eval_sequences` blocks of the held-out stream, always the same ones, so
     curves are comparable across evaluations and runs;
   * `final/` is the model with the best validation loss (what early stopping is for), not the last one.
 """
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from rlhfkit.config import PretrainConfig
+from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.data.sources import load_texts
 from rlhfkit.errors import TrainingError
 from rlhfkit.models.factory import build_model, count_params, get_tokenizer, lr_lambda, make_optimizer
@@ -59,25 +60,17 @@ class BlockSampler:
     """Blocks of seq_len + 1 tokens from a stream, in a seeded order per epoch (see module doc)."""
 
     def __init__(self, stream: np.ndarray, seq_len: int, seed: int) -> None:
-        self.stream, self.L, self.seed = stream, seq_len, seed
+        self.stream, self.L = stream, seq_len
         self.n = (len(stream) - seq_len) // seq_len  # blocks per epoch, whatever the epoch's offset
         if self.n < 1:
             raise TrainingError(f"corpus too small: {len(stream)} tokens for seq_len {seq_len}")
-        self._perm: dict[int, tuple[np.ndarray, int]] = {}
-
-    def _epoch(self, e: int) -> tuple[np.ndarray, int]:
-        if e not in self._perm:
-            rng = np.random.default_rng([self.seed, e])
-            self._perm = {e: (rng.permutation(self.n), int(rng.integers(0, self.L)))}
-        return self._perm[e]
+        self.order = EpochSampler(self.n, seed)
 
     def batch(self, pos: int, size: int) -> torch.Tensor:
         """Blocks pos .. pos+size-1 of the global order: (size, seq_len + 1) int64."""
         rows = []
-        for p in range(pos, pos + size):
-            e, i = divmod(p, self.n)
-            perm, off = self._epoch(e)
-            start = off + int(perm[i]) * self.L
+        for e, i in self.order.indices(pos, size):
+            start = self.order.epoch(e)[1] % self.L + i * self.L  # the epoch's shift moves boundaries
             rows.append(self.stream[start:start + self.L + 1])
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
@@ -109,15 +102,18 @@ def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, dist
 
 @torch.no_grad()
 def sample_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new_tokens: int = 40,
-                 temperature: float = 0.8, top_k: int = 40) -> list[str]:
+                 temperature: float = 0.8, top_k: int = 40, add_special_tokens: bool = True) -> list[str]:
+    """The sampled continuation of each prompt, decoded, one prompt at a time (a quick look during
+    training; RL uses the batched rollout engine)."""
     model.eval()
     out = []
     for p in prompts:
-        ids = tok(p, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+        ids = tok(p, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
+        ids = ids.to(next(model.parameters()).device)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                              temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out.append(tok.decode(gen[0], skip_special_tokens=True))
+        out.append(tok.decode(gen[0, ids.size(1):], skip_special_tokens=True))
     model.train()
     return out
 
@@ -148,8 +144,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     L = cfg.data.seq_len
     sampler = BlockSampler(train_ids, L, cfg.run.seed)
     n_val_blocks = (len(val_ids) - 1) // L
-    if cfg.eval_batches:
-        n_val_blocks = min(n_val_blocks, cfg.eval_batches * cfg.optim.batch_size)
+    if cfg.eval_sequences:
+        n_val_blocks = min(n_val_blocks, cfg.eval_sequences)
     if n_val_blocks < 1:
         raise TrainingError(f"validation split too small ({len(val_ids)} tokens) for seq_len {L}: raise "
                             "data.val_fraction")
@@ -237,8 +233,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                     if improved:
                         save_model(run_dir / "best", dist.unwrap(model), tok)
                     for p, s in zip(cfg.sample_prompts, sample_texts(dist.unwrap(model), tok, cfg.sample_prompts)):
-                        logger.log_text(f"sample/{p}", s, step)
-                        logger.write(f"  sample: {s!r}")
+                        logger.log_text(f"sample/{p}", p + s, step)
+                        logger.write(f"  sample: {p + s!r}")
             over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
             early = cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience
             if early:
