@@ -8,7 +8,7 @@ import torch
 
 from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController
 from rlhfkit.rl.losses import (aggregate, clipped_surrogate, dpo_loss, explained_variance, kl_penalty,
-                               policy_loss, sequence_policy_loss, value_loss)
+                               policy_loss, reinforce_loss, sequence_policy_loss, value_loss)
 
 E = math.e
 
@@ -128,3 +128,11 @@ def test_kl_controllers():
     again = AdaptiveKLController(0.5, 1.0, 100)
     again.load_state_dict(ada.state_dict())
     assert again.value == ada.value
+
+
+def test_reinforce_loss_by_hand():
+    seq = t([-3.0, -1.0]).requires_grad_()
+    loss = reinforce_loss(seq, t([1.0, -2.0]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-(1 * -3 + -2 * -1) / 2)  # = 0.5
+    assert seq.grad.tolist() == pytest.approx([-0.5, 1.0])

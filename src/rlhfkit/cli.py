@@ -17,6 +17,16 @@ STAGES: dict[str, tuple[str, str, str]] = {
                  "PretrainConfig", "rlhfkit.train.pretrain:train"),
     "sft": ("supervised fine-tuning on prompt/response pairs (loss on the response only)",
             "SFTConfig", "rlhfkit.train.sft:train"),
+    "ppo": ("PPO: actor + critic, per-token KL to the reference, GAE, clipped losses",
+            "PPOConfig", "rlhfkit.rl.ppo:train"),
+    "grpo": ("GRPO: group-relative advantages over several samples per prompt, clipped surrogate",
+             "GRPOConfig", "rlhfkit.rl.grpo:train"),
+    "rloo": ("RLOO: REINFORCE with a leave-one-out baseline per prompt, KL in the reward",
+             "RLOOConfig", "rlhfkit.rl.rloo:train"),
+    "reinforce": ("REINFORCE with a batch-mean baseline, KL in the reward",
+                  "REINFORCEConfig", "rlhfkit.rl.reinforce:train"),
+    "dpo": ("DPO / IPO on offline preference pairs (the feedback export)",
+            "DPOConfig", "rlhfkit.train.dpo:train"),
 }
 
 # Commands with their own sub-commands or arguments: name -> (one-line help, "module:main(argv)").
@@ -24,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("list, fetch and inspect the offline data sources", "rlhfkit.data.cli:main"),
     "tokenizer": ("train a byte-level BPE tokenizer or inspect one", "rlhfkit.data.tokenizer:main"),
     "sample": ("generate text from a checkpoint (quick look at a model)", "rlhfkit.models.sample:main"),
+    "bestofn": ("best-of-n sampling: n completions per prompt, keep the one a reward scores highest",
+                "rlhfkit.rl.bestofn:main"),
+    "bench": ("benchmarks: `rlhfkit bench trl-peer` runs our GRPO/RLOO/PPO beside TRL's on one workload",
+              "rlhfkit.bench.cli:main"),
 }
 
 

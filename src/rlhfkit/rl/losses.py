@@ -109,6 +109,15 @@ def sequence_policy_loss(seq_logprobs: torch.Tensor, old_seq_logprobs: torch.Ten
     return loss, stats
 
 
+def reinforce_loss(seq_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   normalizer: float | None = None) -> torch.Tensor:
+    """REINFORCE (Williams 1992): -mean(A * log pi(y)), y a whole completion: (B,) -> scalar.
+
+    Its gradient is the score-function estimator -mean(A * grad sum_t log pi(y_t))."""
+    total = -(advantages * seq_logprobs).sum()
+    return total / (seq_logprobs.numel() if normalizer is None else normalizer)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Value loss
 # ---------------------------------------------------------------------------------------------------

@@ -303,7 +303,8 @@ def stream(model: torch.nn.Module, tok: Any, prompt: str | Sequence[int], backen
 # Training side: the policy's log-probabilities of a rollout, with gradients
 # ---------------------------------------------------------------------------------------------------
 def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float = 1.0,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False, entropy_grad: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits / T) of each completion token under `model`: (B, C), differentiable.
 
     Work saved, all exact:
@@ -313,7 +314,7 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         repeated n times and the completions attend to it, like the rollout's own prefill. For the GRPO
         workload of docs/benchmarks.md (16-token prompts, 32-token completions, groups of 4) that is 25%
         fewer tokens through the network, forward and backward.
-    Entropy (no gradient) of the same distributions, if asked for.
+    Entropy of the same distributions (B, C) if asked for: detached, or with gradients (entropy bonus).
     """
     P = ro.prompt_ids.size(1)
     comp, G = ro.completion_ids, ro.group_size
@@ -344,8 +345,8 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         logits = logits / temperature
     logprobs = gather_logprobs(logits, comp) * ro.completion_mask
     entropy = None
-    if with_entropy:
-        with torch.no_grad():
+    if with_entropy or entropy_grad:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits)
     return logprobs, entropy
 
