@@ -316,7 +316,6 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         fewer tokens through the network, forward and backward.
     Entropy of the same distributions (B, C) if asked for: detached, or with gradients (entropy bonus).
     """
-    P = ro.prompt_ids.size(1)
     comp, G = ro.completion_ids, ro.group_size
     padded = not bool(ro.prompt_mask.all())
     pos_c = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(comp.size(1) - 1, device=comp.device)
@@ -333,21 +332,25 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
             kw = {"attention_mask": torch.cat([ro.prompt_mask, torch.ones_like(comp[:, :-1])], 1)}
         rest = model(input_ids=comp[:, :-1], position_ids=pos_c, past_key_values=cache, use_cache=True,
                      **kw).logits  # (B, C-1, V)
-        logits = torch.cat([first.repeat_interleave(G, 0), rest], 1)
+        # Scored in two parts (no (B, C, V) concatenation): the first token from the prompt's last position.
+        parts = [(first.repeat_interleave(G, 0), comp[:, :1]), (rest, comp[:, 1:])]
     else:
         ids = torch.cat([ro.prompt_ids, comp], 1)
         kw = {}
         if padded:
             kw["attention_mask"] = torch.cat([ro.prompt_mask, torch.ones_like(comp)], 1)
             kw["position_ids"] = (kw["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, logits_to_keep=comp.size(1) + 1, use_cache=False, **kw).logits[:, :-1]
+        logits = model(input_ids=ids, logits_to_keep=comp.size(1) + 1, use_cache=False, **kw).logits
+        parts = [(logits[:, :-1], comp)]  # a view: the last position predicts nothing we sampled
     if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    logprobs = gather_logprobs(logits, comp) * ro.completion_mask
+        parts = [(lg / temperature, x) for lg, x in parts]
+    logprobs = torch.cat([gather_logprobs(lg, x) for lg, x in parts], 1) * ro.completion_mask
     entropy = None
     if with_entropy or entropy_grad:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits)
+            # A few rows at a time: the (rows, C, V) temporaries of the softmax stay small.
+            entropy = torch.cat([torch.cat([entropy_from_logits(lg[i:i + 8]) for i in range(0, lg.size(0), 8)])
+                                 for lg, _ in parts], 1)
     return logprobs, entropy
 
 
