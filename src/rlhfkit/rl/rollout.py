@@ -84,6 +84,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         tok = logits.argmax(-1)
         return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
     scaled = logits / temperature if temperature != 1.0 else logits
+    if not (top_k and top_k < scaled.size(-1)) and top_p >= 1.0:
+        # Plain sampling, one exp pass: unnormalised weights, their running sum, and log Z from its total.
+        peak = scaled.amax(-1, keepdim=True)
+        cdf = (scaled - peak).exp_().cumsum_(-1)  # (B, V)
+        total = cdf[:, -1:]
+        u = torch.rand(cdf.size(0), 1, device=cdf.device) * total
+        tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)
+        return tok, scaled.gather(-1, tok[:, None])[:, 0] - (peak + total.log())[:, 0]
     log_z = torch.logsumexp(scaled, -1)  # (B,)
     filtered = scaled
     if top_k and top_k < scaled.size(-1):
@@ -91,8 +99,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
         srt, idx = torch.sort(filtered, dim=-1, descending=True)
-        cum = torch.softmax(srt, -1).cumsum(-1)
-        drop_sorted = (cum - torch.softmax(srt, -1)) >= top_p  # mass before this token already >= top_p
+        p_sorted = torch.softmax(srt, -1)
+        drop_sorted = (p_sorted.cumsum(-1) - p_sorted) >= top_p  # mass before this token already >= top_p
         filtered = filtered.masked_fill(drop_sorted.scatter(-1, idx, drop_sorted), float("-inf"))
     # Inverse-CDF sampling: first index whose cumulative probability exceeds u * total.
     cdf = torch.softmax(filtered, -1).cumsum(-1)
