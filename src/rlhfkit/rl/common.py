@@ -3,7 +3,6 @@ those live in rl/losses.py, rl/advantages.py and models/ops.py."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,31 +141,3 @@ def micro_batches(n: int, size: int, group: int = 1) -> list[slice]:
     """Row slices of at most `size` rows, each a whole number of groups (so prompts can be shared)."""
     size = max(group, size - size % group) if group > 1 else max(1, size)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS between steps (glibc malloc_trim).
-
-    Each step allocates and frees the same large activation tensors, but glibc's heap fragments around the
-    long-lived ones and the resident set creeps up step after step (by ~10-20% over 30 steps on the CPU
-    workload of docs/benchmarks.md). Trimming after each step keeps the peak at one step's working set.
-    No-op where glibc is not the allocator."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None

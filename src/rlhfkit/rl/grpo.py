@@ -29,7 +29,7 @@ from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import group_advantages, shape_scores
 from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
-                               micro_batches, release_memory, samples_table)
+                               micro_batches, samples_table)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import aggregate, clipped_surrogate, kl_penalty
 from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, generate
@@ -140,7 +140,6 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
             step += 1
             pos += U
 
-            release_memory()
             # 4. Log.
             dt = time.perf_counter() - t0
             n_gen = int(ro.lengths.sum())

@@ -38,7 +38,7 @@ from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import gae, shape_scores, token_rewards, whiten
 from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
-                               micro_batches, release_memory, samples_table, use_fast_activations)
+                               micro_batches, samples_table, use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
 from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, completion_values, generate
@@ -221,7 +221,6 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
             step += 1
             pos += U
 
-            release_memory()
             # 4. Log.
             dt = time.perf_counter() - t0
             n_gen = int(ro.lengths.sum())
