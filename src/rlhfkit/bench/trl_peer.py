@@ -80,7 +80,7 @@ def cpu_model() -> str:
 # Our worker: one trainer, one fresh process
 # ---------------------------------------------------------------------------------------------------
 def workload_config(algo: str, workdir: Path, steps: int, run_dir: Path, threads: int,
-                    micro_batch: int = 32) -> Any:
+                    micro_batch: int = 16) -> Any:
     """Our config for the harness workload (steps = warm-up + timed)."""
     from rlhfkit import config as C
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sides", default="trl,ours", help="trl, ours, or both (comma list)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every (trainer, side) run")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = torch's default (both sides)")
-    ap.add_argument("--micro-batch", type=int, default=32,
+    ap.add_argument("--micro-batch", type=int, default=16,
                     help="our side: completions per forward/backward micro-batch (the gradient is the same; "
                          "smaller bounds activation memory)")
     ap.add_argument("--trl-dir", default="", help="the TRL peer benchmark directory (default: ../shared/bench/trl "

@@ -107,7 +107,8 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
             ref_logprobs = None
             if ref is not None:
                 with torch.no_grad():
-                    ref_logprobs = completion_logprobs(ref, ro, params.temperature)[0]
+                    ref_logprobs = torch.cat([completion_logprobs(ref, ro.rows(mb), params.temperature)[0]
+                                              for mb in micro_batches(B, cfg.optim.batch_size, G)])
 
             # 3. Policy update(s): the loss of every micro-batch is normalised by the whole batch, so their
             #    gradients add up to the gradient of the batch loss.

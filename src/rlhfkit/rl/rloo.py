@@ -104,7 +104,8 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
             seq_kl = torch.zeros(B, device=device)
             if ref is not None:
                 with torch.no_grad():
-                    ref_logprobs = completion_logprobs(ref, ro, params.temperature)[0]
+                    ref_logprobs = torch.cat([completion_logprobs(ref, ro.rows(mb), params.temperature)[0]
+                                              for mb in micro_batches(B, cfg.optim.batch_size, G)])
                 seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * mask).sum(-1)  # (B,)
             rewards = scores - kl_ctl.value * seq_kl
             advantages = group_advantages(rewards, G, "rloo")
