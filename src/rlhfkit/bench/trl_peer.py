@@ -159,7 +159,8 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
         "step_times_s": [round(x, 3) for x in step_times],
         "rss_start_mb": round(rss_start, 1), "peak_rss_after_warmup_mb": round(marks[0]["peak"], 1),
         "peak_rss_at_last_step_mb": round(timed[-1]["peak"], 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "train_call_s": round(t1 - t0, 3), "config": to_dict(cfg),
+        "train_call_s": round(t1 - t0, 3),
+        "config": json.loads(json.dumps(to_dict(cfg)).replace(str(workdir), "<workdir>")),
     }
 
 

@@ -41,7 +41,7 @@ from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, 
                                micro_batches, samples_table, use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
-from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, completion_values, generate
+from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs, completion_values
 from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
                                       save_model)
 from rlhfkit.utils.logging import MetricLogger
@@ -96,6 +96,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
         step, pos = state["step"], state["pos"]
     single_update = cfg.epochs == 1 and cfg.mini_batches == 1  # TRL's default: one optimizer step per rollout
 
+    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="ppo")
     logger.write(f"ppo: {count_params(policy) / 1e6:.2f}M policy + {count_params(critic) / 1e6:.2f}M critic params, "
                  f"{len(prompts.ids)} prompts, {B} completions per rollout, {cfg.epochs} epoch(s) x "
@@ -116,8 +117,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
             t0 = time.perf_counter()
             # 1. Rollout and scores.
             idx = [i for _, i in order.indices(pos, U)]
-            ro = generate(policy, tok, [prompts.ids[i] for i in idx], params, n=G, backend=cfg.rollout.backend,
-                          prompts=[prompts.texts[i] for i in idx])
+            ro = sampler([prompts.ids[i] for i in idx], params, G, [prompts.texts[i] for i in idx])
             t_gen = time.perf_counter() - t0
             mask = ro.completion_mask.float()
             raw = reward_fn(ro.prompts, ro.completions).to(device)

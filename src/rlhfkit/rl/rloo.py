@@ -31,7 +31,7 @@ from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, 
                                micro_batches, samples_table)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import kl_penalty, sequence_policy_loss
-from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, generate
+from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
 from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
                                       save_model)
 from rlhfkit.utils.logging import MetricLogger
@@ -73,6 +73,7 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
         kl_ctl.load_state_dict(state["kl"])
         step, pos = state["step"], state["pos"]
 
+    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="rloo")
     logger.write(f"rloo: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "
                  f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, device {device}"
@@ -91,8 +92,7 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
             t0 = time.perf_counter()
             # 1. Rollout.
             idx = [i for _, i in order.indices(pos, U)]
-            ro = generate(policy, tok, [prompts.ids[i] for i in idx], params, n=G, backend=cfg.rollout.backend,
-                          prompts=[prompts.texts[i] for i in idx])
+            ro = sampler([prompts.ids[i] for i in idx], params, G, [prompts.texts[i] for i in idx])
             t_gen = time.perf_counter() - t0
             mask = ro.completion_mask.float()
 

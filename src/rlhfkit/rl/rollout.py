@@ -371,6 +371,27 @@ def completion_values(critic: torch.nn.Module, ro: Rollout) -> torch.Tensor:
     return values[:, P - 1:P + C - 1] * ro.completion_mask
 
 
+class Sampler:
+    """The rollout backend of an RL loop: our decoders reading the training model itself (fast / hf /
+    auto), or a vLLM engine that holds its own copy of the weights, synced from the policy before every
+    rollout (so a resumed run samples from the resumed weights too)."""
+
+    def __init__(self, model: torch.nn.Module, tok: Any, backend: str, model_dir: str, seed: int = 0) -> None:
+        self.model, self.tok, self.backend = model, tok, backend
+        self.engine = VLLMEngine(model_dir, seed=seed) if backend == "vllm" else None
+
+    def __call__(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, n: int,
+                 prompts: Sequence[str]) -> Rollout:
+        if self.engine is None:
+            return generate(self.model, self.tok, prompt_ids, params, n, self.backend, prompts)
+        self.engine.sync(self.model)
+        ro = self.engine.generate(self.tok, prompt_ids, params, n, prompts)
+        device = next(self.model.parameters()).device
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs", "finished"):
+            setattr(ro, name, getattr(ro, name).to(device))
+        return ro
+
+
 # ---------------------------------------------------------------------------------------------------
 # vLLM (GPU only, optional)
 # ---------------------------------------------------------------------------------------------------
@@ -393,9 +414,13 @@ class VLLMEngine:
                        enable_prefix_caching=True)
 
     def sync(self, model: torch.nn.Module) -> None:
-        # The in-process engine's model accepts HF-named weights (as TRL's colocate mode does).
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        runner.model.load_weights(((k, v) for k, v in model.state_dict().items()))
+        """Copy the policy's weights into the engine (HF parameter names, as TRL's colocate mode does)."""
+        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
+        try:  # vLLM's V1 engine: run load_weights inside the worker
+            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(weights))
+        except (AttributeError, TypeError):
+            runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+            runner.model.load_weights(iter(weights))
         self.llm.reset_prefix_cache()
 
     def generate(self, tok: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, n: int,
