@@ -48,8 +48,9 @@ def section(cls: type, help: str, **defaults: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("", "HF model directory or hub id to start from; empty builds a tiny "
-                                "Llama-architecture model from scratch with the sizes below")
+    name_or_path: str = opt("", "model to start from: an HF directory, a .gguf file, a named model that "
+                                "ships in a package (smollm2 = SmolLM2-135M-Instruct), or a hub id; empty "
+                                "builds a tiny Llama-architecture model from scratch with the sizes below")
     n_layer: int = opt(4, "transformer blocks (from-scratch model only)")
     n_head: int = opt(4, "attention heads (from-scratch model only)")
     n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 = same as n_head")

@@ -56,6 +56,9 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None) -> torch.nn.Module:
 def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from rlhfkit.models.zoo import resolve_model
+
+    path = resolve_model(path)
     kw: dict[str, Any] = {"dtype": DTYPES[dtype]}
     p = Path(path)
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
@@ -73,9 +76,12 @@ def get_tokenizer(tcfg: TokenizerConfig, model_path: str = "", texts: Any = None
     """The tokenizer to use: tcfg.path, else the model's own, else train one on `texts`."""
     from rlhfkit.data.tokenizer import load_tokenizer, train_tokenizer
 
+    from rlhfkit.models.zoo import resolve_model
+
     if tcfg.path:
-        return load_tokenizer(tcfg.path)
+        return load_tokenizer(resolve_model(tcfg.path))
     if model_path:
+        model_path = resolve_model(model_path)
         p = Path(model_path)
         if p.suffix == ".gguf" or (p.is_dir() and not (p / "tokenizer.json").exists()
                                    and not (p / "tokenizer_config.json").exists()):

@@ -132,14 +132,12 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     texts = load_texts(cfg.data.source, cfg.data.text_field, cfg.data.max_docs)
     train_docs, val_docs = split_documents(texts, cfg.data.val_fraction, cfg.run.seed)
     tok_dir = run_dir / "tokenizer"
-    if not cfg.tokenizer.path and (tok_dir / "tokenizer.json").exists():
-        from rlhfkit.data.tokenizer import load_tokenizer
+    if dist.is_main and (cfg.tokenizer.path or not (tok_dir / "tokenizer.json").exists()):
+        get_tokenizer(cfg.tokenizer, cfg.model.name_or_path, train_docs).save_pretrained(tok_dir)
+    dist.barrier()  # the other ranks read what rank 0 trained (or copied), never a half-written file
+    from rlhfkit.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(str(tok_dir))
-    else:
-        tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path, train_docs)
-        if dist.is_main:
-            tok.save_pretrained(tok_dir)
+    tok = load_tokenizer(str(tok_dir))
     train_ids, val_ids = tokenize_stream(tok, train_docs), tokenize_stream(tok, val_docs)
     L = cfg.data.seq_len
     sampler = BlockSampler(train_ids, L, cfg.run.seed)
