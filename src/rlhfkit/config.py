@@ -64,8 +64,20 @@ class ModelConfig:
         "float32", "parameter dtype; bf16/fp16 only pay off on GPU")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     init_std: float = opt(0.02, "std of the normal init of a from-scratch model")
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights, > 0 trains low-rank adapters only (needs peft); "
+                         "final/ then holds the merged model in plain HF format")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is lora_alpha / lora_r * B A")
+    lora_dropout: float = opt(0.0, "dropout on the input of the LoRA adapters")
+    lora_targets: str = opt("all-linear", "modules that get adapters: all-linear, or comma-separated module "
+                                          "names such as q_proj,v_proj")
 
     def check(self) -> None:
+        _non_negative(self, "lora_r")
+        if self.lora_r:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ConfigError(f"{here('lora_r')}={self.lora_r} needs the peft package (pip install peft)")
         if not self.name_or_path:
             if self.d_model % self.n_head:
                 raise ConfigError(f"{here('d_model')}={self.d_model} is not divisible by "

@@ -50,7 +50,27 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None) -> torch.nn.Module:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if cfg.lora_r:
+        model = apply_lora(model, cfg)
     return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Wrap a model with LoRA adapters (peft); only the adapters train, the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [
+        t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:  # e.g. target module names that the model does not have
+        raise ConfigError(f"model.lora_targets={cfg.lora_targets!r}: {e}") from None
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
 def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
