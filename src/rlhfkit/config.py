@@ -152,6 +152,9 @@ class LogConfig:
 class RunConfig:
     seed: int = opt(0, "random seed for init, data order and sampling")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda if available)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "compute precision: bf16/fp16 run matmuls under autocast with fp32 master weights (GPU; "
+                "fp16 also scales the loss). Under `accelerate launch` the launcher's setting wins")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
     resume: bool = opt(True, "continue from the newest checkpoint in run_dir if there is one")
     max_minutes: float = opt(0.0, "stop cleanly (with a checkpoint) after this much wall time; 0 = no limit")
@@ -159,6 +162,8 @@ class RunConfig:
     def check(self) -> None:
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
             raise ConfigError(f"{here('device')}={self.device!r}: expected cpu, cuda, cuda:N, mps or auto")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError(f"{here('precision')}=fp16 needs a GPU (use bf16 or fp32 on CPU)")
         _non_negative(self, "threads", "max_minutes")
 
 

@@ -58,7 +58,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     t_start = time.time()
     set_threads(cfg.run.threads)
     quiet_hf()
-    dist = Dist(cfg.run.device)
+    dist = Dist(cfg.run.device, cfg.run.precision)
     run_dir = default_run_dir("sft", cfg.log.run_dir)
     if dist.is_main:
         write_run_config(run_dir, cfg)
