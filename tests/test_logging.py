@@ -61,7 +61,19 @@ def test_missing_wandb_is_a_config_error(tmp_path, monkeypatch):
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+STAGE_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "accelerate")
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(path):
+    """configs/accelerate/*.yaml are accelerate launcher configs: accelerate itself must accept them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    c = load_config_from_file(str(path))
+    assert c.num_processes >= 2 and c.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_parse(path):
     """configs/<stage>/*.yaml must parse and pass the checks of that stage's config."""
     from rlhfkit import config
