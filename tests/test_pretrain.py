@@ -58,8 +58,10 @@ def test_unigram_ppl_by_hand():
 
 
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    # Dropout on: the resumed run must also continue the same random stream, not only the same data.
+    drop = {"model": {"dropout": 0.1}}
     ref = tmp_path / "ref"
-    pretrain.train(tiny_cfg(corpus, ref))
+    pretrain.train(tiny_cfg(corpus, ref, **drop))
     # Same run, interrupted by a SIGINT during step 7 (after its metrics are logged): the loop finishes
     # the step, writes a checkpoint and returns; the second call resumes from it.
     run = tmp_path / "run"
@@ -71,10 +73,10 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(corpus, tmp_pat
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(pretrain.MetricLogger, "log", log_and_interrupt)
-    first = pretrain.train(tiny_cfg(corpus, run))
+    first = pretrain.train(tiny_cfg(corpus, run, **drop))
     assert first["steps"] == 7 and first["stopped_early"]
     monkeypatch.setattr(pretrain.MetricLogger, "log", real_log)
-    pretrain.train(tiny_cfg(corpus, run))
+    pretrain.train(tiny_cfg(corpus, run, **drop))
     assert losses(run) == losses(ref)  # bit-exact, every step
     assert len(losses(ref)) == 12
 

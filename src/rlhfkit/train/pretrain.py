@@ -107,13 +107,16 @@ def sample_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new_t
     training; RL uses the batched rollout engine)."""
     model.eval()
     out = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
-        ids = ids.to(next(model.parameters()).device)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out.append(tok.decode(gen[0, ids.size(1):], skip_special_tokens=True))
+    # Sampling must not move the training RNG: a run that stops (and samples) early and resumes has to
+    # follow the same random stream (dropout) as one that never stopped.
+    with torch.random.fork_rng(devices=[]):
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
+            ids = ids.to(next(model.parameters()).device)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out.append(tok.decode(gen[0, ids.size(1):], skip_special_tokens=True))
     model.train()
     return out
 
@@ -221,7 +224,10 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 m = {"loss/train": dist.mean(step_loss), "lr": scheduler.get_last_lr()[0],
                      "grad_norm": grad_norm, "tokens": tokens_seen, "epoch": pos / sampler.n, **meter.read()}
                 logger.log(m, step)
-            evals_now = (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps
+            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
+            # Evaluate on schedule, at the end, and whenever the run stops early (time limit, Ctrl-C).
+            evals_now = ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps
+                         or over_time or stop.requested)
             if evals_now:
                 val_loss = evaluate(model, val_blocks, bs, dist)
                 improved = val_loss < best_val
@@ -233,7 +239,6 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                     for p, s in zip(cfg.sample_prompts, sample_texts(dist.unwrap(model), tok, cfg.sample_prompts)):
                         logger.log_text(f"sample/{p}", p + s, step)
                         logger.write(f"  sample: {p + s!r}")
-            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
             early = cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience
             if early:
                 logger.write(f"early stop: no validation improvement in {bad_evals} evaluations")
