@@ -141,3 +141,46 @@ def _alpha_row(name: str, units: list[list[int]]) -> dict:
     return {"data": name, "units": len(units), "ratings": sum(len(u) for u in units),
             "alpha_interval": krippendorff_alpha(units, "interval"),
             "alpha_ordinal": krippendorff_alpha(units, "ordinal")}
+
+
+def store_agreement(store, project: str, round: int | None = None) -> dict:
+    """Agreement among annotators of a project (or round), from the live answers in the store:
+    ratings alpha (interval, ordinal; units = rated samples), pair choices (nominal alpha, and Fleiss'
+    kappa when every pair task has the same number of answers), rankings (ordinal alpha of each
+    completion's position; units = (task, completion)). None where fewer than 2 answers overlap."""
+    from collections import defaultdict
+
+    from rlhfkit.feedback.export import raw_records
+
+    raw = raw_records(store, project, round)
+    out: dict = {}
+    rated: dict = defaultdict(list)
+    for r in raw["ratings"]:
+        rated[r["item_id"]].append(r["rating"])
+    units = [u for u in rated.values() if len(u) >= 2]
+    out["ratings_units"] = len(units)
+    out["ratings_alpha_interval"] = _or_none(krippendorff_alpha(units, "interval")) if units else None
+    out["ratings_alpha_ordinal"] = _or_none(krippendorff_alpha(units, "ordinal")) if units else None
+    picked: dict = defaultdict(list)
+    for r in raw["pairs"]:
+        if r["source"] == "pair":
+            picked[r["task"]].append("tie" if r["tie"] else r["chosen"])
+    units = [u for u in picked.values() if len(u) >= 2]
+    out["pairs_units"] = len(units)
+    labels = {v: i for i, v in enumerate(sorted({v for u in units for v in u}))}
+    out["pairs_alpha_nominal"] = _or_none(krippendorff_alpha([[labels[v] for v in u] for u in units],
+                                                             "nominal")) if units else None
+    sizes = {len(u) for u in units}
+    out["pairs_fleiss_kappa"] = _or_none(fleiss_kappa(category_counts(units))) if len(sizes) == 1 else None
+    positions: dict = defaultdict(list)
+    for r in raw["rankings"]:
+        for pos, text in enumerate(r["completions"]):
+            positions[(r["task"], text)].append(pos)
+    units = [u for u in positions.values() if len(u) >= 2]
+    out["rankings_units"] = len(units)
+    out["rankings_alpha_ordinal"] = _or_none(krippendorff_alpha(units, "ordinal")) if units else None
+    return out
+
+
+def _or_none(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)

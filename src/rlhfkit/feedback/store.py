@@ -43,6 +43,7 @@ from rlhfkit.errors import RLHFKitError
 
 KINDS = ("rate", "rank", "pair", "edit")
 MAX_TEXT_CHARS = 20_000      # default cap on any text an annotator writes (edits, comments)
+TEXT_CEILING = 1_000_000     # no configuration goes above this (pydantic refuses longer fields outright)
 MAX_K = 8                    # most samples shown in one ranking task
 
 
@@ -280,7 +281,7 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
     submission_id: str = Field(pattern=_UID, description="client-chosen id (8-64 of A-Z a-z 0-9 _ -); "
                                                          "resending the same id stores the answer once")
-    comment: str = Field("", max_length=MAX_TEXT_CHARS, description="optional free-text comment")
+    comment: str = Field("", max_length=TEXT_CEILING, description="optional free-text comment")
 
 
 class RatingIn(_In):
@@ -301,7 +302,7 @@ class ChoiceIn(_In):
 
 class EditIn(_In):
     kind: Literal["edit"] = "edit"
-    edited: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the improved response")
+    edited: str = Field(min_length=1, max_length=TEXT_CEILING, description="the improved response")
 
 
 Answer = Annotated[Union[RatingIn, RankingIn, ChoiceIn, EditIn], Field(discriminator="kind")]
@@ -394,12 +395,15 @@ class Store:
     """A feedback database. `Store("runs/feedback/feedback.db")` or `Store("postgresql+psycopg://...")`.
 
     upgrade="auto" creates the schema of a fresh SQLite file; any other database must be at the newest
-    migration already (`rlhfkit feedback db upgrade`), else a clear error says so.
+    migration already (`rlhfkit feedback db upgrade`), else a clear error says so. "never" only checks;
+    "skip" does not look (for the migration commands themselves).
     """
 
-    def __init__(self, url: str, *, upgrade: Literal["auto", "never"] = "auto",
+    def __init__(self, url: str, *, upgrade: Literal["auto", "never", "skip"] = "auto",
                  max_text_chars: int = MAX_TEXT_CHARS, pool_size: int = 20) -> None:
         self.url = db_url(url)
+        if not 0 < max_text_chars <= TEXT_CEILING:
+            raise Invalid(f"max_text_chars={max_text_chars} must be in 1..{TEXT_CEILING}")
         self.max_text_chars = max_text_chars
         self.is_sqlite = self.url.startswith("sqlite")
         kw: dict[str, Any] = {}
@@ -414,9 +418,10 @@ class Store:
         # Writes go through an engine flagged so that SQLite takes the write lock at BEGIN: two writers
         # then queue on the busy timeout instead of one failing when it upgrades a read lock.
         self._write_engine = self.engine.execution_options(rlhfkit_write=True)
-        from rlhfkit.feedback import migrate
+        if upgrade != "skip":
+            from rlhfkit.feedback import migrate
 
-        migrate.ensure_current(self, auto=(upgrade == "auto" and self.is_sqlite))
+            migrate.ensure_current(self, auto=(upgrade == "auto" and self.is_sqlite))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -636,31 +641,29 @@ class Store:
             return {"id": a.id, "name": a.name, "admin": a.is_admin} if a and a.is_active else None
 
     # ---- tasks ------------------------------------------------------------------------------------
-    def next_task(self, annotator_id: int, *, project: str | None = None,
+    def next_task(self, annotator_id: int, *, project: str | None = None, round: int | None = None,
                   kinds: tuple[str, ...] = KINDS) -> Task | None:
         """The annotator's next task: an undone one first, then the oldest pending assignment, else a new
-        claim of an item that still has open slots (in an open round). None when there is nothing left."""
+        claim of an item that still has open slots (in an open round). None when there is nothing left.
+        `project` / `round` / `kinds` narrow the choice."""
         with self.write() as s:
             q = (select(Assignment).join(Item, Item.id == Assignment.item_id)
                  .join(Round, Round.id == Item.round_id)
                  .where(Assignment.annotator_id == annotator_id, Assignment.status == "pending",
                         Item.kind.in_(kinds))
                  .order_by(Assignment.undone_at.is_(None), Assignment.undone_at.desc(), Item.id).limit(1))
-            if project:
-                q = q.join(Project, Project.id == Round.project_id).where(Project.name == project)
-            asg = s.scalar(q)
+            asg = s.scalar(_narrow(q, project, round))
             if asg is None:
-                asg = self._claim(s, annotator_id, project, kinds)
+                asg = self._claim(s, annotator_id, project, round, kinds)
             return None if asg is None else self._task(s, asg.item_id)
 
-    def _claim(self, s: Session, annotator_id: int, project: str | None,
+    def _claim(self, s: Session, annotator_id: int, project: str | None, round: int | None,
                kinds: tuple[str, ...]) -> Assignment | None:
         mine = exists().where(Assignment.item_id == Item.id, Assignment.annotator_id == annotator_id)
         q = (select(Item).join(Round, Round.id == Item.round_id)
              .where(Round.closed_at.is_(None), Item.open_slots > 0, Item.kind.in_(kinds), ~mine)
              .order_by(Round.id, Item.id).limit(1))
-        if project:
-            q = q.join(Project, Project.id == Round.project_id).where(Project.name == project)
+        q = _narrow(q, project, round)
         if not self.is_sqlite:  # SQLite already serialises writers (BEGIN IMMEDIATE)
             q = q.with_for_update(of=Item, skip_locked=True)
         item = s.scalar(q)
@@ -958,6 +961,17 @@ class Store:
             s.flush()
             s.expire(item)
             return self._submit(s, aid, item.id, answer)
+
+
+def _narrow(q: Any, project: str | None, round: int | None) -> Any:
+    """Restrict a query that joins Round to one project (and round number)."""
+    if project:
+        q = q.join(Project, Project.id == Round.project_id).where(Project.name == project)
+        if round is not None:
+            q = q.where(Round.number == round)
+    elif round is not None:
+        raise Invalid("a round number needs a project")
+    return q
 
 
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
