@@ -90,6 +90,8 @@
     if (target) { e.preventDefault(); target.click(); }
   });
 
+  document.documentElement.dataset.ready = "1";   // tests wait for this before pressing keys
+
   // A second click while the first POST is in flight would only be a duplicate (stored once anyway).
   document.querySelectorAll("form").forEach(function (f) {
     f.addEventListener("submit", function () {
