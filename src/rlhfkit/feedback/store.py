@@ -34,7 +34,7 @@ from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-                        UniqueConstraint, create_engine, event, exists, func, select, update)
+                        UniqueConstraint, create_engine, event, exists, func, insert, select, update)
 from sqlalchemy import text as sql_text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -631,74 +631,88 @@ class Store:
             return {"id": a.id, "name": a.name, "admin": a.is_admin} if ok else None
 
     def by_token(self, token: str) -> dict | None:
-        with self.read() as s:
-            a = s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
-            return {"id": a.id, "name": a.name, "admin": a.is_admin} if a and a.is_active else None
+        return self._who(Annotator.token_hash == hash_token(token))
 
     def by_id(self, annotator_id: int) -> dict | None:
+        return self._who(Annotator.id == annotator_id)
+
+    def _who(self, where: Any) -> dict | None:
         with self.read() as s:
-            a = s.get(Annotator, annotator_id)
-            return {"id": a.id, "name": a.name, "admin": a.is_admin} if a and a.is_active else None
+            row = s.execute(select(Annotator.id, Annotator.name, Annotator.is_admin)
+                            .where(where, Annotator.is_active)).first()
+            return {"id": row[0], "name": row[1], "admin": row[2]} if row else None
 
     # ---- tasks ------------------------------------------------------------------------------------
+    # The hot path (every web request): column queries rather than ORM objects, a handful per answer.
     def next_task(self, annotator_id: int, *, project: str | None = None, round: int | None = None,
                   kinds: tuple[str, ...] = KINDS) -> Task | None:
         """The annotator's next task: an undone one first, then the oldest pending assignment, else a new
         claim of an item that still has open slots (in an open round). None when there is nothing left.
         `project` / `round` / `kinds` narrow the choice."""
         with self.write() as s:
-            q = (select(Assignment).join(Item, Item.id == Assignment.item_id)
+            q = (select(Assignment.item_id).join(Item, Item.id == Assignment.item_id)
                  .join(Round, Round.id == Item.round_id)
                  .where(Assignment.annotator_id == annotator_id, Assignment.status == "pending",
                         Item.kind.in_(kinds))
                  .order_by(Assignment.undone_at.is_(None), Assignment.undone_at.desc(), Item.id).limit(1))
-            asg = s.scalar(_narrow(q, project, round))
-            if asg is None:
-                asg = self._claim(s, annotator_id, project, round, kinds)
-            return None if asg is None else self._task(s, asg.item_id)
+            item_id = s.scalar(_narrow(q, project, round))
+            if item_id is None:
+                item_id = self._claim(s, annotator_id, project, round, kinds)
+            return None if item_id is None else self._task(s, item_id)
 
     def _claim(self, s: Session, annotator_id: int, project: str | None, round: int | None,
-               kinds: tuple[str, ...]) -> Assignment | None:
+               kinds: tuple[str, ...]) -> int | None:
         mine = exists().where(Assignment.item_id == Item.id, Assignment.annotator_id == annotator_id)
-        q = (select(Item).join(Round, Round.id == Item.round_id)
+        q = (select(Item.id).join(Round, Round.id == Item.round_id)
              .where(Round.closed_at.is_(None), Item.open_slots > 0, Item.kind.in_(kinds), ~mine)
              .order_by(Round.id, Item.id).limit(1))
         q = _narrow(q, project, round)
         if not self.is_sqlite:  # SQLite already serialises writers (BEGIN IMMEDIATE)
             q = q.with_for_update(of=Item, skip_locked=True)
-        item = s.scalar(q)
-        if item is None:
+        item_id = s.scalar(q)
+        if item_id is None:
             return None
-        item.open_slots -= 1
-        asg = Assignment(item_id=item.id, annotator_id=annotator_id)
-        s.add(asg)
-        s.flush()
-        return asg
+        s.execute(update(Item).where(Item.id == item_id).values(open_slots=Item.open_slots - 1))
+        s.execute(insert(Assignment).values(item_id=item_id, annotator_id=annotator_id))
+        return item_id
+
+    def _item(self, s: Session, item_id: int) -> dict:
+        """Everything about one item in one query: kind, round, project scale, prompt, samples."""
+        rows = s.execute(
+            select(Item.kind, Round.number, Project.name, Project.scale_min, Project.scale_max, Prompt.text,
+                   Sample.id, Sample.text)
+            .join(Round, Round.id == Item.round_id).join(Project, Project.id == Round.project_id)
+            .join(Prompt, Prompt.id == Item.prompt_id).join(ItemSample, ItemSample.item_id == Item.id)
+            .join(Sample, Sample.id == ItemSample.sample_id)
+            .where(Item.id == item_id).order_by(ItemSample.position)).all()
+        if not rows:
+            raise NotFound(f"no task {item_id}")
+        kind, rnd, proj, lo, hi, prompt = rows[0][:6]
+        return {"kind": kind, "round": rnd, "project": proj, "scale": (lo, hi), "prompt": prompt,
+                "samples": [{"id": r[6], "text": r[7]} for r in rows]}
 
     def _task(self, s: Session, item_id: int) -> Task:
-        item = s.get(Item, item_id)
-        if item is None:
-            raise NotFound(f"no task {item_id}")
-        proj = item.round.project
-        return Task(item_id=item.id, kind=item.kind, project=proj.name, round=item.round.number,
-                    prompt=item.prompt.text,
-                    samples=[{"id": m.sample.id, "text": m.sample.text} for m in item.members],
-                    scale=(proj.scale_min, proj.scale_max))
+        it = self._item(s, item_id)
+        return Task(item_id=item_id, kind=it["kind"], project=it["project"], round=it["round"],
+                    prompt=it["prompt"], samples=it["samples"], scale=it["scale"])
 
     def task(self, annotator_id: int, item_id: int) -> Task:
         """A task the annotator holds (pending): for re-showing a page after a validation error."""
         with self.read() as s:
+            task = self._task(s, item_id)
             self._assignment(s, annotator_id, item_id, lock=False)
-            return self._task(s, item_id)
+            return task
 
-    def _assignment(self, s: Session, annotator_id: int, item_id: int, lock: bool = True) -> Assignment:
-        if s.get(Item, item_id) is None:
-            raise NotFound(f"no task {item_id}")
-        q = select(Assignment).where(Assignment.item_id == item_id, Assignment.annotator_id == annotator_id)
+    def _assignment(self, s: Session, annotator_id: int, item_id: int, lock: bool = True) -> Any:
+        """(id, status) of the annotator's assignment to an item; 404 / 403 if there is none."""
+        q = select(Assignment.id, Assignment.status).where(Assignment.item_id == item_id,
+                                                           Assignment.annotator_id == annotator_id)
         if lock and not self.is_sqlite:
             q = q.with_for_update()
-        asg = s.scalar(q)
+        asg = s.execute(q).first()
         if asg is None:
+            if s.get(Item, item_id) is None:
+                raise NotFound(f"no task {item_id}")
             raise Forbidden(f"task {item_id} is not assigned to you")
         return asg
 
@@ -716,66 +730,68 @@ class Store:
                 return self._existing(s, annotator_id, item_id, answer)
 
     def _existing(self, s: Session, annotator_id: int, item_id: int, answer: Any) -> Stored:
-        old = s.scalar(select(Submission).where(Submission.uid == answer.submission_id))
+        old = s.execute(select(Submission.annotator_id, Submission.item_id)
+                        .where(Submission.uid == answer.submission_id)).first()
         if old is None:
             raise Conflict(f"task {item_id}: you have answered it already (undo first to change it)")
-        if old.annotator_id != annotator_id or old.item_id != item_id:
+        if tuple(old) != (annotator_id, item_id):
             raise Conflict(f"submission id {answer.submission_id} was used for another task")
-        return Stored(old.uid, old.item_id, duplicate=True)
+        return Stored(answer.submission_id, item_id, duplicate=True)
 
     def _submit(self, s: Session, annotator_id: int, item_id: int, answer: Any) -> Stored:
         if s.scalar(select(Submission.id).where(Submission.uid == answer.submission_id)) is not None:
             return self._existing(s, annotator_id, item_id, answer)
+        it = self._item(s, item_id)
         asg = self._assignment(s, annotator_id, item_id)
-        item = s.get(Item, item_id)
-        if answer.kind != item.kind:
-            raise Invalid(f"task {item_id} is a {item.kind} task, not {answer.kind}")
+        kind, sample_ids = it["kind"], [x["id"] for x in it["samples"]]
+        if answer.kind != kind:
+            raise Invalid(f"task {item_id} is a {kind} task, not {answer.kind}")
         if asg.status == "done":
             raise Conflict(f"task {item_id}: you have answered it already (undo first to change it)")
-        if asg.status == "skipped":
-            item.open_slots -= 1   # answering a skipped task takes its slot back
-        sample_ids = [m.sample_id for m in item.members]
         comment = check_text(answer.comment, "comment", self.max_text_chars) if answer.comment else ""
-        sub = Submission(uid=answer.submission_id, item_id=item_id, annotator_id=annotator_id, kind=item.kind)
-        details: list[Any] = []
-        if item.kind == "rate":
-            proj = item.round.project
-            if not proj.scale_min <= answer.rating <= proj.scale_max:
-                raise Invalid(f"rating {answer.rating} is outside the scale {proj.scale_min}..{proj.scale_max}")
-            details.append(Rating(sample_id=sample_ids[0], value=float(answer.rating)))
-        elif item.kind == "rank":
+        # Validate completely before writing anything.
+        if kind == "rate":
+            lo, hi = it["scale"]
+            if not lo <= answer.rating <= hi:
+                raise Invalid(f"rating {answer.rating} is outside the scale {lo}..{hi}")
+            detail: Any = [(Rating, {"sample_id": sample_ids[0], "value": float(answer.rating)})]
+        elif kind == "rank":
             if sorted(answer.order) != sorted(sample_ids):
                 raise Invalid(f"order must list this task's samples {sorted(sample_ids)} once each, "
                               f"got {answer.order}")
-            details += [RankEntry(rank=j, sample_id=x) for j, x in enumerate(answer.order)]
-        elif item.kind == "pair":
+            detail = [(RankEntry, {"rank": j, "sample_id": x}) for j, x in enumerate(answer.order)]
+        elif kind == "pair":
             a, b = sample_ids
             if answer.tie:
                 if answer.chosen is not None:
                     raise Invalid("a tie has no chosen sample (send chosen=null with tie=true)")
-                details.append(Choice(chosen_sample_id=a, rejected_sample_id=b, tie=True))
+                detail = [(Choice, {"chosen_sample_id": a, "rejected_sample_id": b, "tie": True})]
             elif answer.chosen not in (a, b):
                 raise Invalid(f"chosen must be {a} or {b} (or tie=true), got {answer.chosen}")
             else:
-                details.append(Choice(chosen_sample_id=answer.chosen,
-                                      rejected_sample_id=b if answer.chosen == a else a))
+                detail = [(Choice, {"chosen_sample_id": answer.chosen,
+                                    "rejected_sample_id": b if answer.chosen == a else a, "tie": False})]
         else:
-            original = item.members[0].sample.text
+            original = it["samples"][0]["text"]
             edited = _tidy(check_text(answer.edited, "edited text", self.max_text_chars))
             if not edited:
                 raise Invalid("edited text is empty")
             if edited == original:
                 raise Invalid("edited text is the same as the original (skip the task instead)")
-            details.append(Edit(sample_id=sample_ids[0], original=original, edited=edited))
-        s.add(sub)
-        s.flush()
-        for d in details:
-            d.submission_id = sub.id
-        s.add_all(details)
+            detail = [(Edit, {"sample_id": sample_ids[0], "original": original, "edited": edited})]
+        sub_id = s.scalar(insert(Submission).values(uid=answer.submission_id, item_id=item_id,
+                                                    annotator_id=annotator_id, kind=kind)
+                          .returning(Submission.id))
+        for table, values in detail:
+            s.execute(insert(table).values(submission_id=sub_id, **values))
         if comment:
-            s.add(Comment(item_id=item_id, annotator_id=annotator_id, submission_id=sub.id, text=comment))
-        asg.status, asg.updated_at, asg.undone_at = "done", utcnow(), None
-        return Stored(sub.uid, item_id, duplicate=False)
+            s.execute(insert(Comment).values(item_id=item_id, annotator_id=annotator_id, submission_id=sub_id,
+                                             text=comment))
+        if asg.status == "skipped":   # answering a skipped task takes its slot back
+            s.execute(update(Item).where(Item.id == item_id).values(open_slots=Item.open_slots - 1))
+        s.execute(update(Assignment).where(Assignment.id == asg.id)
+                  .values(status="done", updated_at=utcnow(), undone_at=None))
+        return Stored(answer.submission_id, item_id, duplicate=False)
 
     def skip(self, annotator_id: int, item_id: int) -> None:
         """Skip a pending task: its slot goes back to the pool for another annotator."""
@@ -783,8 +799,9 @@ class Store:
             asg = self._assignment(s, annotator_id, item_id)
             if asg.status != "pending":
                 raise Conflict(f"task {item_id} is {asg.status}, not pending")
-            asg.status, asg.updated_at, asg.undone_at = "skipped", utcnow(), None
-            s.get(Item, item_id).open_slots += 1
+            s.execute(update(Assignment).where(Assignment.id == asg.id)
+                      .values(status="skipped", updated_at=utcnow(), undone_at=None))
+            s.execute(update(Item).where(Item.id == item_id).values(open_slots=Item.open_slots + 1))
 
     def undo(self, annotator_id: int) -> int | None:
         """Undo the annotator's last answer or skip; that task comes back next. Returns its item id."""
@@ -959,7 +976,6 @@ class Store:
             s.add(ItemSample(item_id=item.id, position=0, sample_id=smp.id))
             s.add(Assignment(item_id=item.id, annotator_id=aid))
             s.flush()
-            s.expire(item)
             return self._submit(s, aid, item.id, answer)
 
 
