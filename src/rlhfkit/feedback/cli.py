@@ -186,10 +186,13 @@ def main(argv: list[str]) -> int:
     sub.add_parser("serve", help="run the annotation web app + JSON API (flags: rlhfkit feedback serve --help)",
                    add_help=False)
 
-    def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help, description=help)
+    def with_db(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
         c.add_argument("--db", default=DEFAULT_DB, help="SQLite file or SQLAlchemy URL (default: %(default)s)")
         return c
+
+    def cmd(name: str, help: str, db: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        return with_db(c) if db else c
 
     c = cmd("import", "add samples to a round as tasks (from a JSONL file, a policy checkpoint, or texts)")
     c.add_argument("--samples", help="JSONL with prompt, completion (optional model, id) per line")
@@ -249,13 +252,13 @@ def main(argv: list[str]) -> int:
     c.add_argument("--vader", nargs="?", const="movie,amazon,nyt,tweets", default=None, metavar="DOMAINS",
                    help="instead: Krippendorff's alpha of the real per-rater VADER ratings")
 
-    c = cmd("users", "annotator accounts: add, list, passwd, token, enable, disable")
+    c = cmd("users", "annotator accounts: add, list, passwd, token, enable, disable", db=False)
     us = c.add_subparsers(dest="users_cmd", required=True)
     for name, help in (("add", "create an account"), ("passwd", "set a new password"),
                        ("token", "print a new API token (replaces the old one)"),
                        ("enable", "allow logins again"), ("disable", "refuse logins and tokens"),
                        ("list", "list accounts")):
-        u = us.add_parser(name, help=help)
+        u = with_db(us.add_parser(name, help=help))
         if name != "list":
             u.add_argument("name")
         if name in ("add", "passwd"):
@@ -265,13 +268,13 @@ def main(argv: list[str]) -> int:
             u.add_argument("--token", action="store_true", help="also print an API token")
             u.add_argument("--no-password", action="store_true", help="token-only account (no web login)")
 
-    c = cmd("db", "database schema: upgrade, downgrade, current, stamp")
+    c = cmd("db", "database schema: upgrade, downgrade, current, stamp", db=False)
     ds = c.add_subparsers(dest="db_cmd", required=True)
     for name, default in (("upgrade", "head"), ("downgrade", None), ("stamp", "head")):
-        d = ds.add_parser(name, help=f"{name} the schema")
+        d = with_db(ds.add_parser(name, help=f"{name} the schema"))
         d.add_argument("revision", nargs="?" if default else None, default=default,
                        help="target revision" + (f" (default: {default})" if default else " (e.g. base)"))
-    ds.add_parser("current", help="print the schema revision")
+    with_db(ds.add_parser("current", help="print the schema revision"))
 
     if argv and argv[0] == "serve":
         return serve(argv[1:])
