@@ -41,7 +41,8 @@ def main() -> None:
     print(f"({time.time() - t0:.1f} s)\n")
 
     print(f"2. {a.raters} simulated vader-raters vs the humans, {a.snippets} random snippets per domain")
-    print(f"{'domain':<8} {'human alpha':>12} {'simulated alpha':>16} {'r(sim mean, human mean)':>24} {'s':>6}")
+    print(f"{'domain':<8} {'human alpha':>12} {'simulated alpha':>16} {'r(sim mean, human mean)':>24} "
+          f"{'s':>6}")
     labelers = [VaderRater(seed) for seed in range(a.raters)]
     for d in VADER_DOMAINS:
         t1 = time.time()

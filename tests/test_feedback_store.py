@@ -284,3 +284,13 @@ def test_run_labelers_over_a_round_then_export_and_agreement(store):
     assert ag["pairs_units"] == 20 and ag["pairs_fleiss_kappa"] is not None
     with pytest.raises(ConfigError, match="unknown labeler"):
         make_labeler("oracle")
+
+
+def test_reward_model_labeler_maps_the_rounds_scores_onto_the_scale(store):
+    # rule:length scores 1..20 words; the 5th..95th percentile (1..19 words) spans the scale 1..5.
+    texts = [" ".join(["w"] * n) for n in range(1, 21)]
+    store.import_samples([{"prompt": "", "completion": t} for t in texts], project="len", scale=(1, 5))
+    assert run_labeler(store, make_labeler("reward-model", reward="rule:length"), project="len") == 20
+    got = {r["completion"].count("w"): r["rating"] for r in records(store, "len")["ratings"]}
+    assert [got[n] for n in range(1, 21)] == sorted(got.values())       # monotonic in the score
+    assert got[1] == 1 and got[10] == 3 and got[20] == 5                # 1 + 9/18 * 4 = 3

@@ -84,7 +84,7 @@ class LimitsAndHeaders:
                 b"img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
                 b"form-action 'self'"),
                (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-               (b"referrer-policy", b"same-origin"), (b"cache-control", b"no-store")]
+               (b"referrer-policy", b"same-origin")]
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -107,7 +107,9 @@ class LimitsAndHeaders:
 
         async def send_with_headers(msg: dict) -> None:
             if msg["type"] == "http.response.start":
-                msg["headers"] = list(msg.get("headers", [])) + self.HEADERS
+                # Pages and API answers are per user: never cached; static files may be.
+                cache = [] if scope["path"].startswith("/static/") else [(b"cache-control", b"no-store")]
+                msg["headers"] = list(msg.get("headers", [])) + self.HEADERS + cache
             await send(msg)
 
         try:
@@ -199,7 +201,8 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         return HTMLResponse(env.get_template(name).render(**ctx), status_code=code)
 
     def error(code: int, message: str, who: dict | None = None) -> HTMLResponse:
-        return page("error.html", code, user=who, csrf=who["csrf"] if who else "", status=code, message=message)
+        return page("error.html", code, user=who, csrf=who["csrf"] if who else "", status=code,
+                    message=message)
 
     # ---- sessions ---------------------------------------------------------------------------------
     def session(request: Request) -> dict | None:
@@ -369,7 +372,8 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         scheme, _, token = auth.partition(" ")
         who = store.by_token(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
         if who is None:
-            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "missing or invalid bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
         return who
 
     def api_admin(who: dict = Depends(api_user)) -> dict:
@@ -398,7 +402,8 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
               responses={200: {"model": StoredOut, "description": "already stored (duplicate)"}})
     def api_answer(item_id: int, answer: Answer, who: dict = Depends(api_user)) -> Any:
         stored = store.submit(who["id"], item_id, answer)
-        out = {"submission_id": stored.submission_id, "item_id": stored.item_id, "duplicate": stored.duplicate}
+        out = {"submission_id": stored.submission_id, "item_id": stored.item_id,
+               "duplicate": stored.duplicate}
         return JSONResponse(out, status_code=200) if stored.duplicate else out
 
     @app.post("/api/v1/tasks/{item_id}/skip", tags=["annotator"], summary="Skip a pending task")

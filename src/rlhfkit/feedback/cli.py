@@ -10,7 +10,6 @@ import argparse
 import getpass
 import json
 import sys
-from typing import Any
 
 from rlhfkit.errors import ConfigError
 
@@ -87,12 +86,14 @@ def generate_samples(policy: str, prompts: list[str], k: int, *, max_new_tokens:
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         texts = chunk if template == "plain" else [
-            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                    add_generation_prompt=True)
             for p in chunk]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=template == "plain")
         with torch.no_grad():
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 num_return_sequences=k, pad_token_id=tok.pad_token_id)
+            gen = model.generate(**enc, do_sample=True, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, num_return_sequences=k,
+                                 pad_token_id=tok.pad_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]                    # (B * k, new tokens)
         for j, ids in enumerate(new):
             out.append({"prompt": chunk[j // k], "completion": tok.decode(ids, skip_special_tokens=True),
@@ -105,7 +106,8 @@ def _import(a: argparse.Namespace) -> int:
 
     sources = [x for x in (a.samples, a.policy, a.texts) if x]
     if len(sources) != 1:
-        raise ConfigError("give exactly one of --samples FILE.jsonl, --policy DIR (with --prompts), --texts SPEC")
+        raise ConfigError("give exactly one of --samples FILE.jsonl, --policy DIR (with --prompts), "
+                          "--texts SPEC")
     if a.samples:
         samples = read_jsonl_records(a.samples, ("completion",))
         for i, r in enumerate(samples):
@@ -113,7 +115,8 @@ def _import(a: argparse.Namespace) -> int:
                 raise ConfigError(f"{a.samples}: record {i + 1}: 'prompt' must be a string")
     elif a.policy:
         if not a.prompts:
-            raise ConfigError("--policy needs --prompts (a .txt file, one prompt per line, or .jsonl with 'prompt')")
+            raise ConfigError("--policy needs --prompts (a .txt file, one prompt per line, or .jsonl "
+                              "with 'prompt')")
         prompts = load_texts(a.prompts, text_field="prompt", max_docs=a.limit)
         samples = generate_samples(a.policy, prompts, a.k, max_new_tokens=a.max_new_tokens,
                                    temperature=a.temperature, seed=a.seed, template=a.template)
@@ -132,7 +135,8 @@ def _users(a: argparse.Namespace) -> int:
     store = _store(a)
     if a.users_cmd == "list":
         for u in store.annotators():
-            flags = [f for f in ("admin", "has_password", "has_token") if u[f]] + ([] if u["active"] else ["disabled"])
+            flags = [f for f in ("admin", "has_password", "has_token") if u[f]]
+            flags += [] if u["active"] else ["disabled"]
             print(f"{u['name']:<24} {u['kind']:<8} {' '.join(flags)}")
         return 0
     if a.users_cmd in ("enable", "disable"):
@@ -183,11 +187,12 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhfkit feedback", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="command")
-    sub.add_parser("serve", help="run the annotation web app + JSON API (flags: rlhfkit feedback serve --help)",
-                   add_help=False)
+    sub.add_parser("serve", add_help=False,
+                   help="run the annotation web app + JSON API (flags: rlhfkit feedback serve --help)")
 
     def with_db(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        c.add_argument("--db", default=DEFAULT_DB, help="SQLite file or SQLAlchemy URL (default: %(default)s)")
+        c.add_argument("--db", default=DEFAULT_DB,
+                       help="SQLite file or SQLAlchemy URL (default: %(default)s)")
         return c
 
     def cmd(name: str, help: str, db: bool = True) -> argparse.ArgumentParser:
@@ -205,7 +210,8 @@ def main(argv: list[str]) -> int:
     c.add_argument("--kinds", default="rate", help="task kinds to make, comma-separated from rate,rank,pair,"
                                                    "edit (default: %(default)s)")
     c.add_argument("--overlap", type=int, default=1, help="annotators per task (default: %(default)s)")
-    c.add_argument("--group-size", type=int, default=4, help="samples per ranking task (default: %(default)s)")
+    c.add_argument("--group-size", type=int, default=4,
+                   help="samples per ranking task (default: %(default)s)")
     c.add_argument("--scale", type=_scale, default=None, help="Likert scale MIN,MAX of a new project "
                                                               "(default 1,5)")
     c.add_argument("--limit", type=int, default=0, help="import at most this many records/prompts; 0 = all")
@@ -243,8 +249,9 @@ def main(argv: list[str]) -> int:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--kinds", default="ratings,pairs,rankings,edits", help="what to export")
     c.add_argument("--format", choices=("jsonl", "hf"), default="jsonl", help="JSONL files or HF datasets")
-    c.add_argument("--no-clean", action="store_true", help="keep records as stored (no whitespace "
-                                                           "normalising, no dropping of empty/duplicate records)")
+    c.add_argument("--no-clean", action="store_true",
+                   help="keep records as stored (no whitespace normalising, no dropping of empty or "
+                        "duplicate records)")
 
     c = cmd("agreement", "inter-annotator agreement of a project, or of the real VADER human ratings")
     c.add_argument("--project", default="default", help="project name")
@@ -291,7 +298,8 @@ def main(argv: list[str]) -> int:
         for seed in range(a.seed, a.seed + a.count):
             lab = make_labeler(a.labeler, reward=a.reward, temperature=a.temperature, seed=seed)
             name = a.name if a.name and a.count == 1 else (f"{a.name}-{seed}" if a.name else None)
-            n = run_labeler(store, lab, project=a.project, round=a.round, name=name, limit=a.limit, progress=True)
+            n = run_labeler(store, lab, project=a.project, round=a.round, name=name, limit=a.limit,
+                            progress=True)
             print(f"{name or f'{lab.name}-{seed}'}: {n} answers")
     elif a.cmd == "export":
         from rlhfkit.feedback.export import export

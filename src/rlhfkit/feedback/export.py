@@ -7,9 +7,9 @@
     rankings   {prompt, completions (best first), annotator}
     edits      {prompt, original, edited, annotator}
 
-Every record also carries `project`, `round` and `task` (the store's item id). Undone answers are left out. Cleaning (on by default)
-normalises whitespace, drops records whose texts are empty (or whose two sides are the same text) and
-drops exact duplicates (same annotator, same texts, same judgement).
+Every record also carries `project`, `round` and `task` (the store's item id). Undone answers are left
+out. Cleaning (on by default) normalises whitespace, drops records whose texts are empty (or whose two
+sides are the same text) and drops exact duplicates (same annotator, same texts, same judgement).
 """
 from __future__ import annotations
 
@@ -57,15 +57,15 @@ def raw_records(store: Store, project: str, round: int | None = None) -> dict[st
         base = lambda sub, ann, rnd, item: {"annotator": ann.name, "round": rnd.number,  # noqa: E731
                                              "project": project, "task": item.id, "prompt": item.prompt.text}
         proj = s.scalar(select(Project).where(Project.name == project))
-        q = _live(select(Submission, Annotator, Round, Item, Rating).join(Rating, Rating.submission_id == Submission.id),
-                  project, round)
+        q = _live(select(Submission, Annotator, Round, Item, Rating)
+                  .join(Rating, Rating.submission_id == Submission.id), project, round)
         for sub, ann, rnd, item, rt in s.execute(q):
             smp = sample(rt.sample_id)
             out["ratings"].append({**base(sub, ann, rnd, item), "completion": smp.text, "rating": rt.value,
                                    "item_id": _sample_key(smp), "scale_min": proj.scale_min,
                                    "scale_max": proj.scale_max})
-        q = _live(select(Submission, Annotator, Round, Item, Choice).join(Choice, Choice.submission_id == Submission.id),
-                  project, round)
+        q = _live(select(Submission, Annotator, Round, Item, Choice)
+                  .join(Choice, Choice.submission_id == Submission.id), project, round)
         for sub, ann, rnd, item, ch in s.execute(q):
             out["pairs"].append({**base(sub, ann, rnd, item), "chosen": sample(ch.chosen_sample_id).text,
                                  "rejected": sample(ch.rejected_sample_id).text, "source": "pair",
@@ -86,8 +86,8 @@ def raw_records(store: Store, project: str, round: int | None = None) -> dict[st
                 for j in range(i + 1, len(texts)):
                     out["pairs"].append({**b, "chosen": texts[i], "rejected": texts[j], "source": "ranking",
                                          "tie": False})
-        q = _live(select(Submission, Annotator, Round, Item, Edit).join(Edit, Edit.submission_id == Submission.id),
-                  project, round)
+        q = _live(select(Submission, Annotator, Round, Item, Edit)
+                  .join(Edit, Edit.submission_id == Submission.id), project, round)
         for sub, ann, rnd, item, ed in s.execute(q):
             b = base(sub, ann, rnd, item)
             out["edits"].append({**b, "original": ed.original, "edited": ed.edited})
@@ -146,7 +146,8 @@ def clean(records: Iterable[dict], kind: str) -> tuple[list[dict], dict[str, int
     return kept, dropped
 
 
-def records(store: Store, project: str, round: int | None = None, *, do_clean: bool = True) -> dict[str, list[dict]]:
+def records(store: Store, project: str, round: int | None = None, *,
+            do_clean: bool = True) -> dict[str, list[dict]]:
     """Export records of every kind (cleaned unless do_clean=False)."""
     raw = raw_records(store, project, round)
     return {k: clean(v, k)[0] if do_clean else v for k, v in raw.items()}

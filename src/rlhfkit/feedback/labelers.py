@@ -48,24 +48,29 @@ class Labeler:
 
     # -- shared --------------------------------------------------------------------------------------
     def prepare(self, prompts: Sequence[str], completions: Sequence[str]) -> None:
-        """Score many completions at once (batched) and fix the utility range used for ratings."""
-        todo = [(p, c) for p, c in zip(prompts, completions) if (p, c) not in self._cache]
+        """Score many completions at once (batched). The first call also fixes the utility range that
+        ratings map onto the scale: the 5th..95th percentile of these scores (so call it with the whole
+        round, as run_labeler does)."""
+        self._score_all(prompts, completions)
+        if self.range is None and completions:
+            vals = sorted(self._cache[(p, c)] for p, c in zip(prompts, completions))
+            lo, hi = vals[int(0.05 * (len(vals) - 1))], vals[int(0.95 * (len(vals) - 1))]
+            self.range = (lo, hi) if hi > lo else (lo - 1.0, lo + 1.0)
+
+    def _score_all(self, prompts: Sequence[str], completions: Sequence[str]) -> None:
+        todo = list(dict.fromkeys((p, c) for p, c in zip(prompts, completions) if (p, c) not in self._cache))
         for i in range(0, len(todo), 256):
             chunk = todo[i:i + 256]
             for key, u in zip(chunk, self.utility([p for p, _ in chunk], [c for _, c in chunk])):
                 self._cache[key] = float(u)
-        if self.range is None and self._cache:
-            vals = sorted(self._cache.values())
-            lo, hi = vals[int(0.05 * (len(vals) - 1))], vals[int(0.95 * (len(vals) - 1))]
-            self.range = (lo, hi) if hi > lo else (lo - 1.0, lo + 1.0)
 
     def score(self, prompt: str, completion: str) -> float:
         if (prompt, completion) not in self._cache:
-            self.prepare([prompt], [completion])
+            self._score_all([prompt], [completion])
         return self._cache[(prompt, completion)]
 
     def to_scale(self, u: float, scale: tuple[int, int]) -> int:
-        lo, hi = self.range or (-1.0, 1.0)
+        lo, hi = self.range or (-1.0, 1.0)      # without prepare(): assume scores in [-1, 1]
         x = (u - lo) / (hi - lo)
         return int(min(scale[1], max(scale[0], round(scale[0] + x * (scale[1] - scale[0])))))
 
@@ -154,7 +159,8 @@ class BradleyTerryLabeler(RewardModelLabeler):
             if self.temperature:
                 p = min(max(self.rng.random(), 1e-12), 1 - 1e-12)
                 u += self.temperature * math.log(p / (1 - p))
-            return {"kind": "rate", "submission_id": task.submission_id, "rating": self.to_scale(u, task.scale)}
+            return {"kind": "rate", "submission_id": task.submission_id,
+                    "rating": self.to_scale(u, task.scale)}
         return super().answer(task)
 
 
@@ -183,18 +189,18 @@ def make_labeler(kind: str, *, reward: str = SENTIMENT_REWARD, temperature: floa
     raise ConfigError(f"unknown labeler {kind!r}; choose from {', '.join(LABELERS)}")
 
 
-def run_labeler(store: Store, labeler: Labeler, *, project: str | None = None, round: int | None = None,
+def run_labeler(store: Store, labeler: Labeler, *, project: str, round: int | None = None,
                 name: str | None = None, limit: int = 0, progress: bool = False) -> int:
-    """Let a labeler answer tasks (as annotator `name`, created if new) until none is left or `limit`
-    answers were given. Returns the number of answers stored."""
+    """Let a labeler answer a project's tasks (of one round, or of every open round) as annotator
+    `name` (created if new) until none is left or `limit` answers were given. Returns how many."""
     name = name or f"{labeler.name}-{labeler.seed}"
     aid = store.add_annotator(name, kind="labeler", exist_ok=True)
-    if project:
-        # Score the round's texts in batches first (one reward call per 256, not one per task).
-        from rlhfkit.feedback.export import round_samples
+    # Score the texts in batches first (one reward call per 256 texts, not one per task); this also
+    # fixes how the labeler's scores map onto the rating scale.
+    from rlhfkit.feedback.export import round_samples
 
-        pairs = round_samples(store, project, round)
-        labeler.prepare([p for p, _ in pairs], [c for _, c in pairs])
+    pairs = round_samples(store, project, round)
+    labeler.prepare([p for p, _ in pairs], [c for _, c in pairs])
     kinds = tuple(k for k in labeler.kinds if k in KINDS)
     done = 0
     while not limit or done < limit:

@@ -857,7 +857,8 @@ class Store:
             delta = overlap - r.overlap
             r.overlap = overlap
             if delta:
-                s.execute(update(Item).where(Item.round_id == r.id).values(open_slots=Item.open_slots + delta))
+                s.execute(update(Item).where(Item.round_id == r.id)
+                          .values(open_slots=Item.open_slots + delta))
             if not annotators:
                 return 0
             ids = [self._annotator(s, n).id for n in annotators]
@@ -903,7 +904,8 @@ class Store:
             for r, p in s.execute(q.order_by(Project.name, Round.number)).all():
                 by_kind = dict(s.execute(select(Item.kind, func.count()).where(Item.round_id == r.id)
                                          .group_by(Item.kind)).all())
-                answers = dict(s.execute(select(Submission.kind, func.count()).join(Item, Item.id == Submission.item_id)
+                answers = dict(s.execute(select(Submission.kind, func.count())
+                                         .join(Item, Item.id == Submission.item_id)
                                          .where(Item.round_id == r.id, Submission.retracted_at.is_(None))
                                          .group_by(Submission.kind)).all())
                 rounds.append({"project": p.name, "round": r.number, "overlap": r.overlap,
@@ -912,8 +914,10 @@ class Store:
             people = []
             for a in s.scalars(select(Annotator).order_by(Annotator.name)):
                 st = dict(s.execute(select(Assignment.status, func.count())
-                                    .where(Assignment.annotator_id == a.id).group_by(Assignment.status)).all())
-                last = s.scalar(select(func.max(Submission.created_at)).where(Submission.annotator_id == a.id))
+                                    .where(Assignment.annotator_id == a.id)
+                                    .group_by(Assignment.status)).all())
+                last = s.scalar(select(func.max(Submission.created_at))
+                                .where(Submission.annotator_id == a.id))
                 people.append({"name": a.name, "kind": a.kind, "admin": a.is_admin, "active": a.is_active,
                                "done": st.get("done", 0), "pending": st.get("pending", 0),
                                "skipped": st.get("skipped", 0),
@@ -921,7 +925,8 @@ class Store:
             return {"rounds": rounds, "annotators": people}
 
     def _complete(self, s: Session, r: Round) -> int:
-        per_item = (select(Submission.item_id, func.count().label("n")).join(Item, Item.id == Submission.item_id)
+        per_item = (select(Submission.item_id, func.count().label("n"))
+                    .join(Item, Item.id == Submission.item_id)
                     .where(Item.round_id == r.id, Submission.retracted_at.is_(None))
                     .group_by(Submission.item_id).subquery())
         return s.scalar(select(func.count()).select_from(per_item).where(per_item.c.n >= r.overlap)) or 0
@@ -954,7 +959,8 @@ class Store:
             p = s.scalar(select(Project).where(Project.name == project)) or \
                 self._project(s, project, create=True, scale=scale)
             if kind == "rate" and (p.scale_min, p.scale_max) != tuple(scale):
-                raise Conflict(f"project {project!r} uses the scale {p.scale_min}..{p.scale_max}, not {scale}")
+                raise Conflict(f"project {project!r} uses the scale {p.scale_min}..{p.scale_max}, "
+                               f"not {scale}")
             # Chat feedback of a project collects in its round 1, which never hands out tasks.
             r = self._round(s, p, 1, create=True)
             r.closed_at = r.closed_at or utcnow()
