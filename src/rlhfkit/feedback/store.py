@@ -21,10 +21,12 @@ The schema is versioned with Alembic (migrations ship in rlhfkit/feedback/migrat
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
 import secrets
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -418,6 +420,7 @@ class Store:
         # Writes go through an engine flagged so that SQLite takes the write lock at BEGIN: two writers
         # then queue on the busy timeout instead of one failing when it upgrades a read lock.
         self._write_engine = self.engine.execution_options(rlhfkit_write=True)
+        self._write_lock = threading.RLock() if self.is_sqlite else contextlib.nullcontext()
         if upgrade != "skip":
             from rlhfkit.feedback import migrate
 
@@ -434,7 +437,9 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A transaction: everything in the block is committed together, or nothing is."""
-        with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+        # SQLite has one writer at a time. Threads of this process queue on a lock (woken at once when
+        # it frees) rather than on SQLite's busy handler, which polls with sleeps of up to 100 ms.
+        with self._write_lock, Session(self._write_engine, expire_on_commit=False) as s, s.begin():
             yield s
 
     # ---- settings ---------------------------------------------------------------------------------
