@@ -25,6 +25,7 @@ import jinja2
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from rlhfkit.feedback.store import (KINDS, TEXT_CEILING, Answer, FeedbackError, Forbidden, Invalid, Store,
@@ -216,15 +217,25 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         resp.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax",
                         secure=cfg.secure_cookies, path="/")
 
-    async def checked_form(request: Request, csrf: str) -> dict:
-        """The POSTed form, after checking the CSRF token and (if sent) the Origin header."""
+    def check_form(request: Request, form: dict, csrf: str) -> None:
+        """Refuse a POSTed form without the right CSRF token, or posted from another site."""
         origin = request.headers.get("origin")
         if origin and origin != "null" and urlparse(origin).netloc != request.headers.get("host"):
             raise Forbidden("cross-site form post refused")
-        form = dict(await request.form())
         if not hmac.compare_digest(str(form.get("csrf", "")), csrf):
             raise Forbidden("the form's security token is missing or wrong; reload the page and try again")
-        return form
+
+    def form_post(path: str) -> Any:
+        """Register a form handler fn(request, form, **path params). Only reading the body runs on the
+        event loop; the handler (password hashing, database) runs in the thread pool."""
+        def register(fn: Any) -> Any:
+            async def endpoint(request: Request) -> Response:
+                form = dict(await request.form())
+                return await run_in_threadpool(fn, request, form, **request.path_params)
+
+            app.add_api_route(path, endpoint, methods=["POST"], include_in_schema=False)
+            return fn
+        return register
 
     def login_csrf(nonce: str) -> str:
         return hmac.new(secret, f"login:{nonce}".encode(), hashlib.sha256).hexdigest()[:32]
@@ -239,25 +250,24 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         return {"ok": True}
 
     @app.get("/login", include_in_schema=False)
-    def login_page(request: Request, error: str = "") -> Response:
+    def login_page() -> Response:
         nonce = secrets.token_urlsafe(16)
-        resp = page("login.html", user=None, csrf=login_csrf(nonce), error="")
+        resp = page("login.html", csrf=login_csrf(nonce))
         set_cookie(resp, LOGIN_COOKIE, sign(secret, {"n": nonce, "exp": time.time() + 3600}), 3600)
         return resp
 
-    @app.post("/login", include_in_schema=False)
-    async def login(request: Request) -> Response:
+    @form_post("/login")
+    def login(request: Request, form: dict) -> Response:
         pre = unsign(secret, request.cookies.get(LOGIN_COOKIE))
         if pre is None:
             return error(403, "Your login form expired or cookies are off; reload the login page.")
         try:
-            form = await checked_form(request, login_csrf(pre["n"]))
+            check_form(request, form, login_csrf(pre["n"]))
         except FeedbackError as e:
             return error(e.status, str(e))
         who = store.login(str(form.get("name", ""))[:100], str(form.get("password", ""))[:1000])
         if who is None:
-            return page("login.html", 401, user=None, csrf=login_csrf(pre["n"]),
-                        error="Wrong name or password.")
+            return page("login.html", 401, csrf=login_csrf(pre["n"]), error="Wrong name or password.")
         resp = RedirectResponse("/task", status_code=303)
         max_age = int(cfg.session_hours * 3600)
         set_cookie(resp, SESSION_COOKIE, sign(secret, {"a": who["id"], "c": secrets.token_urlsafe(24),
@@ -265,12 +275,12 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         resp.delete_cookie(LOGIN_COOKIE, path="/")
         return resp
 
-    @app.post("/logout", include_in_schema=False)
-    async def logout(request: Request) -> Response:
+    @form_post("/logout")
+    def logout(request: Request, form: dict) -> Response:
         who = session(request)
         if who:
             try:
-                await checked_form(request, who["csrf"])
+                check_form(request, form, who["csrf"])
             except FeedbackError as e:
                 return error(e.status, str(e), who)
         resp = RedirectResponse("/login", status_code=303)
@@ -294,16 +304,14 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                         progress=store.progress(who["id"], project))
         return task_page(who, task, msg=MESSAGES.get(m, ""))
 
-    @app.post("/task/{item_id}", include_in_schema=False)
-    async def answer_page(request: Request, item_id: int) -> Response:
+    @form_post("/task/{item_id:int}")
+    def answer_page(request: Request, form: dict, item_id: int) -> Response:
         who = session(request)
         if who is None:
             return error(401, "Please log in again.")
-        form: dict = {}
         try:
-            form = await checked_form(request, who["csrf"])
-            action = form.get("action", "submit")
-            if action == "skip":
+            check_form(request, form, who["csrf"])
+            if form.get("action") == "skip":
                 store.skip(who["id"], item_id)
                 return RedirectResponse("/task?m=skipped", status_code=303)
             store.submit(who["id"], item_id, _answer_from_form(form))
@@ -317,13 +325,13 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                     pass
             return error(e.status, str(e), who)
 
-    @app.post("/undo", include_in_schema=False)
-    async def undo_page(request: Request) -> Response:
+    @form_post("/undo")
+    def undo_page(request: Request, form: dict) -> Response:
         who = session(request)
         if who is None:
             return error(401, "Please log in again.")
         try:
-            await checked_form(request, who["csrf"])
+            check_form(request, form, who["csrf"])
         except FeedbackError as e:
             return error(e.status, str(e), who)
         item = store.undo(who["id"])
