@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("list, fetch and inspect the offline data sources", "rlhfkit.data.cli:main"),
     "tokenizer": ("train a byte-level BPE tokenizer or inspect one", "rlhfkit.data.tokenizer:main"),
     "sample": ("generate text from a checkpoint (quick look at a model)", "rlhfkit.models.sample:main"),
+    "feedback": ("human feedback: annotation web app, import, simulated labelers, export, agreement",
+                 "rlhfkit.feedback.cli:main"),
     "report": ("write an HTML report with plots for a run directory", "rlhfkit.eval.report:main"),
 }
 

@@ -254,6 +254,33 @@ class SFTConfig:
 
 
 # ---- feedback stage configs go here ----
+@dataclass
+class FeedbackServeConfig:
+    """Serve the annotation web app and its JSON API (`rlhfkit feedback serve`)."""
+
+    db: str = opt("runs/feedback/feedback.db", "feedback database: a SQLite file path, or a SQLAlchemy URL "
+                                                "such as postgresql+psycopg://user@host/db")
+    host: str = opt("127.0.0.1", "interface to listen on (0.0.0.0 exposes it to the network: use HTTPS "
+                                 "in front and secure_cookies)")
+    port: int = opt(8000, "TCP port; 0 picks a free one (printed at start)")
+    project: str = opt("", "serve only this project's tasks; empty = every project")
+    session_hours: float = opt(12.0, "how long a login lasts")
+    secure_cookies: bool = opt(False, "send cookies only over HTTPS (set when served behind TLS)")
+    max_text_chars: int = opt(20000, "longest edit or comment an annotator may submit, in characters")
+    max_body_kb: int = opt(256, "largest request body accepted, in KiB (bigger ones get 413)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = opt(
+        "info", "server log level (access lines are logged at info)")
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{here('port')}={self.port} must be in 0..65535")
+        _positive(self, "session_hours", "max_text_chars", "max_body_kb")
+        if self.max_text_chars > 1_000_000:
+            raise ConfigError(f"{here('max_text_chars')}={self.max_text_chars} must be <= 1000000")
+        if self.max_text_chars * 4 > self.max_body_kb * 1024:
+            raise ConfigError(f"{here('max_body_kb')}={self.max_body_kb} is too small for "
+                              f"{here('max_text_chars')}={self.max_text_chars} (UTF-8 text can take 4 bytes "
+                              "per character)")
 
 
 
