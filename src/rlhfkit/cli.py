@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                  "PretrainConfig", "rlhfkit.train.pretrain:train"),
     "sft": ("supervised fine-tuning on prompt/response pairs (loss on the response only)",
             "SFTConfig", "rlhfkit.train.sft:train"),
+    "serve": ("serve a model: OpenAI-compatible API with streaming, and a chat page that collects feedback",
+              "ServeConfig", "rlhfkit.serve.server:serve"),
 }
 
 # Commands with their own sub-commands or arguments: name -> (one-line help, "module:main(argv)").

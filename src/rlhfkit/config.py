@@ -292,6 +292,39 @@ class FeedbackServeConfig:
 
 
 
+# ---- serving ----
+@dataclass
+class ServeConfig:
+    """Serve a model: OpenAI-compatible /v1/completions and /v1/chat/completions (with SSE streaming), and a
+    chat page whose thumbs-up/down and edits go into the feedback store for the next round."""
+
+    model: str = opt("runs/demo/ppo/final", "model to serve: an HF directory (any checkpoint's final/), a "
+                                            ".gguf file, or a named model such as smollm2")
+    name: str = opt("", "model id reported by the API (default: the directory's name)")
+    host: str = opt("127.0.0.1", "interface to listen on (0.0.0.0 exposes it to the network)")
+    port: int = opt(8001, "TCP port; 0 picks a free one (printed at start)")
+    feedback_db: str = opt("runs/feedback/feedback.db", "feedback store for the chat page's thumbs and "
+                                                        "edits (SQLite path or SQLAlchemy URL); empty = off")
+    project: str = opt("chat", "feedback project the chat page writes into")
+    max_new_tokens: int = opt(128, "default completion length when a request gives no max_tokens")
+    max_tokens_limit: int = opt(1024, "largest max_tokens a request may ask for")
+    temperature: float = opt(0.7, "default sampling temperature (a request's own value wins)")
+    top_p: float = opt(0.95, "default nucleus sampling mass")
+    max_prompt_chars: int = opt(20000, "longest prompt or conversation accepted, in characters")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "server log level")
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{here('port')}={self.port} must be in 0..65535")
+        _positive(self, "max_new_tokens", "max_tokens_limit", "max_prompt_chars")
+        if self.max_new_tokens > self.max_tokens_limit:
+            raise ConfigError(f"{here('max_new_tokens')}={self.max_new_tokens} exceeds "
+                              f"{here('max_tokens_limit')}={self.max_tokens_limit}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{here('temperature')} must be >= 0 and {here('top_p')} in (0, 1]")
+
+
 # --------------------------------------------------------------------------------------------------
 # Parsing: YAML + flags -> dataclass
 # --------------------------------------------------------------------------------------------------
