@@ -289,6 +289,267 @@ class FeedbackServeConfig:
 
 
 # ---- RL stage configs (ppo, grpo, rloo, reinforce, dpo) go here ----
+@dataclass
+class PromptDataConfig:
+    source: str = opt("vader:movie", "prompts: a .txt file (one per line), a .jsonl/.json file (records with "
+                                     "a prompt field, or a JSON list of strings), or a named text source "
+                                     "(`rlhfkit data list`) whose documents are cut to prompt_tokens tokens")
+    prompt_field: str = opt("prompt", "field holding the prompt in JSONL records")
+    prompt_tokens: int = opt(8, "named text sources only: keep the first N tokens of each document")
+    max_prompt_tokens: int = opt(64, "prompts longer than this keep their last N tokens")
+    max_prompts: int = opt(0, "use at most this many prompts; 0 = all")
+    template: Literal["plain", "chat"] = opt(
+        "plain", "plain: the prompt text as is (after BOS if the tokenizer adds one); chat: the prompt as a "
+                 "user turn in the tokenizer's chat template, with the assistant turn opened")
+
+    def check(self) -> None:
+        _positive(self, "prompt_tokens", "max_prompt_tokens")
+        _non_negative(self, "max_prompts")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = opt(16, "prompts sampled per optimizer step")
+    samples_per_prompt: int = opt(4, "completions sampled per prompt (the group of GRPO/RLOO)")
+    max_new_tokens: int = opt(32, "longest completion, in tokens")
+    temperature: float = opt(1.0, "sampling temperature (0 = greedy); the log-probabilities trained on are "
+                                  "those of softmax(logits / temperature)")
+    top_p: float = opt(1.0, "nucleus sampling: sample among the most likely tokens whose probabilities add "
+                            "up to top_p; 1 = off")
+    top_k: int = opt(0, "sample among the k most likely tokens; 0 = off")
+    stop: list = opt([], "stop strings: a completion ends with the token that completes one, and its text "
+                         "is cut before it (EOS always stops)")
+    backend: Literal["auto", "fast", "hf", "vllm"] = opt(
+        "auto", "decoder: fast (our KV-cache loop, GPT-2 and Llama architectures), hf (any HF causal LM), "
+                "vllm (GPU, needs the vllm package); auto = fast where supported, else hf")
+
+    def check(self) -> None:
+        _positive(self, "prompts_per_step", "samples_per_prompt", "max_new_tokens")
+        _non_negative(self, "temperature", "top_k")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{here('top_p')}={self.top_p} must be in (0, 1]")
+        if any(not s for s in self.stop):
+            raise ConfigError(f"{here('stop')}: stop strings must not be empty")
+
+
+@dataclass
+class RLRewardConfig:
+    spec: str = opt("rule:vowels", "reward: rule:<builtin> (vowels, length), rule:<module>:<function> "
+                                   "taking (prompts, completions), or a reward model directory")
+    missing_eos_penalty: float = opt(0.0, "subtracted from the reward of a completion that ran to "
+                                          "max_new_tokens without EOS or a stop string")
+    length_penalty: float = opt(0.0, "subtracted from the reward per completion token, times this")
+
+    def check(self) -> None:
+        _non_negative(self, "missing_eos_penalty", "length_penalty")
+
+
+@dataclass
+class KLConfig:
+    coef: float = opt(0.05, "weight of the KL penalty to the reference (initial) policy; 0 = no "
+                            "reference model at all")
+    estimator: Literal["k1", "k2", "k3"] = opt(
+        "k1", "per-token KL estimator (Schulman 2020): k1 = log p - log ref, k2 = (log p - log ref)^2 / 2, "
+              "k3 = ref/p - 1 - log(ref/p)")
+    target: float = opt(0.0, "adaptive coefficient (Ziegler et al. 2019): the KL per completion to aim "
+                             "for; 0 = fixed coefficient")
+    horizon: int = opt(10000, "adaptive coefficient: completions over which the coefficient may change "
+                              "by a factor of about e^0.2")
+
+    def check(self) -> None:
+        _non_negative(self, "coef", "target")
+        _positive(self, "horizon")
+        if self.target and not self.coef:
+            raise ConfigError(f"{here('target')} needs {here('coef')} > 0 (the initial coefficient)")
+
+
+def _rl_check(cfg: Any, stage: str) -> None:
+    """Checks shared by the online RL stages."""
+    if not cfg.model.name_or_path:
+        raise ConfigError(f"{stage} needs model.name_or_path (the policy to start from, e.g. runs/sft/final)")
+    if cfg.optim.grad_accum != 1:
+        raise ConfigError("optim.grad_accum is derived in RL stages (the whole rollout batch is one "
+                          "optimizer step, split into micro-batches of optim.batch_size); leave it at 1")
+    if cfg.optim.warmup_steps > cfg.optim.max_steps:
+        raise ConfigError("optim.warmup_steps exceeds optim.max_steps")
+
+
+_RL_OPTIM = dict(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999, batch_size=64,
+                 max_steps=200)
+_RL_LOG = dict(log_every=1, eval_every=20, save_every=50)
+_OPTIM_HELP = ("optimizer and schedule; batch_size = completions per forward/backward micro-batch "
+               "(one optimizer step covers the whole rollout batch)")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (Shao et al. 2024): group-relative advantages, clipped surrogate, KL to a reference in the loss."""
+
+    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
+    data: PromptDataConfig = section(PromptDataConfig, "prompts")
+    rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
+    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (added to the loss per token)",
+                           coef=0.0, estimator="k3")
+    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+    clip: float = opt(0.2, "PPO-style clip range of the probability ratio")
+    clip_high: float = opt(0.0, "upper clip range if different from clip (DAPO uses 0.28); 0 = clip")
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group", "divide advantages by the reward std of the group, of the whole batch, or not at all "
+                 "(Dr. GRPO)")
+    loss_agg: Literal["token", "sequence"] = opt(
+        "token", "token: mean over all completion tokens of the batch (DAPO, TRL's default); sequence: mean "
+                 "over tokens per completion, then over completions (the GRPO paper)")
+    iterations: int = opt(1, "optimizer steps on each rollout batch (mu in the paper); > 1 needs the "
+                             "clipped ratio")
+
+    def check(self) -> None:
+        _rl_check(self, "grpo")
+        _positive(self, "clip", "iterations")
+        _non_negative(self, "clip_high")
+        if self.rollout.samples_per_prompt < 2:
+            raise ConfigError("grpo needs rollout.samples_per_prompt >= 2 (advantages are relative to the "
+                              "group)")
+
+
+@dataclass
+class RLOOConfig:
+    """RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline over the group, KL in the reward."""
+
+    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
+    data: PromptDataConfig = section(PromptDataConfig, "prompts")
+    rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
+    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
+                                     "over the completion)")
+    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+    clip: float = opt(0.2, "clip range of the sequence-level probability ratio")
+    normalize_advantages: bool = opt(False, "divide advantages by their std over the batch")
+
+    def check(self) -> None:
+        _rl_check(self, "rloo")
+        _positive(self, "clip")
+        if self.rollout.samples_per_prompt < 2:
+            raise ConfigError("rloo needs rollout.samples_per_prompt >= 2 (the baseline leaves one out)")
+
+
+@dataclass
+class REINFORCEConfig:
+    """REINFORCE (Williams 1992) with a batch-mean baseline and the KL penalty in the reward."""
+
+    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
+    data: PromptDataConfig = section(PromptDataConfig, "prompts")
+    rollout: RolloutConfig = section(RolloutConfig, "sampling of completions", prompts_per_step=32,
+                                     samples_per_prompt=2)
+    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
+                                     "over the completion)")
+    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+    baseline: Literal["mean", "none"] = opt("mean", "subtract the batch-mean reward (lower variance, same "
+                                                    "expected gradient up to O(1/batch)) or nothing")
+    normalize_advantages: bool = opt(False, "divide advantages by their std over the batch")
+
+    def check(self) -> None:
+        _rl_check(self, "reinforce")
+
+
+@dataclass
+class PPOConfig:
+    """PPO for language models (Ziegler et al. 2019, Ouyang et al. 2022): actor + critic, per-token KL in
+    the reward, GAE, clipped policy and value losses, several epochs of minibatches per rollout."""
+
+    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
+    data: PromptDataConfig = section(PromptDataConfig, "prompts")
+    rollout: RolloutConfig = section(RolloutConfig, "sampling of completions", prompts_per_step=64,
+                                     samples_per_prompt=1)
+    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (a per-token reward)")
+    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+    critic: str = opt("", "critic (value model) to start from: a ScalarHeadModel directory (e.g. a trained "
+                          "reward model); empty = a copy of the policy's backbone with a zero-init head")
+    gamma: float = opt(1.0, "discount per token")
+    lam: float = opt(0.95, "GAE lambda")
+    clip: float = opt(0.2, "clip range of the probability ratio")
+    value_clip: float = opt(0.2, "clip range of the value update around the rollout values; 0 = no clipping")
+    vf_coef: float = opt(0.1, "weight of the value loss")
+    entropy_coef: float = opt(0.0, "weight of an entropy bonus")
+    epochs: int = opt(1, "passes over each rollout batch")
+    mini_batches: int = opt(1, "optimizer steps per pass (the rollout batch is split into this many)")
+    whiten_rewards: bool = opt(False, "whiten the per-token rewards over the batch before GAE")
+
+    def check(self) -> None:
+        _rl_check(self, "ppo")
+        _positive(self, "clip", "vf_coef", "epochs", "mini_batches")
+        _non_negative(self, "value_clip", "entropy_coef")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ConfigError("gamma and lam must be in [0, 1]")
+        n = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        if n % self.mini_batches:
+            raise ConfigError(f"the rollout batch of {n} completions does not split into mini_batches="
+                              f"{self.mini_batches} equal parts")
+
+
+@dataclass
+class DPODataConfig:
+    source: str = opt("", "preference pairs: a JSONL file with prompt, chosen, rejected (the pairs export "
+                          "of `rlhfkit feedback export`, docs/formats.md)")
+    prompt_field: str = opt("prompt", "field holding the prompt")
+    chosen_field: str = opt("chosen", "field holding the preferred completion")
+    rejected_field: str = opt("rejected", "field holding the other completion")
+    template: Literal["plain", "chat"] = opt(
+        "plain", "how prompt + completion become tokens: plain (prompt then completion then EOS) or chat "
+                 "(the tokenizer's chat template around the prompt)")
+    max_len: int = opt(128, "truncate prompt + completion to this many tokens (the prompt loses its start "
+                            "first)")
+    val_fraction: float = opt(0.1, "fraction of pairs held out to measure the preference accuracy")
+    max_pairs: int = opt(0, "use at most this many pairs; 0 = all")
+
+    def check(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"{here('val_fraction')}={self.val_fraction} must be in [0, 1)")
+        _positive(self, "max_len")
+        _non_negative(self, "max_pairs")
+
+
+@dataclass
+class DPOConfig:
+    """DPO (Rafailov et al. 2023) / IPO (Azar et al. 2023) on offline preference pairs."""
+
+    model: ModelConfig = section(ModelConfig, "policy to start from; also the frozen reference "
+                                              "(name_or_path is required)")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
+    data: DPODataConfig = section(DPODataConfig, "preference pairs")
+    optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batch sizes (batch_size = pairs)",
+                                 lr=5e-6, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                                 batch_size=16, max_steps=200)
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", log_every=5,
+                             eval_every=50, save_every=100)
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+    beta: float = opt(0.1, "strength of the implicit KL to the reference (DPO beta; IPO tau)")
+    loss: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid: the DPO loss; ipo: the IPO squared loss")
+    label_smoothing: float = opt(0.0, "sigmoid loss: assumed probability that a label is flipped (cDPO)")
+
+    def check(self) -> None:
+        if not self.model.name_or_path:
+            raise ConfigError("dpo needs model.name_or_path (e.g. runs/sft/final)")
+        if not self.data.source:
+            raise ConfigError("dpo needs data.source (a JSONL file of preference pairs)")
+        _positive(self, "beta")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+
 
 
 

@@ -57,7 +57,7 @@ class ScalarHeadModel(nn.Module):
         values = self.forward(input_ids, attention_mask)
         return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, **_: object) -> None:
         from safetensors.torch import save_file
 
         path = Path(path)

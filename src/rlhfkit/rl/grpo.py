@@ -1,0 +1,178 @@
+"""GRPO: `rlhfkit grpo` (Shao et al. 2024, DeepSeekMath).
+
+Each step: sample G completions for each of U prompts, score them, turn rewards into group-relative
+advantages A_i = (r_i - mean_group) / (std_group + 1e-4), and take one optimizer step on the clipped
+surrogate (optionally several, `iterations`), with an optional per-token KL penalty to the frozen initial
+policy added to the loss.
+
+Defaults follow TRL's GRPOTrainer (1.16): token-level aggregation over the whole batch ("dapo"), beta 0
+(no reference model), k3 KL estimator when beta > 0, clip 0.2, std scaling per group.
+
+Departures, and why:
+  * one on-policy iteration (the default) takes old log-probs = current ones, detached: the ratio is
+    exactly 1 and no extra forward pass is spent on them (TRL does the same for GRPO);
+  * with iterations > 1 the old log-probs are the sampling-time ones from the rollout (the same numbers
+    up to float rounding) instead of a separate forward pass;
+  * prompts are run once per group in the training forward (rollout.completion_logprobs).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+import torch
+
+from rlhfkit.config import GRPOConfig
+from rlhfkit.data.datasets import EpochSampler
+from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda
+from rlhfkit.models.reward import load_reward
+from rlhfkit.rl.advantages import group_advantages, shape_scores
+from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
+                               micro_batches, samples_table)
+from rlhfkit.rl.kl import make_kl_controller
+from rlhfkit.rl.losses import aggregate, clipped_surrogate, kl_penalty
+from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, generate
+from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
+                                      save_model)
+from rlhfkit.utils.logging import MetricLogger
+from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, resolve_device,
+                                   seed_everything, set_threads, write_run_config)
+
+
+def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Run GRPO; returns a summary dict. `on_step(step, metrics)` is called after every optimizer step."""
+    t_start = time.time()
+    check_single_process()
+    set_threads(cfg.run.threads)
+    quiet_hf()
+    device = resolve_device(cfg.run.device)
+    run_dir = default_run_dir("grpo", cfg.log.run_dir)
+    write_run_config(run_dir, cfg)
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+
+    tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
+    prompts = load_prompts(cfg.data, tok)
+    reward_fn = load_reward(cfg.reward.spec, device)
+    U, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
+    B = U * G
+    params = SamplingParams.from_config(cfg.rollout)
+    order = EpochSampler(len(prompts.ids), cfg.run.seed)
+
+    seed_everything(cfg.run.seed)
+    policy = load_policy(cfg.model.name_or_path, cfg.model.dtype, device)
+    ref = load_policy(cfg.model.name_or_path, cfg.model.dtype, device, trainable=False) if cfg.kl.coef else None
+    optimizer = make_rl_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    kl_ctl = make_kl_controller(cfg.kl)
+    step, pos = 0, 0
+    if ckpt is not None:
+        load_weights_into(policy, ckpt / "model")
+        state = load_trainer_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_ctl.load_state_dict(state["kl"])
+        step, pos = state["step"], state["pos"]
+
+    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="grpo")
+    logger.write(f"grpo: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "
+                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, device {device}"
+                 + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
+    saved_step, history = step, []
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
+        save_checkpoint(run_dir, step, models={"model": policy}, tokenizer=tok, keep=cfg.log.keep_checkpoints,
+                        state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "kl": kl_ctl.state_dict(), "pos": pos})
+
+    with GracefulStop() as stop, logger:
+        while step < cfg.optim.max_steps:
+            t0 = time.perf_counter()
+            # 1. Rollout: U prompts in the seeded epoch order, G samples each.
+            idx = [i for _, i in order.indices(pos, U)]
+            ro = generate(policy, tok, [prompts.ids[i] for i in idx], params, n=G, backend=cfg.rollout.backend,
+                          prompts=[prompts.texts[i] for i in idx])
+            t_gen = time.perf_counter() - t0
+
+            # 2. Rewards -> group-relative advantages (B,). A NaN reward stops the run before any update.
+            raw = reward_fn(ro.prompts, ro.completions).to(device)
+            check_finite("reward", raw, step + 1, run_dir)
+            scores = shape_scores(raw, ro.finished, ro.lengths, cfg.reward.missing_eos_penalty,
+                                  cfg.reward.length_penalty)
+            advantages = group_advantages(scores, G, "grpo", cfg.scale_rewards)
+            mask = ro.completion_mask.float()
+            n_tokens = mask.sum().clamp(min=1)
+            ref_logprobs = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logprobs = completion_logprobs(ref, ro, params.temperature)[0]
+
+            # 3. Policy update(s): the loss of every micro-batch is normalised by the whole batch, so their
+            #    gradients add up to the gradient of the batch loss.
+            stats: dict[str, float] = {"loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "kl": 0.0}
+            for it in range(cfg.iterations):
+                for mb in micro_batches(B, cfg.optim.batch_size, G):
+                    part = ro.rows(mb)
+                    logprobs, entropy = completion_logprobs(policy, part, params.temperature, with_entropy=it == 0)
+                    old = logprobs.detach() if cfg.iterations == 1 else part.logprobs
+                    per_token, _, clipped = clipped_surrogate(logprobs, old, advantages[mb, None], cfg.clip,
+                                                              cfg.clip_high or cfg.clip)
+                    m = mask[mb]
+                    if ref_logprobs is not None:
+                        kl = kl_penalty(logprobs, ref_logprobs[mb], cfg.kl.estimator)
+                        per_token = per_token + kl_ctl.value * kl
+                        stats["kl"] += float((kl.detach() * m).sum()) / B if it == 0 else 0.0
+                    norm = n_tokens if cfg.loss_agg == "token" else B
+                    loss = aggregate(per_token, m, cfg.loss_agg, normalizer=norm)
+                    check_finite("loss", loss.detach(), step + 1, run_dir)
+                    loss.backward()
+                    stats["loss"] += float(loss.detach()) / cfg.iterations
+                    stats["clipfrac"] += float((clipped.float() * m).sum()) / float(n_tokens) / cfg.iterations
+                    if entropy is not None:
+                        stats["entropy"] += float((entropy * m).sum() / n_tokens)
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip or float("inf"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            kl_ctl.update(stats["kl"], B)
+            step += 1
+            pos += U
+
+            # 4. Log.
+            dt = time.perf_counter() - t0
+            n_gen = int(ro.lengths.sum())
+            metrics = {
+                "rollout/reward_mean": float(raw.mean()), "rollout/reward_std": float(raw.std()),
+                "rollout/score_mean": float(scores.mean()), "rollout/length_mean": float(ro.lengths.float().mean()),
+                "rollout/finished_frac": float(ro.finished.float().mean()), "rollout/tokens": n_gen,
+                "loss/policy": stats["loss"], "policy/entropy": stats["entropy"], "ppo/clipfrac": stats["clipfrac"],
+                "kl/mean": stats["kl"], "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0], "perf/s_per_step": dt, "perf/gen_s": t_gen,
+                "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": B / dt, "perf/peak_rss_mb": peak_rss_mb(),
+            }
+            history.append(metrics["rollout/reward_mean"])
+            logger.advance(1, reward=metrics["rollout/reward_mean"])
+            if step % cfg.log.log_every == 0 or step == cfg.optim.max_steps:
+                logger.log(metrics, step)
+            if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps:
+                logger.log_text("samples", samples_table(ro.prompts, ro.completions, raw), step)
+            if on_step is not None:
+                on_step(step, metrics)
+            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
+            if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
+                checkpoint()
+            if stop.requested or over_time:
+                break
+        if saved_step != step:
+            checkpoint()
+
+    final = save_model(run_dir / "final", policy, tok)
+    summary = {"steps": step, "reward_first": history[0] if history else None,
+               "reward_last": history[-1] if history else None, "kl_coef": kl_ctl.value,
+               "final_model": str(final), "wall_s": round(time.time() - t_start, 1)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.write(f"done: {step} steps, reward {summary['reward_first']} -> {summary['reward_last']}; "
+                 f"policy in {final}")
+    return summary

@@ -1,0 +1,232 @@
+"""PPO for language models: `rlhfkit ppo` (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022).
+
+Each step: sample completions; per-token reward = -beta * KL(policy || reference) on every token plus the
+reward model's score on the last one; the critic (a ScalarHeadModel) gives a value before every token;
+GAE turns rewards and values into advantages (whitened over the batch) and returns; then `epochs` passes
+over the batch in `mini_batches` optimizer steps on the clipped policy loss + vf_coef * clipped value
+loss (- entropy_coef * entropy). One AdamW updates actor and critic together.
+
+Defaults follow TRL's PPOTrainer (1.12, the last TRL that has one): beta 0.05 with k1, gamma 1, lambda
+0.95, clip 0.2, value clip 0.2, vf_coef 0.1, one epoch, one mini-batch, token-mean losses, whitened
+advantages, unwhitened rewards, old log-probs from sampling time.
+
+Departures, and why:
+  * the score goes on the last token of the completion (its EOS if it has one). TRL puts it one position
+    further when that position exists (its `sequence_lengths_p1`); with gamma 1 that only delays it by one
+    lambda factor, and completions cut at max_new_tokens (most, early in training) are treated the same;
+  * value loss and advantages use the completion's tokens (TRL's value mask reaches one token further);
+  * one epoch of one mini-batch (the default) needs the rollout's values and log-probs only through the
+    training forward itself: values are taken from it, detached, before the loss is formed, and the
+    ratio's old log-probs are the current ones detached (ratio exactly 1). That is exact, and it saves the
+    critic's separate no-grad pass. With more epochs or mini-batches the old values come from a no-grad
+    pass and the old log-probs from sampling time, as in TRL;
+  * the gradient norm is clipped to optim.grad_clip (TRL's PPO loop does not clip).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+import torch
+
+from rlhfkit.config import PPOConfig
+from rlhfkit.data.datasets import EpochSampler
+from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda
+from rlhfkit.models.heads import ScalarHeadModel
+from rlhfkit.models.reward import load_reward
+from rlhfkit.rl.advantages import gae, shape_scores, token_rewards, whiten
+from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
+                               micro_batches, samples_table, use_fast_activations)
+from rlhfkit.rl.kl import make_kl_controller
+from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
+from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, completion_values, generate
+from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
+                                      save_model)
+from rlhfkit.utils.logging import MetricLogger
+from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, resolve_device,
+                                   seed_everything, set_threads, write_run_config)
+
+
+def load_critic(cfg: PPOConfig, device: torch.device, path: str = "") -> ScalarHeadModel:
+    """The critic: a saved ScalarHeadModel (`path` or cfg.critic), else the policy's backbone + a zero head."""
+    path = path or cfg.critic
+    if path:
+        critic = ScalarHeadModel.from_pretrained(path)
+    else:
+        critic = ScalarHeadModel.from_causal_lm(load_policy(cfg.model.name_or_path, cfg.model.dtype, device))
+    return use_fast_activations(critic).to(device).train()
+
+
+def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Run PPO; returns a summary dict. `on_step(step, metrics)` is called after every rollout's update."""
+    t_start = time.time()
+    check_single_process()
+    set_threads(cfg.run.threads)
+    quiet_hf()
+    device = resolve_device(cfg.run.device)
+    run_dir = default_run_dir("ppo", cfg.log.run_dir)
+    write_run_config(run_dir, cfg)
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+
+    tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
+    prompts = load_prompts(cfg.data, tok)
+    reward_fn = load_reward(cfg.reward.spec, device)
+    U, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
+    B = U * G
+    params = SamplingParams.from_config(cfg.rollout)
+    order = EpochSampler(len(prompts.ids), cfg.run.seed)
+
+    seed_everything(cfg.run.seed)
+    policy = load_policy(cfg.model.name_or_path, cfg.model.dtype, device)
+    critic = load_critic(cfg, device, str(ckpt / "critic") if ckpt else "")
+    ref = load_policy(cfg.model.name_or_path, cfg.model.dtype, device, trainable=False) if cfg.kl.coef else None
+    trainable = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
+    optimizer = make_rl_optimizer(trainable, cfg.optim, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    kl_ctl = make_kl_controller(cfg.kl)
+    step, pos = 0, 0
+    if ckpt is not None:
+        load_weights_into(policy, ckpt / "model")
+        state = load_trainer_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_ctl.load_state_dict(state["kl"])
+        step, pos = state["step"], state["pos"]
+    # One epoch of one mini-batch in one micro-batch: the training forward is also the rollout's critic pass.
+    fused = cfg.epochs == 1 and cfg.mini_batches == 1 and cfg.optim.batch_size >= B
+
+    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="ppo")
+    logger.write(f"ppo: {count_params(policy) / 1e6:.2f}M policy + {count_params(critic) / 1e6:.2f}M critic params, "
+                 f"{len(prompts.ids)} prompts, {B} completions per rollout, {cfg.epochs} epoch(s) x "
+                 f"{cfg.mini_batches} mini-batch(es), reward {cfg.reward.spec}, KL coef {kl_ctl.value}, device "
+                 f"{device}" + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
+    saved_step, history = step, []
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
+        save_checkpoint(run_dir, step, models={"model": policy, "critic": critic}, tokenizer=tok,
+                        keep=cfg.log.keep_checkpoints,
+                        state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "kl": kl_ctl.state_dict(), "pos": pos})
+
+    with GracefulStop() as stop, logger:
+        while step < cfg.optim.max_steps:
+            t0 = time.perf_counter()
+            # 1. Rollout and scores.
+            idx = [i for _, i in order.indices(pos, U)]
+            ro = generate(policy, tok, [prompts.ids[i] for i in idx], params, n=G, backend=cfg.rollout.backend,
+                          prompts=[prompts.texts[i] for i in idx])
+            t_gen = time.perf_counter() - t0
+            mask = ro.completion_mask.float()
+            raw = reward_fn(ro.prompts, ro.completions).to(device)
+            check_finite("reward", raw, step + 1, run_dir)
+            scores = shape_scores(raw, ro.finished, ro.lengths, cfg.reward.missing_eos_penalty,
+                                  cfg.reward.length_penalty)
+
+            # 2. Per-token rewards: -beta * KL(sampling-time policy || reference) + score on the last token.
+            kl = torch.zeros_like(mask)
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logprobs = torch.cat([completion_logprobs(ref, ro.rows(mb), params.temperature)[0]
+                                              for mb in micro_batches(B, cfg.optim.batch_size, G)])
+                kl = kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * mask
+            rewards = token_rewards(scores, kl, mask, kl_ctl.value)
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+
+            def advantages_from(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                adv, ret = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+                return whiten(adv, mask), ret
+
+            if not fused:  # the critic's values at rollout time, for GAE and the value clip
+                with torch.no_grad():
+                    old_values = torch.cat([completion_values(critic, ro.rows(mb))
+                                            for mb in micro_batches(B, cfg.optim.batch_size)])
+                advantages, returns = advantages_from(old_values)
+
+            # 3. PPO epochs over mini-batches; each mini-batch's loss is a token mean over the mini-batch.
+            acc = {k: 0.0 for k in ("loss/policy", "loss/value", "ppo/approx_kl", "ppo/clipfrac", "value/clipfrac",
+                                    "policy/entropy")}
+            n_updates = cfg.epochs * cfg.mini_batches
+            mb_size = B // cfg.mini_batches
+            for epoch in range(cfg.epochs):
+                perm = torch.randperm(B) if n_updates > 1 else torch.arange(B)
+                for k in range(cfg.mini_batches):
+                    mini = perm[k * mb_size:(k + 1) * mb_size]
+                    n_tok = mask[mini].sum().clamp(min=1)
+                    for mic in micro_batches(mb_size, cfg.optim.batch_size):
+                        rows = mini[mic]
+                        part = ro.rows(rows)
+                        m = mask[rows]
+                        logprobs, entropy = completion_logprobs(policy, part, params.temperature, with_entropy=True,
+                                                                entropy_grad=cfg.entropy_coef > 0)
+                        values = completion_values(critic, part)
+                        if fused:
+                            old_values = values.detach()
+                            advantages, returns = advantages_from(old_values)
+                        old_logprobs = logprobs.detach() if fused else ro.logprobs[rows]
+                        pl, pst = policy_loss(logprobs, old_logprobs, advantages[rows], m, cfg.clip,
+                                              normalizer=n_tok)
+                        vl, vst = value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip,
+                                             normalizer=n_tok)
+                        ent = (entropy * m).sum() / n_tok
+                        loss = pl + cfg.vf_coef * vl - cfg.entropy_coef * ent
+                        check_finite("loss", loss.detach(), step + 1, run_dir)
+                        loss.backward()
+                        w = float(m.sum() / n_tok) / n_updates  # this micro-batch's share of the averages
+                        acc["loss/policy"] += float(pl.detach()) / n_updates
+                        acc["loss/value"] += float(vl.detach()) / n_updates
+                        acc["policy/entropy"] += float(ent.detach()) / n_updates
+                        acc["ppo/approx_kl"] += float(pst["approx_kl"]) * w
+                        acc["ppo/clipfrac"] += float(pst["clipfrac"]) * w
+                        acc["value/clipfrac"] += float(vst["vf_clipfrac"]) * w
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            seq_kl = float(kl.sum(-1).mean())
+            kl_ctl.update(seq_kl, B)
+            step += 1
+            pos += U
+
+            # 4. Log.
+            dt = time.perf_counter() - t0
+            n_gen = int(ro.lengths.sum())
+            metrics = {
+                "rollout/reward_mean": float(raw.mean()), "rollout/reward_std": float(raw.std()),
+                "rollout/score_mean": float(scores.mean()), "rollout/length_mean": float(ro.lengths.float().mean()),
+                "rollout/finished_frac": float(ro.finished.float().mean()), "rollout/tokens": n_gen, **acc,
+                "value/mean": float((old_values * mask).sum() / mask.sum().clamp(min=1)),
+                "value/explained_variance": float(explained_variance(old_values, returns, mask)),
+                "kl/mean": seq_kl, "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0], "perf/s_per_step": dt, "perf/gen_s": t_gen,
+                "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": B / dt, "perf/peak_rss_mb": peak_rss_mb(),
+            }
+            history.append(metrics["rollout/reward_mean"])
+            logger.advance(1, reward=metrics["rollout/reward_mean"])
+            if step % cfg.log.log_every == 0 or step == cfg.optim.max_steps:
+                logger.log(metrics, step)
+            if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps:
+                logger.log_text("samples", samples_table(ro.prompts, ro.completions, raw), step)
+            if on_step is not None:
+                on_step(step, metrics)
+            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
+            if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
+                checkpoint()
+            if stop.requested or over_time:
+                break
+        if saved_step != step:
+            checkpoint()
+
+    final = save_model(run_dir / "final", policy, tok)
+    critic.save_pretrained(run_dir / "final_critic")
+    summary = {"steps": step, "reward_first": history[0] if history else None,
+               "reward_last": history[-1] if history else None, "kl_coef": kl_ctl.value,
+               "final_model": str(final), "final_critic": str(run_dir / "final_critic"),
+               "wall_s": round(time.time() - t_start, 1)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.write(f"done: {step} steps, reward {summary['reward_first']} -> {summary['reward_last']}; "
+                 f"policy in {final}")
+    return summary

@@ -1,0 +1,199 @@
+"""DPO / IPO on offline preference pairs: `rlhfkit dpo` (Rafailov et al. 2023; Azar et al. 2023).
+
+Input: the pairs export of the feedback store (JSONL: prompt, chosen, rejected; docs/formats.md). Each pair
+becomes two sequences, prompt + completion + EOS, and the loss (rl/losses.py dpo_loss) compares how much
+more the policy than the frozen reference (the starting model) prefers the chosen completion:
+h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)], log-probabilities summed over the
+completion tokens and EOS.
+
+Departures from the usual recipe, and why:
+  * the reference log-probabilities of every pair are computed once, before training, and the reference
+    model is then freed: it is frozen, so this is exact and halves the forward passes (and the memory) of
+    every later step;
+  * chosen and rejected of a micro-batch go through the policy in one forward pass (one padded batch);
+  * the loss is a mean over the pairs of the global batch however it is split into micro-batches and
+    processes (each micro-batch's sum is divided by the global batch size).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhfkit.config import DPOConfig
+from rlhfkit.data.datasets import EpochSampler, collate_sft, encode_pair
+from rlhfkit.data.sources import read_jsonl_records
+from rlhfkit.errors import DataError, TrainingError
+from rlhfkit.models.factory import build_model, count_params, get_tokenizer, lr_lambda, make_optimizer
+from rlhfkit.models.ops import gather_logprobs
+from rlhfkit.rl.losses import dpo_loss
+from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
+                                      save_model)
+from rlhfkit.utils.distributed import Dist
+from rlhfkit.utils.logging import MetricLogger
+from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, quiet_hf, seed_everything, set_threads,
+                                   write_run_config)
+
+Pair = tuple[tuple[list[int], int], tuple[list[int], int]]  # ((ids, n_prompt) chosen, (ids, n_prompt) rejected)
+
+
+def load_pairs(cfg: DPOConfig, tok: Any) -> list[Pair]:
+    d = cfg.data
+    recs = read_jsonl_records(d.source, (d.prompt_field, d.chosen_field, d.rejected_field))
+    if d.max_pairs:
+        recs = recs[:d.max_pairs]
+    pairs = []
+    for r in recs:
+        if r.get("tie"):
+            continue  # a tie says nothing about which to prefer
+        pairs.append((encode_pair(tok, r[d.prompt_field], r[d.chosen_field], d.template, d.max_len),
+                      encode_pair(tok, r[d.prompt_field], r[d.rejected_field], d.template, d.max_len)))
+    if not pairs:
+        raise DataError(f"{d.source}: no usable preference pairs (all ties?)")
+    return pairs
+
+
+def completion_logps(model: torch.nn.Module, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of the chosen and of the rejected completions: (b,), (b,)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_sft([c for c, _ in pairs] + [r for _, r in pairs], pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2b, T, V)
+    logps = (gather_logprobs(logits, batch["labels"]) * batch["loss_mask"]).sum(-1)  # (2b,)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+@torch.no_grad()
+def reference_logps(model: torch.nn.Module, pairs: list[Pair], bs: int, pad_id: int) -> torch.Tensor:
+    """(n, 2): reference log-probabilities of (chosen, rejected) for every pair."""
+    model.eval()
+    out = [torch.stack(completion_logps(model, pairs[i:i + bs], pad_id), 1).cpu() for i in range(0, len(pairs), bs)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model, pairs, ref, cfg, pad_id) -> dict[str, float]:
+    model.eval()
+    stats = {"accuracy": 0.0, "margin": 0.0}
+    bs = cfg.optim.batch_size
+    for i in range(0, len(pairs), bs):
+        c, r = completion_logps(model, pairs[i:i + bs], pad_id)
+        ref_b = ref[i:i + bs].to(c.device)
+        _, st = dpo_loss(c, r, ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+        for k in stats:
+            stats[k] += float(st[k]) * len(c) / len(pairs)
+    model.train()
+    return {f"eval/{k}": v for k, v in stats.items()}
+
+
+def train(cfg: DPOConfig) -> dict[str, Any]:
+    t_start = time.time()
+    set_threads(cfg.run.threads)
+    quiet_hf()
+    dist = Dist(cfg.run.device)
+    run_dir = default_run_dir("dpo", cfg.log.run_dir)
+    if dist.is_main:
+        write_run_config(run_dir, cfg)
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+
+    tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
+    pairs = load_pairs(cfg, tok)
+    order = np.random.default_rng(cfg.run.seed).permutation(len(pairs))
+    n_val = int(round(cfg.data.val_fraction * len(pairs))) if len(pairs) > 1 else 0
+    val = [pairs[i] for i in order[:n_val]]
+    train_set = [pairs[i] for i in order[n_val:]]
+    sampler = EpochSampler(len(train_set), cfg.run.seed)
+
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model, tok).to(dist.device)
+    # Reference log-probs of every pair, from the starting model, once (see module docstring).
+    bs = cfg.optim.batch_size
+    ref_train = reference_logps(model, train_set, bs, tok.pad_token_id)
+    ref_val = reference_logps(model, val, bs, tok.pad_token_id) if val else None
+    model.train()
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    step, pos = 0, 0
+    if ckpt is not None:
+        load_weights_into(model, ckpt / "model")
+        state = load_trainer_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, pos = state["step"], state["pos"]
+    model, optimizer = dist.prepare(model, optimizer)
+
+    accum = cfg.optim.grad_accum
+    global_bs = bs * accum * dist.world
+    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="dpo",
+                          is_main=dist.is_main)
+    logger.write(f"dpo: {count_params(model) / 1e6:.2f}M params, {len(train_set)} train / {len(val)} val pairs, "
+                 f"global batch {global_bs} pairs, loss {cfg.loss}, beta {cfg.beta}"
+                 + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
+    saved_step = step
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
+        if dist.is_main:
+            save_checkpoint(run_dir, step, models={"model": dist.unwrap(model)}, tokenizer=tok,
+                            keep=cfg.log.keep_checkpoints,
+                            state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "pos": pos})
+        dist.barrier()
+
+    with GracefulStop() as stop, logger:
+        while step < cfg.optim.max_steps:
+            idx = [i for _, i in sampler.indices(pos, global_bs)][dist.shard(global_bs)]
+            sums = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0}
+            for k in range(accum):
+                mb = idx[k * bs:(k + 1) * bs]
+                with dist.no_sync(model, sync=(k == accum - 1)):
+                    c, r = completion_logps(model, [train_set[i] for i in mb], tok.pad_token_id)
+                    ref_b = ref_train[mb].to(c.device)
+                    loss, st = dpo_loss(c, r, ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+                    # Mean over the global batch: this micro-batch's share (DDP averages over ranks).
+                    dist.backward(loss * len(mb) * dist.world / global_bs)
+                w = len(mb) / (bs * accum)
+                sums["loss"] += float(loss.detach()) * w
+                for key in ("margin", "accuracy", "reward_chosen", "reward_rejected"):
+                    sums[key] += float(st[key]) * w
+            step_loss = dist.mean(sums["loss"])
+            if not math.isfinite(step_loss):
+                raise TrainingError(f"loss is {step_loss} at step {step + 1}; stopped without updating. "
+                                    f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
+            grad_norm = dist.clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pos += global_bs
+            logger.advance(1, loss=step_loss)
+            if step % cfg.log.log_every == 0 or step == cfg.optim.max_steps:
+                logger.log({"loss/train": step_loss, **{f"dpo/{k}": dist.mean(v) for k, v in sums.items() if k != "loss"},
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": pos / len(train_set)},
+                           step)
+            if val and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps):
+                if dist.is_main:
+                    logger.log(evaluate(dist.unwrap(model), val, ref_val, cfg, tok.pad_token_id), step)
+            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
+            if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
+                checkpoint()
+            if stop.requested or over_time:
+                break
+        if saved_step != step:
+            checkpoint()
+
+    summary: dict[str, Any] = {}
+    if dist.is_main:
+        final = save_model(run_dir / "final", dist.unwrap(model), tok)
+        summary = {"steps": step, "train_pairs": len(train_set), "val_pairs": len(val),
+                   "wall_s": round(time.time() - t_start, 1), "final_model": str(final)}
+        if val:
+            summary.update(evaluate(dist.unwrap(model), val, ref_val, cfg, tok.pad_token_id))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        logger.write(f"done: {step} steps; model in {final}")
+    dist.barrier()
+    return summary

@@ -1,0 +1,138 @@
+"""RL losses and KL controllers against values worked out by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController
+from rlhfkit.rl.losses import (aggregate, clipped_surrogate, dpo_loss, explained_variance, kl_penalty,
+                               policy_loss, reinforce_loss, sequence_policy_loss, value_loss)
+
+E = math.e
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def test_clipped_surrogate_by_hand():
+    # log-ratio +1 -> ratio e; -1 -> ratio 1/e. clip 0.2.
+    logp = t([[1.0, 1.0, -1.0, -1.0]])
+    old = torch.zeros(1, 4)
+    adv = t([[1.0, -1.0, 1.0, -1.0]])
+    loss, ratio, clipped = clipped_surrogate(logp, old, adv, 0.2)
+    # A=+1, ratio=e: min(e, 1.2) = 1.2 -> loss -1.2 (clipped, no gradient)
+    # A=-1, ratio=e: the unclipped term is the pessimistic one -> loss e (still has gradient)
+    # A=+1, ratio=1/e: unclipped -> loss -1/e
+    # A=-1, ratio=1/e: clip at 0.8 -> loss 0.8 (clipped)
+    assert loss[0].tolist() == pytest.approx([-1.2, E, -1 / E, 0.8], rel=1e-6)
+    assert ratio[0].tolist() == pytest.approx([E, E, 1 / E, 1 / E], rel=1e-6)
+    assert clipped[0].tolist() == [True, False, False, True]
+    # Asymmetric clip (DAPO clip-higher): upper bound 1.28.
+    loss_hi, _, _ = clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    assert loss_hi[0, 0].item() == pytest.approx(-1.28)
+
+
+def test_aggregation_token_vs_sequence():
+    per_tok = t([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(per_tok, mask, "token").item() == pytest.approx(10 / 4)  # (1+2+3+4)/4
+    assert aggregate(per_tok, mask, "sequence").item() == pytest.approx((2 + 4) / 2)  # mean of per-seq means
+    # A global normalizer makes micro-batches add up to the batch loss.
+    parts = sum(aggregate(per_tok[i:i + 1], mask[i:i + 1], "token", normalizer=4.0) for i in range(2))
+    assert parts.item() == pytest.approx(2.5)
+
+
+def test_on_policy_gradient_is_the_policy_gradient():
+    # One on-policy step: old = logp.detach(), ratio 1 everywhere, so the gradient is -A/N per token.
+    logp = t([[-1.0, -2.0], [-0.5, -3.0]]).requires_grad_()
+    adv = t([[2.0], [-1.0]])
+    mask = t([[1, 1], [1, 0]])
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask, clip=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(2 + 2 - 1) / 3)
+    assert logp.grad.flatten().tolist() == pytest.approx([-2 / 3, -2 / 3, 1 / 3, 0.0])
+    assert stats["clipfrac"].item() == 0 and stats["approx_kl"].item() == 0 and stats["ratio_mean"].item() == 1
+
+
+def test_sequence_policy_loss_rloo_style():
+    seq = t([-3.0, -1.0]).requires_grad_()
+    adv = t([1.0, -2.0])
+    loss, _ = sequence_policy_loss(seq, seq.detach(), adv, clip=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.0 + 2.0) / 2)
+    assert seq.grad.tolist() == pytest.approx([-0.5, 1.0])
+
+
+def test_value_loss_by_hand():
+    old = t([[1.0, 1.0, 1.0]])
+    returns = t([[0.0, 2.0, 2.0]])
+    values = t([[2.0, 0.5, 1.5]])
+    mask = torch.ones(1, 3)
+    loss, stats = value_loss(values, old, returns, mask, clip=0.2)
+    # v=2:   (2-0)^2=4   vs clipped 1.2 -> 1.44: max 4     -> 2.0
+    # v=0.5: (0.5-2)^2=2.25 vs clipped 0.8 -> 1.44: max 2.25 -> 1.125
+    # v=1.5: 0.25 vs clipped 1.2 -> 0.64: max 0.64 (clipped) -> 0.32
+    assert loss.item() == pytest.approx((2.0 + 1.125 + 0.32) / 3)
+    assert stats["vf_clipfrac"].item() == pytest.approx(1 / 3)
+    plain, _ = value_loss(values, old, returns, mask, clip=0.0)
+    assert plain.item() == pytest.approx((2.0 + 1.125 + 0.125) / 3)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 - 1 - math.log(0.5))  # ref/p - 1 - log(ref/p)
+    # All three agree (0) on-policy, and k3 is unbiased: E_p[k3] = KL(p||q) on a 2-token distribution.
+    p, q = t([0.7, 0.3]), t([0.4, 0.6])
+    exact = (p * (p / q).log()).sum()
+    k3 = (p * kl_penalty(p.log(), q.log(), "k3")).sum()
+    k1 = (p * kl_penalty(p.log(), q.log(), "k1")).sum()
+    assert k3.item() == pytest.approx(exact.item(), rel=1e-5) and k1.item() == pytest.approx(exact.item(), rel=1e-5)
+    with pytest.raises(ValueError):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_dpo_and_ipo_by_hand():
+    # chosen: policy -1 vs ref -2 (+1); rejected: policy -3 vs ref -2 (-1): h = 2.
+    pc, pr, rc, rr = t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0])
+    loss, stats = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))  # -log sigmoid(0.5 * 2)
+    assert stats["margin"].item() == pytest.approx(1.0) and stats["accuracy"].item() == 1.0
+    assert stats["reward_chosen"].item() == pytest.approx(0.5) and stats["reward_rejected"].item() == pytest.approx(-0.5)
+    ipo, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, kind="ipo")
+    assert ipo.item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)
+    smooth, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    assert smooth.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.exp(1)))
+
+
+def test_explained_variance():
+    r = t([[1.0, 2.0, 3.0, 4.0]])
+    m = torch.ones(1, 4)
+    assert explained_variance(r, r, m).item() == pytest.approx(1.0)
+    assert explained_variance(torch.zeros_like(r), r, m).item() == pytest.approx(0.0)
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.1)
+    fixed.update(5.0, 64)
+    assert fixed.value == 0.1
+    ada = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ada.update(2.0, 10)  # error clipped to +0.2: 0.1 * (1 + 0.2 * 10 / 100)
+    assert ada.value == pytest.approx(0.102)
+    ada.update(0.9, 10)  # error -0.1
+    assert ada.value == pytest.approx(0.102 * (1 - 0.1 * 0.1))
+    again = AdaptiveKLController(0.5, 1.0, 100)
+    again.load_state_dict(ada.state_dict())
+    assert again.value == ada.value
+
+
+def test_reinforce_loss_by_hand():
+    seq = t([-3.0, -1.0]).requires_grad_()
+    loss = reinforce_loss(seq, t([1.0, -2.0]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-(1 * -3 + -2 * -1) / 2)  # = 0.5
+    assert seq.grad.tolist() == pytest.approx([-0.5, 1.0])

@@ -1,0 +1,157 @@
+"""Rollout engine: our KV-cache decoders reproduce HF's forward, sampling filters do what they say, stops,
+streaming, and the training-side log-probabilities match the sampling-time ones."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.rl import fastdecode
+from rlhfkit.rl.rollout import (HFDecoder, SamplingParams, completion_logprobs, generate, left_pad, sample,
+                                sample_next, stream)
+
+
+@pytest.fixture
+def tiny_gpt2(tiny_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=4, n_embd=64, n_positions=128,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def tiny_gqa_llama(tiny_tokenizer, tiny_model_cfg):
+    from rlhfkit.models.factory import build_model
+
+    torch.manual_seed(1)
+    tiny_model_cfg.n_kv_head = 2  # grouped-query attention: 4 query heads share 2 key/value heads
+    return build_model(tiny_model_cfg, tiny_tokenizer).eval()
+
+
+def prompts_ids(tok):
+    texts = ["The movie was", "I think that this is", "Bad", "A truly wonderful and moving film about"]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_model", "tiny_gqa_llama"])
+def test_fast_decoder_matches_hf_forward(which, request, tiny_tokenizer):
+    model = request.getfixturevalue(which)
+    assert fastdecode.supported(model)
+    ids, mask = left_pad(prompts_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id)  # ragged: left padding
+    extra = torch.randint(5, 500, (ids.size(0) * 2, 6))
+    with torch.no_grad():
+        for dec in (fastdecode.make_fast_decoder(model), HFDecoder(model)):
+            first = dec.start(ids, mask, 2, max_new=6)  # each prompt twice
+            steps = [dec.step(extra[:, t]) for t in range(5)]
+            got = torch.stack([first] + steps, 1)
+            if isinstance(dec, HFDecoder):
+                hf_cached = got
+            else:
+                fast = got
+        # Reference: one full forward over prompt + the fed tokens, positions counting real tokens only.
+        full = torch.cat([ids.repeat_interleave(2, 0), extra[:, :5]], 1)
+        fmask = torch.cat([mask.repeat_interleave(2, 0), torch.ones_like(extra[:, :5])], 1)
+        pos = (fmask.cumsum(-1) - 1).clamp(min=0)
+        ref = model(input_ids=full, attention_mask=fmask, position_ids=pos).logits[:, ids.size(1) - 1:]
+    assert torch.allclose(fast, ref, atol=1e-4), (fast - ref).abs().max()
+    assert torch.allclose(hf_cached, ref, atol=1e-4), (hf_cached - ref).abs().max()
+
+
+def test_fast_and_hf_backends_sample_the_same(tiny_model, tiny_tokenizer):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    out = {}
+    for backend in ("fast", "hf"):
+        torch.manual_seed(123)
+        out[backend] = generate(tiny_model, tiny_tokenizer, prompts_ids(tiny_tokenizer), params, n=3,
+                                backend=backend)
+    assert torch.equal(out["fast"].completion_ids, out["hf"].completion_ids)
+    assert torch.allclose(out["fast"].logprobs, out["hf"].logprobs, atol=1e-4)
+    assert out["fast"].completions == out["hf"].completions
+
+
+def test_rollout_shapes_masks_and_training_logprobs(tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)
+    ro = generate(tiny_model, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=10), n=2)
+    B = 8
+    assert ro.prompt_ids.shape[0] == B and ro.completion_ids.shape == (B, 10) and ro.group_size == 2
+    assert ro.prompts[0] == ro.prompts[1] == "The movie was"
+    # Masks are 1 then 0, and EOS (when sampled) is the last counted token.
+    for b in range(B):
+        n = int(ro.lengths[b])
+        assert ro.completion_mask[b, :n].all() and not ro.completion_mask[b, n:].any()
+        assert bool(ro.finished[b]) == (n > 0 and int(ro.completion_ids[b, n - 1]) == tiny_tokenizer.eos_token_id)
+    # The training forward gives the sampling-time log-probabilities back, with the shared-prompt path
+    # (groups of 2) and the plain path (group_size 1) agreeing.
+    tiny_model.train()
+    lp_shared, ent = completion_logprobs(tiny_model, ro, with_entropy=True)
+    ro1 = ro.rows(slice(0, B))
+    ro1.group_size = 1
+    lp_plain, _ = completion_logprobs(tiny_model, ro1)
+    assert torch.allclose(lp_shared, ro.logprobs, atol=1e-4)
+    assert torch.allclose(lp_plain, ro.logprobs, atol=1e-4)
+    assert ent.shape == (B, 10) and bool((ent > 0).all())
+    # And gradients of both paths agree.
+    g = []
+    for r in (ro, ro1):
+        tiny_model.zero_grad()
+        completion_logprobs(tiny_model, r)[0].sum().backward()
+        g.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None]))
+    assert torch.allclose(g[0], g[1], atol=1e-4)
+
+
+def test_sample_next_filters():
+    torch.manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    tok, lp = sample_next(logits, top_k=2)
+    assert set(tok.tolist()) == {0, 1}
+    # log-probs are of the untruncated tempered distribution
+    assert torch.allclose(lp[tok == 0], torch.log_softmax(logits[0], -1)[0].expand_as(lp[tok == 0]))
+    p = torch.softmax(logits[0], -1)  # [0.636, 0.234, 0.086, 0.032, 0.012]
+    tok, _ = sample_next(logits, top_p=0.8)  # 0.636 < 0.8 -> keep token 1 too, then stop
+    assert set(tok.tolist()) == {0, 1}
+    freq0 = (tok == 0).float().mean().item()
+    assert abs(freq0 - p[0] / (p[0] + p[1])) < 0.03  # renormalised over the kept tokens
+    tok, _ = sample_next(logits)  # plain sampling: frequencies follow softmax
+    freqs = torch.bincount(tok, minlength=5).float() / len(tok)
+    assert torch.allclose(freqs, p, atol=0.03)
+    tok, lp = sample_next(logits[:3], temperature=0)
+    assert tok.tolist() == [0, 0, 0]
+    tok, lp = sample_next(logits[:1], temperature=0.5)
+    assert lp.item() == pytest.approx(torch.log_softmax(logits[0] / 0.5, -1)[tok.item()].item(), rel=1e-5)
+
+
+def test_stop_strings_eos_and_streaming(tiny_model, tiny_tokenizer):
+    prompts = ["The movie was", "I think"]
+    torch.manual_seed(5)
+    free = sample(tiny_model, tiny_tokenizer, prompts, n=2, max_new_tokens=24)
+    # Pick a stop string that occurs in a sampled completion: a character from its middle.
+    text = free[0][0]
+    stop = text[len(text) // 2]
+    torch.manual_seed(5)
+    ids = [tiny_tokenizer(p)["input_ids"] for p in prompts]
+    ro = generate(tiny_model, tiny_tokenizer, ids, SamplingParams(max_new_tokens=24, stop=[stop]), n=2)
+    assert stop not in ro.completions[0] and free[0][0].startswith(ro.completions[0])
+    assert bool(ro.finished[0]) and int(ro.lengths[0]) < 24
+    # The token that completed the stop string is the last counted one: the text up to it contains it.
+    n = int(ro.lengths[0])
+    assert stop in tiny_tokenizer.decode(ro.completion_ids[0, :n].tolist(), skip_special_tokens=True)
+    assert stop not in tiny_tokenizer.decode(ro.completion_ids[0, :n - 1].tolist(), skip_special_tokens=True)
+    # Streaming the same prompt with the same seed gives the same text, piece by piece.
+    torch.manual_seed(9)
+    whole = sample(tiny_model, tiny_tokenizer, ["The movie was"], n=1, max_new_tokens=20)[0][0]
+    torch.manual_seed(9)
+    pieces = list(stream(tiny_model, tiny_tokenizer, "The movie was", max_new_tokens=20))
+    assert "".join(pieces) == whole and len(pieces) > 1
+
+
+def test_eos_ends_a_completion(tiny_model, tiny_tokenizer):
+    # A huge EOS logit (a bias on the LM head, which both decoders read): every completion is [EOS].
+    bias = torch.zeros(len(tiny_tokenizer))
+    bias[tiny_tokenizer.eos_token_id] = 100.0
+    tiny_model.lm_head.bias = torch.nn.Parameter(bias)
+    for backend in ("fast", "hf"):
+        ro = generate(tiny_model, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=8),
+                      backend=backend)
+        assert ro.lengths.tolist() == [1, 1, 1, 1] and bool(ro.finished.all())
+        assert ro.completions == ["", "", "", ""] and ro.completion_ids.shape[1] == 1
