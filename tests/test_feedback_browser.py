@@ -8,34 +8,16 @@ tmp dir).
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from rlhfkit.feedback.export import records
 from rlhfkit.feedback.store import Store
+from tests.conftest import CHROMIUM_FLAGS as FLAGS
 from tests.feedback_server import LiveServer
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = os.environ.get("RLHFKIT_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    if os.environ.get("RLHFKIT_SKIP_BROWSER") == "1":
-        pytest.skip("RLHFKIT_SKIP_BROWSER=1")
-    if not os.access(CHROMIUM, os.X_OK):
-        setup = Path(__file__).with_name("setup_browser.sh")
-        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0 or not os.access(CHROMIUM, os.X_OK):
-            pytest.fail(f"no Chromium at {CHROMIUM} and {setup.name} could not install it:\n"
-                        f"{proc.stderr[-2000:]}\n(set RLHFKIT_SKIP_BROWSER=1 to skip browser tests)")
-    return CHROMIUM
-
 
 def _setup_db(path: Path) -> Store:
     st = Store(str(path))

@@ -35,8 +35,8 @@ function addActions(div, context, index) {
   bar.className = "actions";
   const up = document.createElement("button"), down = document.createElement("button"),
         edit = document.createElement("button"), note = document.createElement("span");
-  up.textContent = "👍"; up.title = "Good answer"; up.dataset.rating = "1"; up.className = "thumb-up";
-  down.textContent = "👎"; down.title = "Bad answer"; down.dataset.rating = "0"; down.className = "thumb-down";
+  up.textContent = "▲ good"; up.title = "Good answer"; up.dataset.rating = "1"; up.className = "thumb-up";
+  down.textContent = "▼ bad"; down.title = "Bad answer"; down.dataset.rating = "0"; down.className = "thumb-down";
   edit.textContent = "✎ edit"; edit.title = "Write a better answer"; edit.className = "edit";
   note.className = "note";
   for (const btn of [up, down]) {
