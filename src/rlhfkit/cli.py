@@ -27,6 +27,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                   "REINFORCEConfig", "rlhfkit.rl.reinforce:train"),
     "dpo": ("DPO / IPO on offline preference pairs (the feedback export)",
             "DPOConfig", "rlhfkit.train.dpo:train"),
+    "eval": ("evaluate a policy vs its reference: proxy/gold reward, judge, KL, win rate, diversity",
+             "EvalConfig", "rlhfkit.eval.evaluate:evaluate"),
     "serve": ("serve a model: OpenAI-compatible API with streaming, and a chat page that collects feedback",
               "ServeConfig", "rlhfkit.serve.server:serve"),
 }

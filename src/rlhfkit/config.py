@@ -553,6 +553,39 @@ class DPOConfig:
 
 
 
+# ---- evaluation ----
+@dataclass
+class EvalConfig:
+    """Evaluate a policy against its reference on held-out prompts: proxy and gold reward, an independent
+    judge, KL to the reference, win rate, diversity, length and perplexity, each with a 95% interval over
+    prompts. Writes eval.json (read by `rlhfkit report`)."""
+
+    policy: str = opt("", "policy to evaluate: a model directory (e.g. runs/ppo/final)")
+    reference: str = opt("", "the model before RL (e.g. runs/pretrain/final): sampled too for before/after "
+                             "numbers, and the KL is measured against it; empty = the policy alone")
+    data: PromptDataConfig = section(PromptDataConfig, "held-out prompts (never the training prompts)",
+                                     max_prompts=200)
+    rollout: RolloutConfig = section(RolloutConfig, "sampling; prompts_per_step = prompts per generation "
+                                                    "batch", prompts_per_step=50, samples_per_prompt=2)
+    reward: str = opt("", "proxy reward (the one the policy was trained on): a reward model directory or "
+                          "rule:<name>; empty = skip")
+    gold: str = opt("", "gold reward held out from training (e.g. a reward model trained on other raters); "
+                        "empty = skip")
+    judge: Literal["vader", "none"] = opt("vader", "independent judge: vader = the VADER lexicon's compound "
+                                                   "sentiment of the completion (positive if >= 0.05)")
+    ppl_source: str = opt("", "texts to measure perplexity on (a .txt/.jsonl file or a named source such "
+                              "as vader:movie); empty = skip")
+    ppl_docs: int = opt(200, "how many of those texts")
+    samples_in_report: int = opt(20, "prompts whose before/after completions are kept in eval.json")
+    out: str = opt("", "where to write eval.json; empty = next to the policy (its run directory)")
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+
+    def check(self) -> None:
+        if not self.policy:
+            raise ConfigError("eval needs policy (a model directory)")
+        _non_negative(self, "ppl_docs", "samples_in_report")
+
+
 # ---- serving ----
 @dataclass
 class ServeConfig:
