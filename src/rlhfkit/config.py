@@ -40,7 +40,10 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 def section(cls: type, help: str, **defaults: Any) -> Any:
     """A nested config section (its own YAML mapping, flags prefixed by its name); `defaults` override
     the section's own defaults for this stage (e.g. a smaller learning rate for SFT)."""
-    return field(default_factory=lambda: cls(**defaults), metadata={"help": help})
+    import copy
+
+    # Deep-copied per instance: parsing sets fields in place, and nested defaults must never be shared.
+    return field(default_factory=lambda: cls(**copy.deepcopy(defaults)), metadata={"help": help})
 
 
 # --------------------------------------------------------------------------------------------------
