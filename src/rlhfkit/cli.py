@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                  "PretrainConfig", "rlhfkit.train.pretrain:train"),
     "sft": ("supervised fine-tuning on prompt/response pairs (loss on the response only)",
             "SFTConfig", "rlhfkit.train.sft:train"),
+    "reward": ("train a reward model (linear or deep) on ratings, pairs, rankings or edits",
+               "RewardConfig", "rlhfkit.train.reward:train"),
 }
 
 # Commands with their own sub-commands or arguments: name -> (one-line help, "module:main(argv)").
