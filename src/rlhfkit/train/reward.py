@@ -80,6 +80,19 @@ def make_examples(cfg: RewardConfig, rated: list[RatedText], rankings: list[Rank
     return [ex[i] for i in order]
 
 
+def length_grouped(examples: list[Example], batch_size: int, rng: np.random.Generator) -> list[Example]:
+    """Reorder so that each run of batch_size examples holds texts of similar length: batches pad to their
+    longest text, and random batches of snippets pad ~2x. Batches keep a random order; within a window of
+    50 batches examples are sorted by length (as HF's group_by_length)."""
+    window = batch_size * 50
+    full, partial = [], []
+    for s in range(0, len(examples), window):
+        part = sorted(examples[s:s + window], key=lambda e: max(len(t) for t in e.texts))
+        for i in range(0, len(part), batch_size):
+            (full if len(part[i:i + batch_size]) == batch_size else partial).append(part[i:i + batch_size])
+    return [e for i in rng.permutation(len(full)) for e in full[i]] + [e for b in partial for e in b]
+
+
 def batch_loss(kind: str, scores: torch.Tensor, batch: list[Example]) -> tuple[torch.Tensor, dict]:
     """The loss of a batch whose texts were scored in order: scores (sum of group sizes,)."""
     if kind == "regression":
@@ -337,8 +350,9 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     y_mu, y_sd = float(y.mean()), float(y.std()) or 1.0
 
     def epoch_examples(epoch: int) -> list[Example]:
-        return make_examples(cfg, rated["train"], rankings["train"], y_mu, y_sd,
-                             np.random.default_rng([cfg.run.seed, epoch]))
+        rng = np.random.default_rng([cfg.run.seed, epoch])
+        ex = make_examples(cfg, rated["train"], rankings["train"], y_mu, y_sd, rng)
+        return length_grouped(ex, cfg.optim.batch_size, rng) if cfg.model.kind == "deep" else ex
 
     first = epoch_examples(0)
     if not first:
