@@ -6,7 +6,8 @@ Pure numpy on scores and human ratings:
   rater_preference          P(a random rater of text a rates it above a random rater of text b), ties 1/2:
                             the empirical preference a Bradley-Terry probability should match
   preference_scale / ece    temperature of sigmoid(s * (r_a - r_b)) fitted to rater preferences, and the
-                            expected calibration error of the resulting probabilities
+                            expected calibration error of the resulting probabilities (ece_raw: s = 1,
+                            the calibration of a Bradley-Terry model's own logits)
   one_rater_r               leave-one-rater-out: one person's rating vs the mean of the others (the ceiling)
   vader_scores              the VADER lexicon's compound score (Hutto & Gilbert 2014), the classic baseline
 """
@@ -145,7 +146,12 @@ def rating_metrics(scores: np.ndarray, ratings: Sequence[Sequence[float]], group
     target = np.array([rater_preference(ratings[i], ratings[j]) for i, j in zip(a, b)])
     diffs = scores[a] - scores[b]
     s = preference_scale(diffs, target) if scale is None else scale
-    cal, table = ece(1 / (1 + np.exp(-np.clip(s * diffs, -50, 50))), target)
+    cal, table = ece(_sigmoid(s * diffs), target)
     return {"pearson": pearson(scores, means), "spearman": spearman(scores, means),
             "pair_acc_gap1": acc, "n_pairs_gap1": n_pairs, "ece": cal, "preference_scale": s,
-            "n": len(scores), "reliability": table}
+            # The raw scores of a Bradley-Terry model are logits: how calibrated are they untouched?
+            "ece_raw": ece(_sigmoid(diffs), target)[0], "n": len(scores), "reliability": table}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.clip(x, -50, 50)))

@@ -414,6 +414,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     head = test.get("movie") or test.get("all") or test.get("comparisons") or {}
     summary = {"model": str(final), "kind": cfg.model.kind, "backbone": cfg.model.backbone, "loss": cfg.loss.kind,
                "raters": dc.raters, "domains": dc.domains, **fit, "wall_s": round(wall, 1),
+               "n_train_rated": len(rated["train"]), "n_train_comparisons": len(rankings["train"]),
                "test": {k: {m: v for m, v in d.items() if m != "reliability"} for k, d in test.items()},
                "val_score": fit.get("val_score")}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
