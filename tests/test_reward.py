@@ -226,6 +226,8 @@ def test_linear_rm_on_ratings_never_sees_test_items_and_loads_behind_the_interfa
     rm = load_reward(summary["model"])
     s = rm(["", ""], ["Great wonderful the film was superb", "Boring the plot was awful dull"])
     assert s.shape == (2,) and s[0] > s[1]
+    x = torch.ones(2, requires_grad=True)
+    (x * s).sum().backward()  # rewards are plain tensors: an RL loss may multiply and save them
     # The model directory stands alone: it carries a copy of the LM it reads features from.
     conf = json.loads((tmp_path / "run" / "final" / "reward_config.json").read_text())
     assert conf["features"]["encoder"] == "encoder" and conf["eval"]["test"]["feedback"]["n"] == len(split["test"])

@@ -102,7 +102,7 @@ class Encoder:
             self._key = model_fingerprint(self.path, "mean", self.max_len, self.bf16)
         return self._key
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may keep rewards in tensors that autograd saves
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """phi(texts): (N, D) float32 on the encoder's device."""
         if not texts:
