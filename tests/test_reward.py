@@ -319,3 +319,21 @@ def test_example_configs_parse():
     assert files
     for f in files:
         parse_config(RewardConfig, ["--config", str(f)])
+
+
+def test_deep_rm_resumes_exactly_from_a_checkpoint(tmp_path, pairs_file, tiny_lm_dir):
+    import shutil
+
+    cfg = cfg_for(tmp_path, model={"kind": "deep", "backbone": tiny_lm_dir},
+                  data={"source": [str(pairs_file)]}, loss={"kind": "bt"},
+                  optim={"lr": 3e-3, "max_steps": 12, "warmup_steps": 2, "batch_size": 8},
+                  log={"save_every": 6, "eval_every": 6})
+    R.train(cfg)
+    ck = tmp_path / "run" / "checkpoints"
+    straight = torch.load(ck / "step-000012" / "trainer_state.pt", weights_only=False)["model"]
+    shutil.rmtree(ck / "step-000012")  # as if the run had died after step 6
+    R.train(cfg)
+    resumed = torch.load(ck / "step-000012" / "trainer_state.pt", weights_only=False)["model"]
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    first = torch.load(ck / "step-000006" / "trainer_state.pt", weights_only=False)["model"]
+    assert any(not torch.equal(first[k], resumed[k]) for k in first)  # it did train after resuming

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +237,9 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
     step, epoch, pos, best_val, tokens = 0, 0, 0, -math.inf, 0
     best_file = run_dir / "best_state.pt"
     ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if ckpt is not None:
+    if ckpt is None:
+        best_file.unlink(missing_ok=True)  # from an earlier run in this directory
+    else:
         state = load_trainer_state(ckpt)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -391,7 +395,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         raw = score(ref)
         rm.norm_mean, rm.norm_std = float(raw.mean()), float(raw.std()) or 1.0
         val = evaluate(score, rated["val"], rankings["val"], None, dc.raters, cfg.run.seed)
-        scale = val["all"]["preference_scale"] if "all" in val else None
+        scale = val["all"]["preference_scale"] if "all" in val else 1.0  # never fitted on test
         test = evaluate(score, rated["test"], rankings["test"], scale, dc.raters, cfg.run.seed + 1)
         for name, m in test.items():
             if name != "all":
@@ -403,14 +407,17 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     # 4. Save the model with how it was trained and how it scores.
     wall = time.time() - t_start
     rm.info["name"] = f"{cfg.model.kind}-{Path(cfg.model.backbone).name}-{cfg.loss.kind}-{dc.raters}"
-    extra = {"preference_scale": (scale or 0.0) * rm.norm_std,
+    extra = {"preference_scale": scale * rm.norm_std,
              "training": {"config": to_dict(cfg), **fit, "wall_s": round(wall, 1),
                           "n_train_rated": len(rated["train"]), "n_train_comparisons": len(rankings["train"]),
                           "split": "split.json of the run directory", "reference_texts": len(ref)},
              "eval": {"val": val, "test": test}}
-    final = run_dir / "final"
-    rm.save(final, extra)
-    (final / "split.json").write_text((run_dir / "split.json").read_text())
+    final, tmp = run_dir / "final", run_dir / ".tmp-final"  # written aside, then renamed: never half a model
+    shutil.rmtree(tmp, ignore_errors=True)
+    rm.save(tmp, extra)
+    shutil.copy(run_dir / "split.json", tmp / "split.json")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
     head = test.get("movie") or test.get("all") or test.get("comparisons") or {}
     summary = {"model": str(final), "kind": cfg.model.kind, "backbone": cfg.model.backbone, "loss": cfg.loss.kind,
                "raters": dc.raters, "domains": dc.domains, **fit, "wall_s": round(wall, 1),
