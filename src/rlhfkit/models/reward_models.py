@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.embeddings import MINILM, Encoder, load_text_tokenizer, resolve_model_path
+from rlhfkit.models.embeddings import MINILM, Encoder
 from rlhfkit.models.heads import ScalarHeadModel, last_token_index
 from rlhfkit.models.ops import masked_mean
 from rlhfkit.models.reward import RewardFunction
@@ -129,18 +129,6 @@ def _norm_kw(cfg: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Deep: backbone + scalar head
 # --------------------------------------------------------------------------------------------------
-def load_backbone(spec: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
-    """The base model (no LM head) and tokenizer of 'minilm' or any HF model directory."""
-    from transformers import AutoModel
-
-    path = resolve_model_path(spec)
-    try:
-        model = AutoModel.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"could not load a backbone from {spec!r}: {e}") from None
-    return model, load_text_tokenizer(path)
-
-
 class DeepRewardModel(TextRewardModel):
     """ScalarHeadModel pooled into one score per text: mean of the per-token scores, the first token
     ([CLS] of a BERT-style encoder) or the last real token (causal LMs, as in InstructGPT)."""
@@ -199,8 +187,12 @@ class DeepRewardModel(TextRewardModel):
 
 
 def load_deep(path: str | Path, device: str | torch.device = "cpu") -> DeepRewardModel:
+    from transformers import AutoTokenizer
+
     path = Path(path)
     cfg = json.loads((path / CONFIG_FILE).read_text())
     net = ScalarHeadModel.from_pretrained(path).to(device).eval()
-    return DeepRewardModel(net, load_text_tokenizer(path), cfg["pooling"], cfg["max_len"],
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "right"  # saved with the model; set again in case an older tokenizer config says left
+    return DeepRewardModel(net, tok, cfg["pooling"], cfg["max_len"],
                            bf16=cfg.get("bf16", False), **_norm_kw(cfg))

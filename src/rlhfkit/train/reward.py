@@ -32,14 +32,14 @@ import numpy as np
 import torch
 
 from rlhfkit.config import RewardConfig, to_dict
-from rlhfkit.data.reward_data import (Ranking, RatedText, load_reward_data, rated_groups, rated_pairs, rater_half,
-                                      split_of, write_split)
+from rlhfkit.data.reward_data import (Ranking, RatedText, load_reward_data, rated_groups, rated_pairs,
+                                      rater_half, split_of, write_split)
 from rlhfkit.errors import ConfigError, DataError, TrainingError
 from rlhfkit.eval import reward_metrics as M
-from rlhfkit.models.embeddings import Encoder
+from rlhfkit.models.embeddings import Encoder, load_base_model
 from rlhfkit.models.factory import decay_param_groups, lr_lambda
 from rlhfkit.models.heads import ScalarHeadModel
-from rlhfkit.models.reward_models import DeepRewardModel, LinearRewardModel, TextRewardModel, load_backbone
+from rlhfkit.models.reward_models import DeepRewardModel, LinearRewardModel
 from rlhfkit.train.reward_losses import bradley_terry_loss, ranking_loss, ranking_to_pairs, regression_loss
 from rlhfkit.utils.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rlhfkit.utils.logging import MetricLogger
@@ -215,7 +215,7 @@ def _cached_scorer(rm: LinearRewardModel, enc: Encoder) -> Callable[[list[str]],
 # Deep: backbone + scalar head, AdamW
 # ---------------------------------------------------------------------------------------------------
 def build_deep(cfg: RewardConfig, device: torch.device) -> DeepRewardModel:
-    backbone, tok = load_backbone(cfg.model.backbone)
+    backbone, tok = load_base_model(cfg.model.backbone)
     net = ScalarHeadModel(backbone)
     if cfg.model.lora_r:
         try:
