@@ -96,3 +96,27 @@ def test_encoder_cache_reuses_features_and_is_keyed_by_model(tmp_path, tiny_mode
     other = Encoder(str(lm), cache_dir=tmp_path / "cache", max_len=4)
     assert other.key != enc.key
     assert len(list((tmp_path / "cache" / enc.key).glob("*.npz"))) == 2
+
+
+def test_encoder_with_fewer_blocks_equals_that_hidden_state(tmp_path, tiny_model, tiny_tokenizer):
+    from rlhfkit.models.embeddings import Encoder, mean_pool
+    from rlhfkit.utils.checkpoint import save_model
+
+    lm = save_model(tmp_path / "lm", tiny_model, tiny_tokenizer)
+    texts = ["a short one", "a somewhat longer text here"]
+    full = Encoder(str(lm))
+    enc = full.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hs = full.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                        output_hidden_states=True).hidden_states
+    # Llama's hidden_states[k] is the input of block k (no final norm), except the last one.
+    one = Encoder(str(lm), layers=1)
+    assert len(one.model.layers) == 1
+    zero = Encoder(str(lm), layers=0)
+    emb = mean_pool(full.model.embed_tokens(enc["input_ids"]), enc["attention_mask"])
+    normed = mean_pool(full.model.norm(hs[1]), enc["attention_mask"])
+    assert torch.allclose(one(texts), normed, atol=1e-5)
+    assert torch.allclose(zero(texts), mean_pool(full.model.norm(full.model.embed_tokens(enc["input_ids"])),
+                                                 enc["attention_mask"]), atol=1e-5)
+    assert not torch.allclose(zero(texts), emb)
+    assert len({full.key, one.key, zero.key}) == 3

@@ -248,6 +248,8 @@ class RewardModelConfig:
     lora_alpha: float = opt(16.0, "deep: LoRA alpha (the update is scaled by alpha / r)")
     l2: list[float] = opt([1.0, 10.0, 100.0, 1000.0, 10000.0], "linear: L2 penalties to try (on standardised features); the "
                                                 "one with the best validation score is kept")
+    layers: int = opt(-1, "linear: pool the output of the encoder's first N transformer blocks only (-1 = all; "
+                          "0 = the token embeddings alone, the fastest features to score with)")
     max_len: int = opt(128, "truncate each text to this many tokens")
     bf16: bool = opt(False, "run the encoder / backbone under bfloat16 autocast (fast on GPUs and on CPUs "
                             "with AMX or AVX-512 BF16; scores move by ~1e-3)")
@@ -265,6 +267,10 @@ class RewardModelConfig:
                 raise ConfigError(f"{here('pooling')}: linear features are always mean-pooled")
             if not self.l2 or any(x < 0 for x in self.l2):
                 raise ConfigError(f"{here('l2')} must list one or more penalties >= 0")
+            if self.layers < -1:
+                raise ConfigError(f"{here('layers')}={self.layers}: use -1 (all blocks) or a count >= 0")
+        elif self.layers != -1:
+            raise ConfigError(f"{here('layers')} is for linear reward models (a deep one fine-tunes every block)")
 
 
 @dataclass

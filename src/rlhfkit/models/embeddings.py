@@ -92,14 +92,39 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def keep_first_blocks(model: torch.nn.Module, k: int) -> None:
+    """Drop every transformer block after the first k (k = 0: the token embeddings alone), in place."""
+    for owner_name, attr in (("encoder", "layer"), ("", "layers"), ("", "h")):  # BERT, Llama-likes, GPT-2
+        owner = getattr(model, owner_name, None) if owner_name else model
+        blocks = getattr(owner, attr, None) if owner is not None else None
+        if isinstance(blocks, torch.nn.ModuleList):
+            if k > len(blocks):
+                raise ConfigError(f"model.layers={k} but the model has {len(blocks)} blocks")
+            setattr(owner, attr, blocks[:k])
+            model.config.num_hidden_layers = k  # some forwards iterate over config.num_hidden_layers
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = model.config.layer_types[:k]
+            return
+    raise ConfigError(f"model.layers: cannot find the transformer blocks of a {type(model).__name__}")
+
+
 class Encoder:
-    """A frozen HF model mapping texts to mean-pooled hidden states (see the module docstring)."""
+    """A frozen HF model mapping texts to mean-pooled hidden states (see the module docstring).
+
+    layers = k >= 0 runs only the first k blocks and pools their output: on the vader movie snippets,
+    MiniLM's middle layers predict human ratings as well as its last one, and k = 0 (mean of the token
+    embeddings, no attention at all) nearly as well, at a small fraction of the cost (docs/benchmarks.md).
+    """
 
     def __init__(self, spec: str = MINILM, device: str | torch.device = "cpu", max_len: int = 128,
-                 batch_size: int = 64, bf16: bool = False, cache_dir: str | Path | None = None) -> None:
+                 batch_size: int = 64, bf16: bool = False, layers: int = -1,
+                 cache_dir: str | Path | None = None) -> None:
         self.spec, (self.path, _) = spec, resolve_model_path(spec)
         self.device, self.max_len, self.batch_size, self.bf16 = torch.device(device), max_len, batch_size, bf16
+        self.layers = layers
         model, self.tokenizer = load_base_model(spec)
+        if layers >= 0:
+            keep_first_blocks(model, layers)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
         self._cache_root = Path(cache_dir) if cache_dir else None
@@ -109,7 +134,7 @@ class Encoder:
     def key(self) -> str:
         """Cache key: the weights and every setting that changes the features."""
         if self._key is None:
-            self._key = model_fingerprint(self.path, "mean", self.max_len, self.bf16)
+            self._key = model_fingerprint(self.path, "mean", self.max_len, self.bf16, self.layers)
         return self._key
 
     @torch.no_grad()  # not inference_mode: callers may keep rewards in tensors that autograd saves

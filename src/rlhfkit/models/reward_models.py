@@ -103,7 +103,8 @@ class LinearRewardModel(TextRewardModel):
             shutil.copytree(self.encoder.path, path / "encoder")
             encoder = "encoder"
         features = {"encoder": encoder, "encoder_source": self.encoder.spec, "pooling": "mean",
-                    "max_len": self.encoder.max_len, "bf16": self.encoder.bf16, "dim": self.encoder.dim}
+                    "layers": self.encoder.layers, "max_len": self.encoder.max_len, "bf16": self.encoder.bf16,
+                    "dim": self.encoder.dim}
         self.write_config(path, {"features": features, **(extra or {})})
         return path
 
@@ -115,7 +116,8 @@ def load_linear(path: str | Path, device: str | torch.device = "cpu") -> LinearR
     cfg = json.loads((path / CONFIG_FILE).read_text())
     feat = cfg["features"]
     spec = MINILM if feat["encoder"] == MINILM else str(path / feat["encoder"])
-    enc = Encoder(spec, device=device, max_len=feat["max_len"], bf16=feat.get("bf16", False))
+    enc = Encoder(spec, device=device, max_len=feat["max_len"], bf16=feat.get("bf16", False),
+                  layers=feat.get("layers", -1))
     t = load_file(str(path / "linear.safetensors"))
     return LinearRewardModel(enc, t["w"], float(t["b"][0]), t["feat_mean"], t["feat_std"],
                              **_norm_kw(cfg))

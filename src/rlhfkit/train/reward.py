@@ -379,7 +379,8 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     # 2. Fit.
     with logger:
         if cfg.model.kind == "linear":
-            enc = Encoder(cfg.model.backbone, device=device, max_len=cfg.model.max_len, bf16=cfg.model.bf16)
+            enc = Encoder(cfg.model.backbone, device=device, max_len=cfg.model.max_len, bf16=cfg.model.bf16,
+                          layers=cfg.model.layers)
             t_fit = time.time()
             rm, fit = fit_linear(cfg, enc, first, rated["val"], rankings["val"], logger)
             fit["train_s"] = round(time.time() - t_fit, 1)
