@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[list[str], bool]] = {
     "linear-minilm": (["--model.kind", "linear"], False),
     "linear-minilm-bt": (["--model.kind", "linear", "--loss.kind", "bt"], False),
+    "linear-minilm-l4": (["--model.kind", "linear", "--model.layers", "4"], False),
+    "linear-minilm-l0": (["--model.kind", "linear", "--model.layers", "0"], False),
     "linear-lm": (["--model.kind", "linear", "--model.backbone", "{lm}"], True),
     "deep-minilm": (["--model.kind", "deep", "--epochs", "3", "--optim.lr", "5e-5"], False),
     "deep-minilm-cls": (["--model.kind", "deep", "--model.pooling", "cls", "--epochs", "3", "--optim.lr", "5e-5"],
@@ -40,7 +42,8 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "deep-lm": (["--model.kind", "deep", "--model.backbone", "{lm}", "--model.pooling", "mean", "--epochs", "3",
                  "--optim.lr", "3e-4"], True),
 }
-DEFAULT = ["linear-minilm", "linear-minilm-bt", "linear-lm", "deep-minilm", "lora-minilm", "deep-lm"]
+DEFAULT = ["linear-minilm", "linear-minilm-bt", "linear-minilm-l4", "linear-minilm-l0", "linear-lm", "deep-minilm",
+           "lora-minilm", "deep-lm"]
 
 
 def run_variant(name: str, out: Path, lm: str, bf16: bool, threads: int) -> dict | None:
@@ -61,15 +64,19 @@ def run_variant(name: str, out: Path, lm: str, bf16: bool, threads: int) -> dict
     return json.loads(summary.read_text())
 
 
-def time_reward_call(model_dir: str, texts: list[str], repeats: int = 10) -> float:
-    """Median seconds of one reward call on the given 64 completions (after two warm-up calls)."""
-    import torch
-
+def time_reward_call(model_dir: str, texts: list[str], repeats: int = 10) -> dict[str, float]:
+    """Median seconds of one reward call on the given completions (after two warm-up calls), with the
+    encoder / backbone in float32 and under bfloat16 autocast."""
     from rlhfkit.models.reward import load_reward
 
     rm = load_reward(model_dir)
     prompts = [""] * len(texts)
-    with torch.inference_mode():
+    out = {}
+    for bf16 in (False, True):
+        if hasattr(rm, "encoder"):
+            rm.encoder.bf16 = bf16
+        else:
+            rm.bf16 = bf16
         for _ in range(2):
             rm(prompts, texts)
         times = []
@@ -77,7 +84,8 @@ def time_reward_call(model_dir: str, texts: list[str], repeats: int = 10) -> flo
             t = time.perf_counter()
             rm(prompts, texts)
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        out["bf16" if bf16 else "fp32"] = statistics.median(times)
+    return out
 
 
 def main() -> None:
@@ -123,13 +131,17 @@ def main() -> None:
 
     lines = [f"Held-out movie snippets: {len(items)} (10% of 10,605 by item hash, split_seed 0); "
              f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}", "",
-             "| reward model | Pearson r | Spearman | pair acc (gap >= 1) | ECE | train time | 64-completion call |",
+             "| reward model | Pearson r | Spearman | pair acc (gap >= 1) | ECE | train time | "
+             "64-completion call fp32 / bf16 |",
              "|---|---|---|---|---|---|---|",
              f"| VADER lexicon (compound) | {vader_r:.3f} | | | | | |",
              f"| one human rater vs mean of the others | {human_r:.3f} | | | | | |"]
     for r in rows:
+        c = r["call_s_64"]
         lines.append(f"| {r['variant']} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['pair_acc_gap1']:.3f} "
-                     f"({r['n_pairs']} pairs) | {r['ece']:.4f} | {r['train_s']:.0f} s | {r['call_s_64'] * 1000:.0f} ms |")
+                     f"| {r['ece']:.4f} | {r['train_s']:.0f} s | {c['fp32'] * 1000:.0f} / {c['bf16'] * 1000:.0f} ms |")
+    if rows:
+        lines.append(f"\nPairs with a human-mean gap >= 1 among the test snippets: {rows[0]['n_pairs']}.")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "results.md").write_text(text + "\n")
