@@ -37,13 +37,15 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "deep-minilm": (["--model.kind", "deep", "--epochs", "3", "--optim.lr", "5e-5"], False),
     "deep-minilm-cls": (["--model.kind", "deep", "--model.pooling", "cls", "--epochs", "3", "--optim.lr", "5e-5"],
                         False),
+    "deep-minilm-bt": (["--model.kind", "deep", "--loss.kind", "bt", "--loss.per_item", "2", "--epochs", "0.75",
+                        "--optim.lr", "5e-5"], False),
     "lora-minilm": (["--model.kind", "deep", "--model.lora_r", "16", "--model.lora_alpha", "32", "--epochs", "3",
                      "--optim.lr", "5e-4"], False),
     "deep-lm": (["--model.kind", "deep", "--model.backbone", "{lm}", "--model.pooling", "mean", "--epochs", "3",
                  "--optim.lr", "3e-4"], True),
 }
 DEFAULT = ["linear-minilm", "linear-minilm-bt", "linear-minilm-l4", "linear-minilm-l0", "linear-lm", "deep-minilm",
-           "lora-minilm", "deep-lm"]
+           "deep-minilm-cls", "deep-minilm-bt", "lora-minilm", "deep-lm"]
 
 
 def run_variant(name: str, out: Path, lm: str, bf16: bool, threads: int) -> dict | None:
