@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                  "PretrainConfig", "rlhfkit.train.pretrain:train"),
     "sft": ("supervised fine-tuning on prompt/response pairs (loss on the response only)",
             "SFTConfig", "rlhfkit.train.sft:train"),
+    "reward": ("train a reward model (linear or deep) on ratings, pairs, rankings or edits",
+               "RewardConfig", "rlhfkit.train.reward:train"),
     "ppo": ("PPO: actor + critic, per-token KL to the reference, GAE, clipped losses",
             "PPOConfig", "rlhfkit.rl.ppo:train"),
     "grpo": ("GRPO: group-relative advantages over several samples per prompt, clipped surrogate",

