@@ -359,3 +359,15 @@ def test_minilm_reward_models_beat_the_vader_lexicon_on_held_out_movie_snippets(
                            log={"eval_every": 50}))
     m = deep["test"]["movie"]
     assert m["pearson"] > 0.6 and m["pair_acc_gap1"] > 0.8, m
+
+
+def test_missing_backbone_is_reported_before_any_work(tmp_path):
+    from rlhfkit.config import RewardConfig, from_dict
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.train.reward import train
+
+    cfg = from_dict(RewardConfig, {"model": {"kind": "deep", "backbone": str(tmp_path / "no_model")},
+                                   "log": {"run_dir": str(tmp_path / "rm")}})
+    with pytest.raises(ConfigError, match="no_model'?: not found"):
+        train(cfg)
+    assert not (tmp_path / "rm").exists()  # nothing written

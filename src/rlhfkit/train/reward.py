@@ -37,7 +37,7 @@ from rlhfkit.data.reward_data import (Ranking, RatedText, load_reward_data, rate
 from rlhfkit.errors import ConfigError, DataError, TrainingError
 from rlhfkit.eval import reward_metrics as M
 from rlhfkit.models.embeddings import Encoder, load_base_model
-from rlhfkit.models.factory import decay_param_groups, lr_lambda
+from rlhfkit.models.factory import lr_lambda, make_optimizer
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward_models import DeepRewardModel, LinearRewardModel
 from rlhfkit.train.reward_losses import bradley_terry_loss, ranking_loss, ranking_to_pairs, regression_loss
@@ -232,10 +232,8 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
              val_rated: list[RatedText], val_rankings: list[Ranking], run_dir: Path,
              logger: MetricLogger) -> dict:
     net, kind, oc = rm.net, cfg.loss.kind, cfg.optim
-    # make_optimizer's AdamW, fused: one kernel per step instead of foreach's passes over every parameter
-    # (0.10 s vs 0.48 s per step for MiniLM's 22.7M parameters on one CPU core, torch 2.13).
-    optimizer = torch.optim.AdamW(decay_param_groups(net, oc.weight_decay), lr=oc.lr, betas=(oc.beta1, oc.beta2),
-                                  eps=oc.eps, fused=True)
+    # Fused AdamW (make_optimizer): 0.10 s vs 0.48 s per step for MiniLM's 22.7M parameters on one CPU core.
+    optimizer = make_optimizer(net, oc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(oc))
     step, epoch, pos, best_val, tokens = 0, 0, 0, -math.inf, 0
     best_file = run_dir / "best_state.pt"
@@ -327,6 +325,14 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
 # ---------------------------------------------------------------------------------------------------
 def train(cfg: RewardConfig) -> dict[str, Any]:
     t_start = time.time()
+    # The backbone may be the output of an earlier stage (so it is not checked at parse time): check it now,
+    # before any work.
+    from rlhfkit.models.zoo import NAMED_MODELS
+
+    b = cfg.model.backbone
+    if b != "minilm" and b not in NAMED_MODELS and not Path(b).exists():
+        raise ConfigError(f"model.backbone={b!r}: not found (use 'minilm', a named model such as smollm2, an "
+                          "HF model directory or a GGUF file)")
     set_threads(cfg.run.threads)
     quiet_hf()
     seed_everything(cfg.run.seed)
