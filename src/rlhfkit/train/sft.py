@@ -58,7 +58,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     t_start = time.time()
     set_threads(cfg.run.threads)
     quiet_hf()
-    dist = Dist(cfg.run.device)
+    dist = Dist(cfg.run.device, cfg.run.precision)
     run_dir = default_run_dir("sft", cfg.log.run_dir)
     if dist.is_main:
         write_run_config(run_dir, cfg)
@@ -149,7 +149,9 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
             if step % cfg.log.log_every == 0 or step == cfg.optim.max_steps:
                 logger.log({"loss/train": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                             "tokens": tokens_seen, "epoch": pos / len(train_set), **meter.read()}, step)
-            if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps:
+            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
+            if ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps
+                    or over_time or stop.requested):
                 val_loss = evaluate(model, val, bs, tok.pad_token_id, dist)
                 logger.log({"loss/val": val_loss, "ppl/val": math.exp(min(val_loss, 50))}, step)
                 if dist.is_main:
@@ -162,7 +164,6 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
                         logger.log_text(f"sample/{p}", s, step)
                         logger.write(f"  {p!r} -> {s!r}")
                 best_val = min(best_val, val_loss)
-            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
             if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
                 checkpoint()
             if stop.requested or over_time:

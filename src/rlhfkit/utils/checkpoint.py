@@ -63,14 +63,27 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def save_model(path: str | Path, model: torch.nn.Module, tokenizer: Any = None) -> Path:
-    """save_pretrained (safetensors) + tokenizer, atomically (tmp dir, then rename)."""
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def save_model(path: str | Path, model: torch.nn.Module, tokenizer: Any = None, merge_lora: bool = True) -> Path:
+    """save_pretrained (safetensors) + tokenizer, atomically (tmp dir, then rename).
+
+    A LoRA (peft) model is saved merged into a plain HF model by default, so what is saved loads anywhere
+    (vLLM, from_pretrained) without peft; merge_lora=False saves the adapters only (for resuming).
+    """
+    import copy
+
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    model = unwrap(model)
+    if _is_peft(model) and merge_lora:
+        model = copy.deepcopy(model).merge_and_unload()  # a copy: training goes on with the adapters
+    model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if path.exists():
@@ -93,7 +106,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, models: dict[str, torch.n
         shutil.rmtree(tmp)
     tmp.mkdir()
     for name, model in models.items():
-        save_model(tmp / name, model, tokenizer if name == "model" else None)
+        # Adapters only for LoRA models: resuming rebuilds the same frozen base and loads them back.
+        save_model(tmp / name, model, tokenizer if name == "model" else None, merge_lora=False)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -122,6 +136,14 @@ def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
     for f in files:
         sd.update(load_file(str(f)))
     target = unwrap(model)
+    if (model_dir / "adapter_config.json").exists():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(target, sd)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{model_dir}: adapter weights do not match the model "
+                               f"(unexpected {result.unexpected_keys[:5]})")
+        return
     missing, unexpected = target.load_state_dict(sd, strict=False)
     # Tied weights are saved once; anything else missing is a real mismatch.
     tied = set(getattr(target, "_tied_weights_keys", None) or [])

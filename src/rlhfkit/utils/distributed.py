@@ -15,12 +15,21 @@ import torch
 
 
 class Dist:
-    def __init__(self, device: str = "auto", precision: str = "no") -> None:
+    def __init__(self, device: str = "auto", precision: str = "fp32") -> None:
         from accelerate import Accelerator
 
         if device.startswith("cuda") and ":" in device and "LOCAL_RANK" not in os.environ:
             torch.cuda.set_device(torch.device(device))
-        self.acc = Accelerator(cpu=(device == "cpu"), mixed_precision=precision)
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+        if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` from its config
+            mixed = None
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps one global state per process; a single process may run several stages in a
+            # row (rlhfkit loop, tests) with different settings, so start each from a clean state.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+        self.acc = Accelerator(cpu=(device == "cpu"), mixed_precision=mixed)
         self.rank = self.acc.process_index
         self.world = self.acc.num_processes
         self.is_main = self.acc.is_main_process

@@ -1,0 +1,164 @@
+"""`rlhfkit demo` (what `make demo` runs): the whole pipeline, offline, on data shipped in PyPI packages.
+
+  1. pretrain  a tiny Llama-architecture LM on the 23.7K VADER snippets (movie and Amazon reviews, NYT
+               editorials, tweets);
+  2. reward    two reward models on the real human ratings of movie snippets: the *proxy* learns from half
+               of the raters, the *gold* from the other half (and other features), Gao et al. 2022 style;
+  3. ppo       fine-tune the LM to continue movie-review openings so that the proxy scores them higher,
+               with a KL penalty to the pretrained model;
+  4. eval      on openings of held-out movie snippets (test items of the reward models, never trained on):
+               proxy and gold reward, the VADER lexicon as an independent judge, KL, before vs after;
+  5. report    runs/demo/report.html with the plots, and runs/demo/summary.json with the headline numbers.
+
+Each stage writes into its own directory under run_dir and is skipped when it has finished before, so an
+interrupted demo continues where it stopped (a stage cut off mid-way resumes from its checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.config import DemoConfig
+
+
+def _done(d: Path) -> dict | None:
+    f = d / "summary.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _stage(name: str, d: Path, fn: Any, cfg: Any, log: list[str]) -> dict:
+    """Run a stage unless it finished before; returns its summary."""
+    prev = _done(d)
+    if prev is not None:
+        print(f"== {name}: done before ({d}/summary.json), skipping", flush=True)
+        return prev
+    print(f"== {name} -> {d}", flush=True)
+    t = time.time()
+    out = fn(cfg) or {}
+    log.append(f"{name}: {time.time() - t:.0f}s")
+    return _done(d) or out
+
+
+def _prompt_files(run_dir: Path, split_json: Path, words: int, n_eval: int, seed: int) -> tuple[Path, Path]:
+    """Openings of movie snippets as prompts: training prompts from the reward models' train items, eval
+    prompts from their test items (so no stage ever saw an eval prompt's snippet)."""
+    import numpy as np
+
+    from rlhfkit.data.sources import vader_items
+
+    test_ids = set(json.loads(split_json.read_text())["test"])
+    val_ids = set(json.loads(split_json.read_text()).get("val", []))
+    train, test = [], []
+    for it in vader_items(["movie"]):
+        opening = " ".join(it.text.split()[:words])
+        if len(it.text.split()) <= words + 2:
+            continue  # too short to leave anything to continue
+        (test if it.id in test_ids else [] if it.id in val_ids else train).append(opening)
+    rng = np.random.default_rng(seed)
+    test = [test[i] for i in rng.permutation(len(test))[:n_eval]]
+    paths = run_dir / "prompts-train.txt", run_dir / "prompts-eval.txt"
+    paths[0].write_text("\n".join(train) + "\n")
+    paths[1].write_text("\n".join(test) + "\n")
+    return paths
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    from rlhfkit.eval.evaluate import evaluate
+    from rlhfkit.eval.report import build_report
+    from rlhfkit.rl.ppo import train as ppo_train
+    from rlhfkit.train.pretrain import train as pretrain_train
+    from rlhfkit.train.reward import train as reward_train
+
+    t0 = time.time()
+    root = Path(cfg.run_dir)
+    if cfg.fresh and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    timings: list[str] = []
+
+    # 1. Pretrain.
+    cfg.pretrain.log.run_dir = str(root / "pretrain")
+    pre = _stage("pretrain", root / "pretrain", pretrain_train, cfg.pretrain, timings)
+    policy0 = str(root / "pretrain" / "final")
+
+    # 2. Reward models: proxy and gold learn from disjoint halves of the raters.
+    cfg.proxy.log.run_dir, cfg.gold.log.run_dir = str(root / "rm-proxy"), str(root / "rm-gold")
+    proxy = _stage("reward model (proxy)", root / "rm-proxy", reward_train, cfg.proxy, timings)
+    gold = _stage("reward model (gold)", root / "rm-gold", reward_train, cfg.gold, timings)
+
+    # 3. PPO on openings of training snippets, rewarded by the proxy.
+    train_prompts, eval_prompts = _prompt_files(root, root / "rm-proxy" / "split.json", cfg.prompt_words,
+                                                cfg.eval.data.max_prompts, cfg.pretrain.run.seed)
+    cfg.ppo.model.name_or_path = policy0
+    cfg.ppo.reward.spec = str(root / "rm-proxy" / "final")
+    cfg.ppo.data.source = str(train_prompts)
+    cfg.ppo.log.run_dir = str(root / "ppo")
+    ppo = _stage("ppo", root / "ppo", ppo_train, cfg.ppo, timings)
+
+    # 4. Evaluation on held-out openings: before (pretrained) vs after (PPO).
+    cfg.eval.policy, cfg.eval.reference = str(root / "ppo" / "final"), policy0
+    cfg.eval.reward, cfg.eval.gold = str(root / "rm-proxy" / "final"), str(root / "rm-gold" / "final")
+    cfg.eval.data.source = str(eval_prompts)
+    cfg.eval.rollout.max_new_tokens = cfg.ppo.rollout.max_new_tokens
+    cfg.eval.rollout.temperature = cfg.ppo.rollout.temperature
+    cfg.eval.out = str(root / "eval" / "eval.json")
+    ev_path = Path(cfg.eval.out)
+    if ev_path.exists():
+        print(f"== eval: done before ({ev_path}), skipping", flush=True)
+        ev = json.loads(ev_path.read_text())
+    else:
+        print(f"== eval -> {ev_path}", flush=True)
+        t = time.time()
+        ev = evaluate(cfg.eval)
+        timings.append(f"eval: {time.time() - t:.0f}s")
+
+    # 5. Summary and report.
+    from rlhfkit.eval.metrics import intervals_overlap
+
+    def trip(key: str) -> tuple[float, float, float]:
+        v = ev[key]
+        return v["mean"], v["low"], v["high"]
+
+    test = (proxy.get("test") or {}).get("movie") or next(iter((proxy.get("test") or {}).values()), {})
+    summary = {
+        "val_ppl": pre.get("val_ppl"), "unigram_val_ppl": pre.get("unigram_val_ppl"),
+        "rm_pearson_heldout": test.get("pearson"),
+        "rm_gold_pearson_heldout": ((gold.get("test") or {}).get("movie") or {}).get("pearson"),
+        "judge_positive_rate_before": ev["judge_positive_rate_before"]["mean"],
+        "judge_positive_rate_after": ev["judge_positive_rate_after"]["mean"],
+        "judge_positive_rate_before_ci": [trip("judge_positive_rate_before")[1], trip("judge_positive_rate_before")[2]],
+        "judge_positive_rate_after_ci": [trip("judge_positive_rate_after")[1], trip("judge_positive_rate_after")[2]],
+        "gold_reward_before": ev["gold_reward_before"]["mean"], "gold_reward_after": ev["gold_reward_after"]["mean"],
+        "gold_reward_before_ci": [trip("gold_reward_before")[1], trip("gold_reward_before")[2]],
+        "gold_reward_after_ci": [trip("gold_reward_after")[1], trip("gold_reward_after")[2]],
+        "proxy_reward_before": ev["proxy_reward_before"]["mean"], "proxy_reward_after": ev["proxy_reward_after"]["mean"],
+        "kl_mean": ev["kl_mean"]["mean"], "kl_mean_ci": [ev["kl_mean"]["low"], ev["kl_mean"]["high"]],
+        "judge_intervals_overlap": intervals_overlap(trip("judge_positive_rate_before"),
+                                                     trip("judge_positive_rate_after")),
+        "gold_intervals_overlap": intervals_overlap(trip("gold_reward_before"), trip("gold_reward_after")),
+        "eval_prompts": ev["n_prompts"], "samples_per_prompt": ev["samples_per_prompt"],
+        "ppo_steps": ppo.get("steps"), "stage_times": timings,
+        "wall_s": round(time.time() - t0, 1),
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = build_report(root, title="rlhfkit demo")
+    print("\n".join([
+        "", "== rlhfkit demo: done",
+        f"pretrained LM      val perplexity {summary['val_ppl']:.1f} (unigram floor {summary['unigram_val_ppl']:.1f})",
+        f"reward model       Pearson r {summary['rm_pearson_heldout']:.3f} with the human mean on held-out movie "
+        f"snippets (gold RM: {summary['rm_gold_pearson_heldout']:.3f})",
+        f"judge (VADER)      positive rate {_ci_str(ev['judge_positive_rate_before'])} -> "
+        f"{_ci_str(ev['judge_positive_rate_after'])}",
+        f"gold reward        {_ci_str(ev['gold_reward_before'])} -> {_ci_str(ev['gold_reward_after'])}",
+        f"proxy reward       {_ci_str(ev['proxy_reward_before'])} -> {_ci_str(ev['proxy_reward_after'])}",
+        f"KL to pretrained   {_ci_str(ev['kl_mean'])} nats per completion",
+        f"wall time          {summary['wall_s']:.0f}s ({', '.join(timings) or 'all stages done before'})",
+        f"report             {report}", f"summary            {root / 'summary.json'}"]), flush=True)
+    return summary
+
+
+def _ci_str(v: dict) -> str:
+    return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"

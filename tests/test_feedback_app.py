@@ -1,0 +1,189 @@
+"""The web app and JSON API in-process: logins, CSRF, escaping, and bad input refused with a clear 4xx
+that changes nothing in the database."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from rlhfkit.feedback.app import Settings, create_app, sign, unsign
+from rlhfkit.feedback.store import Base, Store
+
+
+@pytest.fixture
+def env(tmp_path):
+    st = Store(str(tmp_path / "fb.db"), max_text_chars=1000)
+    st.import_samples([{"prompt": "Say hi", "completion": "hello <b>there</b>"}], kinds=("rate", "edit"))
+    st.import_samples([{"prompt": "Pick", "completion": c} for c in ("one", "two")], round=1, kinds=("pair",))
+    st.add_annotator("alice", "alice-password")
+    st.add_annotator("bob", "bob-password")
+    st.add_annotator("root", "root-password", admin=True)
+    tokens = {n: st.new_token(n) for n in ("alice", "bob", "root")}
+    app = create_app(st, Settings(max_body_kb=64))
+    yield st, TestClient(app), tokens
+    st.close()
+
+
+def snapshot(st: Store) -> dict:
+    """Row counts of every table plus every assignment's status: "nothing changed" means equal snapshots."""
+    with st.read() as s:
+        counts = {t.name: s.scalar(select(func.count()).select_from(t)) for t in Base.metadata.sorted_tables}
+        counts["statuses"] = sorted(s.execute(select(Base.metadata.tables["assignments"].c.status)).scalars())
+    return counts
+
+
+def login(client: TestClient, name: str, password: str) -> str:
+    page = client.get("/login").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = client.post("/login", data={"name": name, "password": password, "csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return csrf
+
+
+def task_form(client: TestClient) -> dict:
+    page = client.get("/task").text
+    grab = lambda n: re.search(rf'name="{n}" value="([^"]*)"', page).group(1)  # noqa: E731
+    return {"csrf": grab("csrf"), "submission_id": grab("submission_id"), "kind": grab("kind"),
+            "item": int(re.search(r'action="/task/(\d+)"', page).group(1)), "html": page}
+
+
+def test_login_session_and_escaping(env):
+    st, c, _ = env
+    assert c.get("/task", follow_redirects=False).headers["location"] == "/login"
+    page = c.get("/login").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert c.post("/login", data={"name": "alice", "password": "wrong-password", "csrf": csrf}).status_code == 401
+    assert c.post("/login", data={"name": "alice", "password": "alice-password", "csrf": "forged"}).status_code == 403
+    login(c, "alice", "alice-password")
+    f = task_form(c)
+    assert "hello &lt;b&gt;there&lt;/b&gt;" in f["html"] and "<b>there" not in f["html"]
+    r = c.get("/task")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY"
+    cookie = c.cookies.get("rk_session")
+    body, sig = cookie.rsplit(".", 1)
+    assert unsign(b"k", sign(b"k", {"a": 1, "exp": 9e9})) == {"a": 1, "exp": 9e9}
+    assert unsign(b"k", sign(b"other key", {"a": 1, "exp": 9e9})) is None
+    assert unsign(b"k", sign(b"k", {"a": 1, "exp": 1})) is None          # expired
+    c.cookies.clear()
+    c.cookies.set("rk_session", cookie)                                   # control: the real cookie works
+    assert c.get("/task", follow_redirects=False).status_code == 200
+    c.cookies.clear()
+    c.cookies.set("rk_session", body + "." + sig[:-2] + ("AA" if sig[-2:] != "AA" else "BB"))  # tampered
+    assert c.get("/task", follow_redirects=False).headers["location"] == "/login"
+
+
+def test_form_flow_rate_then_forged_and_bad_forms_change_nothing(env):
+    st, c, _ = env
+    login(c, "alice", "alice-password")
+    f = task_form(c)
+    assert f["kind"] == "rate"
+    before = snapshot(st)
+    base = {"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "rate"}
+    bad = [({**base, "csrf": "forged", "rating": "3"}, 403),                 # forged form
+           ({k: v for k, v in base.items() if k != "csrf"} | {"rating": "3"}, 403),   # no token
+           ({**base, "rating": "9"}, 422),                                   # off the scale
+           ({**base, "rating": "three"}, 422),
+           ({**base, "rating": "3", "comment": "<script>alert(1)</script>"}, 422),
+           ({**base, "rating": "3", "comment": "x" * 1001}, 422),            # over max_text_chars
+           ({**base, "submission_id": "../../etc", "rating": "3"}, 422)]
+    for data, status in bad:
+        r = c.post(f"/task/{f['item']}", data=data, follow_redirects=False)
+        assert r.status_code == status, (data, r.text)
+    r = c.post(f"/task/{f['item']}", data={**base, "rating": "3"}, headers={"origin": "http://evil.example"},
+               follow_redirects=False)
+    assert r.status_code == 403                                              # cross-site post
+    r = c.post("/task/999", data={**base, "rating": "3"})
+    assert r.status_code == 404 and "no task 999" in r.text
+    assert snapshot(st) == before
+    r = c.post(f"/task/{f['item']}", data={**base, "rating": "3"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/task?m=saved"
+    r = c.post(f"/task/{f['item']}", data={**base, "rating": "3"}, follow_redirects=False)   # double click
+    assert r.status_code == 303
+    after = snapshot(st)
+    assert after["submissions"] == before["submissions"] + 1 and after["ratings"] == 1
+    # Wrong annotator: bob posts to the task alice holds.
+    c2 = TestClient(c.app)
+    login(c2, "bob", "bob-password")
+    fb = task_form(c2)
+    r = c2.post(f"/task/{f['item']}", data={"csrf": fb["csrf"], "submission_id": "bob-try-0001", "kind": "rate",
+                                            "rating": "1"})
+    assert r.status_code == 403 and "not assigned to you" in r.text
+    assert snapshot(st)["submissions"] == after["submissions"]
+    # Admin view is for admins.
+    assert c2.get("/admin").status_code == 403
+
+
+def test_edit_page_refuses_script_and_keeps_the_text(env):
+    st, c, tokens = env
+    login(c, "alice", "alice-password")
+    f = task_form(c)
+    c.post(f"/task/{f['item']}", data={"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "rate",
+                                       "rating": "4"})
+    f = task_form(c)
+    assert f["kind"] == "edit"
+    before = snapshot(st)
+    r = c.post(f"/task/{f['item']}", data={"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "edit",
+                                           "edited": "Hi <script>steal()</script>"})
+    assert r.status_code == 422 and "HTML markup" in r.text
+    assert "Hi &lt;script&gt;steal()&lt;/script&gt;" in r.text               # shown back, escaped
+    assert snapshot(st) == before
+    r = c.post(f"/task/{f['item']}", data={"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "edit",
+                                           "action": "skip"}, follow_redirects=False)
+    assert r.headers["location"] == "/task?m=skipped"
+    r = c.post("/undo", data={"csrf": f["csrf"]}, follow_redirects=False)
+    assert r.headers["location"] == "/task?m=undone"
+    assert task_form(c)["item"] == f["item"]
+
+
+def test_json_api_auth_answers_and_bad_input(env):
+    st, c, tokens = env
+    h = {"Authorization": f"Bearer {tokens['alice']}"}
+    assert c.get("/api/v1/tasks/next").status_code == 401
+    assert c.get("/api/v1/tasks/next", headers={"Authorization": "Bearer rk_nope"}).status_code == 401
+    task = c.get("/api/v1/tasks/next", headers=h, params={"kind": "pair"}).json()["task"]
+    assert task["kind"] == "pair" and [s["text"] for s in task["samples"]] == ["one", "two"]
+    before = snapshot(st)
+    url = f"/api/v1/tasks/{task['item_id']}/answer"
+    sid = task["submission_id"]
+    bad = [({"kind": "pair", "chosen": 12345, "submission_id": sid}, 422),
+           ({"kind": "pair", "submission_id": sid, "extra": 1}, 422),
+           ({"kind": "judge", "submission_id": sid}, 422),
+           ({"kind": "pair", "tie": True, "submission_id": sid, "comment": "y" * 1001}, 422)]
+    for body, status in bad:
+        r = c.post(url, json=body, headers=h)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["detail"]
+    r = c.post(url, content=b"{" + b" " * 70_000 + b"}", headers={**h, "content-type": "application/json"})
+    assert r.status_code == 413                                        # over max_body_kb
+    r = c.post(url, json={"kind": "pair", "tie": True, "submission_id": sid},
+               headers={"Authorization": f"Bearer {tokens['bob']}"})
+    assert r.status_code == 403                                        # wrong annotator
+    r = c.post("/api/v1/tasks/4242/answer", json={"kind": "pair", "tie": True, "submission_id": sid}, headers=h)
+    assert r.status_code == 404
+    assert snapshot(st) == before
+    chosen = task["samples"][1]["id"]
+    r = c.post(url, json={"kind": "pair", "chosen": chosen, "submission_id": sid, "comment": "clearer"}, headers=h)
+    assert r.status_code == 201 and r.json()["duplicate"] is False
+    r = c.post(url, json={"kind": "pair", "chosen": chosen, "submission_id": sid}, headers=h)
+    assert r.status_code == 200 and r.json()["duplicate"] is True
+    me = c.get("/api/v1/me", headers=h).json()
+    assert me["name"] == "alice" and me["progress"]["done"] == 1
+    assert c.post("/api/v1/undo", headers=h).json() == {"item_id": task["item_id"]}
+    assert c.get("/api/v1/admin/stats", headers=h).status_code == 403
+    stats = c.get("/api/v1/admin/stats", headers={"Authorization": f"Bearer {tokens['root']}"}).json()
+    assert stats["rounds"][0]["items"] == {"edit": 1, "pair": 1, "rate": 1}
+
+
+def test_openapi_spec_lists_the_api(env):
+    _, c, tokens = env
+    spec = c.get("/openapi.json").json()
+    assert {"/api/v1/tasks/next", "/api/v1/tasks/{item_id}/answer", "/api/v1/tasks/{item_id}/skip",
+            "/api/v1/undo", "/api/v1/progress", "/api/v1/me", "/api/v1/admin/stats"} <= set(spec["paths"])
+    body = spec["paths"]["/api/v1/tasks/{item_id}/answer"]["post"]["requestBody"]
+    assert "discriminator" in str(body) or "oneOf" in str(spec["components"])
+    assert c.get("/docs").status_code == 404                           # no CDN-loaded Swagger page
+    r = c.get("/api/v1/admin/export/default/ratings", headers={"Authorization": f"Bearer {tokens['root']}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
