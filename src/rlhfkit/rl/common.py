@@ -96,12 +96,6 @@ def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = T
     return model
 
 
-def make_rl_optimizer(params: list, ocfg: Any, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over param groups, fused (one kernel for all tensors) where torch supports it."""
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(params, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, fused=fused)
-
-
 def check_single_process() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("the RL stages run in one process (one GPU or the CPU); multi-process RL is not "

@@ -33,12 +33,12 @@ import torch
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.datasets import EpochSampler
-from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda
+from rlhfkit.models.factory import count_params, decay_param_groups, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import gae, shape_scores, token_rewards, whiten
-from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
-                               micro_batches, samples_table, use_fast_activations)
+from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, micro_batches,
+                               samples_table, use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs, completion_values
@@ -83,7 +83,8 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
     critic = load_critic(cfg, device, str(ckpt / "critic") if ckpt else "")
     ref = load_policy(cfg.model.name_or_path, cfg.model.dtype, device, trainable=False) if cfg.kl.coef else None
     trainable = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
-    optimizer = make_rl_optimizer(trainable, cfg.optim, device)
+    wd = cfg.optim.weight_decay
+    optimizer = make_optimizer(decay_param_groups(policy, wd) + decay_param_groups(critic, wd), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     kl_ctl = make_kl_controller(cfg.kl)
     step, pos = 0, 0

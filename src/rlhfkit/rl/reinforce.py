@@ -18,11 +18,11 @@ import torch
 
 from rlhfkit.config import REINFORCEConfig
 from rlhfkit.data.datasets import EpochSampler
-from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda
+from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import normalize, shape_scores
-from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
-                               micro_batches, samples_table)
+from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, micro_batches,
+                               samples_table)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import kl_penalty, reinforce_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
@@ -55,7 +55,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
     seed_everything(cfg.run.seed)
     policy = load_policy(cfg.model.name_or_path, cfg.model.dtype, device)
     ref = load_policy(cfg.model.name_or_path, cfg.model.dtype, device, trainable=False) if cfg.kl.coef else None
-    optimizer = make_rl_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim, device)
+    optimizer = make_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     kl_ctl = make_kl_controller(cfg.kl)
     step, pos = 0, 0
