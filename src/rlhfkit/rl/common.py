@@ -73,9 +73,9 @@ def load_prompts(dcfg: Any, tok: Any) -> PromptSet:
 # Models
 # ---------------------------------------------------------------------------------------------------
 def use_fast_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap GPT-2's Python tanh-GELU (6 elementwise kernels, each saved for backward) for torch's fused
-    F.gelu(approximate='tanh'): the same function, equal to float rounding (~1e-6), about 18% of a
-    GPT-2 training step on CPU at d=256 (docs/benchmarks.md). The saved config is unchanged."""
+    """Swap GPT-2's Python tanh-GELU (six elementwise kernels, each output kept for backward) for torch's
+    fused F.gelu(approximate='tanh'): the same function, equal to float rounding (~1e-6), one kernel
+    forward and one backward. The saved config is unchanged."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
     for name, mod in list(model.named_modules()):

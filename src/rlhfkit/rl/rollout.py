@@ -16,7 +16,7 @@ top-k / top-p shape the sampling (as in TRL and OpenRLHF: training recomputes ex
 Decoders: `fast` (rl/fastdecode.py: GPT-2 and Llama, preallocated cache, minimal per-step Python), `hf`
 (HF forward with its DynamicCache, any causal LM), `vllm` (GPU, imported only when asked for).
 Sampling draws one uniform number per row and inverts the CDF of the (filtered) distribution, instead of
-torch.multinomial's one exponential per vocabulary entry (6x less work on a 2k vocabulary).
+torch.multinomial's one exponential random number per vocabulary entry.
 """
 from __future__ import annotations
 
