@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from rlhfkit.models.ops import entropy_from_logits, gather_logprobs
+from rlhfkit.models.ops import gather_logprobs, logprobs_and_entropy
 
 
 @dataclass
@@ -352,14 +352,11 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         parts = [(logits[:, :-1], comp)]  # a view: the last position predicts nothing we sampled
     if temperature not in (0.0, 1.0):
         parts = [(lg / temperature, x) for lg, x in parts]
-    logprobs = torch.cat([gather_logprobs(lg, x) for lg, x in parts], 1) * ro.completion_mask
-    entropy = None
-    if with_entropy or entropy_grad:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            # A few rows at a time: the (rows, C, V) temporaries of the softmax stay small.
-            entropy = torch.cat([torch.cat([entropy_from_logits(lg[i:i + 8]) for i in range(0, lg.size(0), 8)])
-                                 for lg, _ in parts], 1)
-    return logprobs, entropy
+    if not (with_entropy or entropy_grad):
+        return torch.cat([gather_logprobs(lg, x) for lg, x in parts], 1) * ro.completion_mask, None
+    both = [logprobs_and_entropy(lg, x, entropy_grad) for lg, x in parts]  # one log-softmax for both
+    logprobs = torch.cat([lp for lp, _ in both], 1) * ro.completion_mask
+    return logprobs, torch.cat([e for _, e in both], 1)
 
 
 def completion_values(critic: torch.nn.Module, ro: Rollout) -> torch.Tensor:
