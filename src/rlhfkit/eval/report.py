@@ -93,14 +93,15 @@ def plot_before_after(ev: dict) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(2.6 * len(pairs), 3.4), squeeze=False)
     for ax, (name, b, a) in zip(axes[0], pairs):
         vals = [b["mean"], a["mean"]]
         err = [[b["mean"] - b["low"], a["mean"] - a["low"]], [b["high"] - b["mean"], a["high"] - a["mean"]]]
         ax.bar(["before", "after"], vals, yerr=err, capsize=6, color=["#9aa5b1", "#2f7ed8"])
         ax.set_title(name.replace("_", " "), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("before vs after RL, 95% intervals over held-out prompts", fontsize=10)
+    fig.suptitle("before vs after RL (95% intervals over held-out prompts)", fontsize=11)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -124,6 +125,7 @@ header p{margin:4px 0 0;color:#b8c0cc;font-size:13px} main{padding:16px 32px 48p
 section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:14px 20px;margin:16px 0}
 h2{font-size:17px;margin:4px 0 10px} h3{font-size:14px;margin:14px 0 6px;color:#4a5568}
 .grid{display:flex;flex-wrap:wrap;gap:12px} .grid img{max-width:100%;width:560px;border:1px solid #e2e8f0;border-radius:4px}
+.grid img.wide{width:100%} td.up{color:#276749} td.down{color:#9b2c2c}
 table{border-collapse:collapse;font-size:13px;margin:6px 0} td,th{border:1px solid #e2e8f0;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f1f4f8} td.num{text-align:right;font-variant-numeric:tabular-nums} .samples td{max-width:520px}
 .kpi{display:inline-block;margin:4px 18px 4px 0} .kpi b{display:block;font-size:20px} .kpi span{font-size:12px;color:#718096}
@@ -135,6 +137,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, dict) and {"mean", "low", "high"} <= set(v):
         return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+    if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+        return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
     if isinstance(v, (list, dict)):
         return html.escape(json.dumps(v)[:200])
     return html.escape(str(v))
@@ -146,6 +150,24 @@ def _table(d: dict) -> str:
     return f"<table>{rows}</table>"
 
 
+def _before_after_table(ev: dict) -> str:
+    """metric | before | after | change rows for every *_before/*_after pair, then the other fields."""
+    names = [k[:-len("_after")] for k in ev if k.endswith("_after")]
+    rows = []
+    for n in names:
+        b, a, c = ev.get(f"{n}_before"), ev[f"{n}_after"], ev.get(f"{n}_change")
+        cls = ""
+        if isinstance(c, dict):
+            cls = "up" if c["low"] > 0 else "down" if c["high"] < 0 else ""
+        rows.append(f"<tr><th>{html.escape(n.replace('_', ' '))}</th><td class='num'>{_fmt(b) if b is not None else ''}"
+                    f"</td><td class='num'>{_fmt(a)}</td><td class='num {cls}'>{_fmt(c) if c is not None else ''}"
+                    "</td></tr>")
+    used = {f"{n}_{s}" for n in names for s in ("before", "after", "change")} | {"samples"}
+    table = ("<table><tr><th>metric</th><th>before</th><th>after</th><th>change (paired, 95%)</th></tr>"
+             + "".join(rows) + "</table>") if rows else ""
+    return table + _table({k: v for k, v in ev.items() if k not in used})
+
+
 def build_report(run_dir: str | Path, out: str | Path | None = None, title: str = "") -> Path:
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "report.html"
@@ -154,19 +176,21 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     parts: list[str] = []
     images = 0
 
-    def img(name: str, data: bytes) -> str:
+    def img(name: str, data: bytes, cls: str = "") -> str:
         nonlocal images
         images += 1
         fname = f"{images:02d}-{''.join(c if c.isalnum() else '_' for c in name)[:60]}.png"
         (files / fname).write_bytes(data)
-        return f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        return (f"<img class='{cls}' alt='{html.escape(name)}' "
+                f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
 
     top = run_dir / "summary.json"
     if top.exists():
         summ = json.loads(top.read_text())
         kpis = "".join(f"<div class='kpi'><b>{_fmt(v)}</b><span>{html.escape(k)}</span></div>"
                        for k, v in summ.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        parts.append(f"<section><h2>Summary</h2>{kpis}{_table(summ)}</section>")
+        rest = {k: v for k, v in summ.items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+        parts.append(f"<section><h2>Summary</h2>{kpis}{_table(rest)}</section>")
 
     for ev_path in sorted(run_dir.rglob("eval.json")):
         ev = json.loads(ev_path.read_text())
@@ -175,8 +199,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
         body = ""
         chart = plot_before_after(ev)
         if chart:
-            body += f"<div class='grid'>{img(f'eval {rel}', chart)}</div>"
-        body += _table({k: v for k, v in ev.items() if k != "samples"})
+            body += f"<div class='grid'>{img(f'eval {rel}', chart, 'wide')}</div>"
+        body += _before_after_table(ev)
         samples = ev.get("samples") or []
         if samples:
             cols = [c for c in ("prompt", "before", "after", "proxy_before", "proxy_after", "gold_before",
