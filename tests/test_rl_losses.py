@@ -136,3 +136,20 @@ def test_reinforce_loss_by_hand():
     loss.backward()
     assert loss.item() == pytest.approx(-(1 * -3 + -2 * -1) / 2)  # = 0.5
     assert seq.grad.tolist() == pytest.approx([-0.5, 1.0])
+
+
+def test_logprobs_and_entropy_match_the_separate_ops():
+    from rlhfkit.models.ops import entropy_from_logits, gather_logprobs, logprobs_and_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 5))
+    lp, ent = logprobs_and_entropy(logits, ids)
+    assert torch.allclose(lp, gather_logprobs(logits, ids), atol=1e-6)
+    assert torch.allclose(ent, entropy_from_logits(logits), atol=1e-6) and not ent.requires_grad
+    g1 = torch.autograd.grad(lp.sum(), logits)[0]
+    g2 = torch.autograd.grad(gather_logprobs(logits, ids).sum(), logits)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)
+    _, ent_g = logprobs_and_entropy(logits, ids, entropy_grad=True)
+    assert torch.allclose(torch.autograd.grad(ent_g.sum(), logits)[0],
+                          torch.autograd.grad(entropy_from_logits(logits).sum(), logits)[0], atol=1e-6)

@@ -155,3 +155,19 @@ def test_eos_ends_a_completion(tiny_model, tiny_tokenizer):
                       backend=backend)
         assert ro.lengths.tolist() == [1, 1, 1, 1] and bool(ro.finished.all())
         assert ro.completions == ["", "", "", ""] and ro.completion_ids.shape[1] == 1
+
+
+def test_vllm_backend_is_optional(tiny_model, tiny_tokenizer, tmp_path):
+    """vllm is imported only when asked for; without it the error says what to install."""
+    import importlib.util
+
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.rl.rollout import Sampler
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ConfigError, match="needs the vllm package"):
+        Sampler(tiny_model, tiny_tokenizer, "vllm", str(tmp_path))
+    ro = Sampler(tiny_model, tiny_tokenizer, "auto", str(tmp_path))(prompts_ids(tiny_tokenizer)[:2],
+                                                                    SamplingParams(max_new_tokens=3), 2, ["a", "b"])
+    assert ro.completion_ids.shape == (4, 3) and ro.prompts == ["a", "a", "b", "b"]

@@ -487,7 +487,7 @@ def _rl_check(cfg: Any, stage: str) -> None:
         raise ConfigError("optim.warmup_steps exceeds optim.max_steps")
 
 
-_RL_OPTIM = dict(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999, batch_size=64,
+_RL_OPTIM = dict(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999, batch_size=32,
                  max_steps=200)
 _RL_LOG = dict(log_every=1, eval_every=20, save_every=50)
 _OPTIM_HELP = ("optimizer and schedule; batch_size = completions per forward/backward micro-batch "

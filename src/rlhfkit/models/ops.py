@@ -46,6 +46,20 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, entropy_grad: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gather_logprobs and entropy_from_logits from one log-softmax: (B, T, V), (B, T) -> (B, T), (B, T).
+
+    One pass over the (B, T, V) logits instead of three; the log-probabilities carry gradients, the
+    entropy only if entropy_grad (e.g. for an entropy bonus)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        lp = logp if entropy_grad else logp.detach()
+        entropy = -(lp.exp() * lp).sum(-1)
+    return picked, entropy
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over the positions where mask is 1.

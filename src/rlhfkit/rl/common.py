@@ -3,7 +3,6 @@ those live in rl/losses.py, rl/advantages.py and models/ops.py."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +73,9 @@ def load_prompts(dcfg: Any, tok: Any) -> PromptSet:
 # Models
 # ---------------------------------------------------------------------------------------------------
 def use_fast_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap GPT-2's Python tanh-GELU (6 elementwise kernels, each saved for backward) for torch's fused
-    F.gelu(approximate='tanh'): the same function, equal to float rounding (~1e-6), about 18% of a
-    GPT-2 training step on CPU at d=256 (docs/benchmarks.md). The saved config is unchanged."""
+    """Swap GPT-2's Python tanh-GELU (six elementwise kernels, each output kept for backward) for torch's
+    fused F.gelu(approximate='tanh'): the same function, equal to float rounding (~1e-6), one kernel
+    forward and one backward. The saved config is unchanged."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
     for name, mod in list(model.named_modules()):
@@ -95,12 +94,6 @@ def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = T
     else:
         model.eval().requires_grad_(False)
     return model
-
-
-def make_rl_optimizer(params: list, ocfg: Any, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over param groups, fused (one kernel for all tensors) where torch supports it."""
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(params, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, fused=fused)
 
 
 def check_single_process() -> None:
@@ -142,7 +135,3 @@ def micro_batches(n: int, size: int, group: int = 1) -> list[slice]:
     """Row slices of at most `size` rows, each a whole number of groups (so prompts can be shared)."""
     size = max(group, size - size % group) if group > 1 else max(1, size)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

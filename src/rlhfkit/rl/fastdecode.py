@@ -4,8 +4,9 @@ per token as we can manage.
 They read the weights of an ordinary HF model (`GPT2LMHeadModel`, `LlamaForCausalLM`) in place, so they
 always decode the current policy, with no copy or weight sync. Why not HF's forward: at the batch sizes of
 RL on a CPU a decode step's matmuls take a few milliseconds, and HF's per-call machinery (cache objects,
-mask building, attention dispatch, output dataclasses) adds about as much again; measured in
-docs/benchmarks.md. Any other architecture decodes through HF's forward (rollout.HFDecoder).
+mask building, attention dispatch, output dataclasses) is of the same order. On the trl-peer workload the
+rollouts run at about twice the tokens/s of HF's generate() (docs/benchmarks.md). Any other architecture
+decodes through HF's forward (rollout.HFDecoder).
 
 Both decoders share one shape: `start()` runs the prompts once (U unique prompts, each then repeated
 `repeat` times for a group of samples, so a prompt's prefill is computed once per group), and `step()`

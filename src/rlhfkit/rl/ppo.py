@@ -16,10 +16,11 @@ Departures, and why:
     lambda factor, and completions cut at max_new_tokens (most, early in training) are treated the same;
   * value loss and advantages use the completion's tokens (TRL's value mask reaches one token further);
   * one epoch of one mini-batch (the default) needs the rollout's values and log-probs only through the
-    training forward itself: values are taken from it, detached, before the loss is formed, and the
-    ratio's old log-probs are the current ones detached (ratio exactly 1). That is exact, and it saves the
-    critic's separate no-grad pass. With more epochs or mini-batches the old values come from a no-grad
-    pass and the old log-probs from sampling time, as in TRL;
+    training forward itself: the critic's training pass runs first and its values, detached, are the
+    rollout values; the ratio's old log-probs are the current ones detached (ratio exactly 1). That is
+    exact, saves the critic's separate no-grad pass, and keeps only one network's activations in memory at
+    a time. With more epochs or mini-batches the old values come from a no-grad pass and the old log-probs
+    from sampling time, as in TRL;
   * the gradient norm is clipped to optim.grad_clip (TRL's PPO loop does not clip).
 """
 from __future__ import annotations
@@ -32,15 +33,15 @@ import torch
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.datasets import EpochSampler
-from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda
+from rlhfkit.models.factory import count_params, decay_param_groups, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import gae, shape_scores, token_rewards, whiten
-from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
-                               micro_batches, samples_table, use_fast_activations)
+from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, micro_batches,
+                               samples_table, use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
-from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, completion_values, generate
+from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs, completion_values
 from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
                                       save_model)
 from rlhfkit.utils.logging import MetricLogger
@@ -82,7 +83,8 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
     critic = load_critic(cfg, device, str(ckpt / "critic") if ckpt else "")
     ref = load_policy(cfg.model.name_or_path, cfg.model.dtype, device, trainable=False) if cfg.kl.coef else None
     trainable = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
-    optimizer = make_rl_optimizer(trainable, cfg.optim, device)
+    wd = cfg.optim.weight_decay
+    optimizer = make_optimizer(decay_param_groups(policy, wd) + decay_param_groups(critic, wd), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     kl_ctl = make_kl_controller(cfg.kl)
     step, pos = 0, 0
@@ -93,9 +95,9 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl"])
         step, pos = state["step"], state["pos"]
-    # One epoch of one mini-batch in one micro-batch: the training forward is also the rollout's critic pass.
-    fused = cfg.epochs == 1 and cfg.mini_batches == 1 and cfg.optim.batch_size >= B
+    single_update = cfg.epochs == 1 and cfg.mini_batches == 1  # TRL's default: one optimizer step per rollout
 
+    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="ppo")
     logger.write(f"ppo: {count_params(policy) / 1e6:.2f}M policy + {count_params(critic) / 1e6:.2f}M critic params, "
                  f"{len(prompts.ids)} prompts, {B} completions per rollout, {cfg.epochs} epoch(s) x "
@@ -116,8 +118,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
             t0 = time.perf_counter()
             # 1. Rollout and scores.
             idx = [i for _, i in order.indices(pos, U)]
-            ro = generate(policy, tok, [prompts.ids[i] for i in idx], params, n=G, backend=cfg.rollout.backend,
-                          prompts=[prompts.texts[i] for i in idx])
+            ro = sampler([prompts.ids[i] for i in idx], params, G, [prompts.texts[i] for i in idx])
             t_gen = time.perf_counter() - t0
             mask = ro.completion_mask.float()
             raw = reward_fn(ro.prompts, ro.completions).to(device)
@@ -140,51 +141,81 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 adv, ret = gae(rewards, values, mask, cfg.gamma, cfg.lam)
                 return whiten(adv, mask), ret
 
-            if not fused:  # the critic's values at rollout time, for GAE and the value clip
-                with torch.no_grad():
-                    old_values = torch.cat([completion_values(critic, ro.rows(mb))
-                                            for mb in micro_batches(B, cfg.optim.batch_size)])
-                advantages, returns = advantages_from(old_values)
-
-            # 3. PPO epochs over mini-batches; each mini-batch's loss is a token mean over the mini-batch.
+            # 3. Updates. Losses are token means over the mini-batch, split over micro-batches exactly.
             acc = {k: 0.0 for k in ("loss/policy", "loss/value", "ppo/approx_kl", "ppo/clipfrac", "value/clipfrac",
                                     "policy/entropy")}
-            n_updates = cfg.epochs * cfg.mini_batches
-            mb_size = B // cfg.mini_batches
-            for epoch in range(cfg.epochs):
-                perm = torch.randperm(B) if n_updates > 1 else torch.arange(B)
-                for k in range(cfg.mini_batches):
-                    mini = perm[k * mb_size:(k + 1) * mb_size]
-                    n_tok = mask[mini].sum().clamp(min=1)
-                    for mic in micro_batches(mb_size, cfg.optim.batch_size):
-                        rows = mini[mic]
-                        part = ro.rows(rows)
-                        m = mask[rows]
-                        logprobs, entropy = completion_logprobs(policy, part, params.temperature, with_entropy=True,
-                                                                entropy_grad=cfg.entropy_coef > 0)
-                        values = completion_values(critic, part)
-                        if fused:
-                            old_values = values.detach()
-                            advantages, returns = advantages_from(old_values)
-                        old_logprobs = logprobs.detach() if fused else ro.logprobs[rows]
-                        pl, pst = policy_loss(logprobs, old_logprobs, advantages[rows], m, cfg.clip,
-                                              normalizer=n_tok)
-                        vl, vst = value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip,
-                                             normalizer=n_tok)
-                        ent = (entropy * m).sum() / n_tok
-                        loss = pl + cfg.vf_coef * vl - cfg.entropy_coef * ent
-                        check_finite("loss", loss.detach(), step + 1, run_dir)
-                        loss.backward()
-                        w = float(m.sum() / n_tok) / n_updates  # this micro-batch's share of the averages
-                        acc["loss/policy"] += float(pl.detach()) / n_updates
-                        acc["loss/value"] += float(vl.detach()) / n_updates
-                        acc["policy/entropy"] += float(ent.detach()) / n_updates
-                        acc["ppo/approx_kl"] += float(pst["approx_kl"]) * w
-                        acc["ppo/clipfrac"] += float(pst["clipfrac"]) * w
-                        acc["value/clipfrac"] += float(vst["vf_clipfrac"]) * w
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            bs = cfg.optim.batch_size
+            if single_update:
+                # One optimizer step from the rollout's own weights. Critic first: its training forward is
+                # also the rollout's value pass (values detached = old values); returns are per completion, so
+                # each micro-batch's value loss is complete at once. Then the policy, whose advantages are
+                # whitened over the whole batch. The gradients are those of the joint loss (the two networks
+                # share no parameters), with no separate value pass and one network's activations alive at a time.
+                n_tok = mask.sum().clamp(min=1)
+                old_values = torch.zeros_like(mask)
+                for mic in micro_batches(B, bs):
+                    m = mask[mic]
+                    values = completion_values(critic, ro.rows(mic))
+                    old_values[mic] = values.detach()
+                    returns_mic = gae(rewards[mic], old_values[mic], m, cfg.gamma, cfg.lam)[1]
+                    vl, vst = value_loss(values, old_values[mic], returns_mic, m, cfg.value_clip, normalizer=n_tok)
+                    check_finite("loss", vl.detach(), step + 1, run_dir)
+                    (cfg.vf_coef * vl).backward()
+                    acc["loss/value"] += float(vl.detach())
+                    acc["value/clipfrac"] += float(vst["vf_clipfrac"] * m.sum() / n_tok)
+                advantages, returns = advantages_from(old_values)
+                for mic in micro_batches(B, bs, G):
+                    m = mask[mic]
+                    logprobs, entropy = completion_logprobs(policy, ro.rows(mic), params.temperature,
+                                                            with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+                    pl, pst = policy_loss(logprobs, logprobs.detach(), advantages[mic], m, cfg.clip, normalizer=n_tok)
+                    ent = (entropy * m).sum() / n_tok
+                    loss = pl - cfg.entropy_coef * ent
+                    check_finite("loss", loss.detach(), step + 1, run_dir)
+                    loss.backward()
+                    acc["loss/policy"] += float(pl.detach())
+                    acc["policy/entropy"] += float(ent.detach())
+                    acc["ppo/clipfrac"] += float(pst["clipfrac"] * m.sum() / n_tok)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                # Several updates per rollout: the old values come from a no-grad pass and the old log-probs
+                # from sampling time, fixed for every epoch and mini-batch (as in TRL).
+                with torch.no_grad():
+                    old_values = torch.cat([completion_values(critic, ro.rows(mb)) for mb in micro_batches(B, bs)])
+                advantages, returns = advantages_from(old_values)
+                n_updates = cfg.epochs * cfg.mini_batches
+                mb_size = B // cfg.mini_batches
+                for epoch in range(cfg.epochs):
+                    perm = torch.randperm(B)
+                    for k in range(cfg.mini_batches):
+                        mini = perm[k * mb_size:(k + 1) * mb_size]
+                        n_tok = mask[mini].sum().clamp(min=1)
+                        for mic in micro_batches(mb_size, bs):
+                            rows = mini[mic]
+                            part, m = ro.rows(rows), mask[rows]
+                            logprobs, entropy = completion_logprobs(policy, part, params.temperature,
+                                                                    with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+                            values = completion_values(critic, part)
+                            pl, pst = policy_loss(logprobs, ro.logprobs[rows], advantages[rows], m, cfg.clip,
+                                                  normalizer=n_tok)
+                            vl, vst = value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip,
+                                                 normalizer=n_tok)
+                            ent = (entropy * m).sum() / n_tok
+                            loss = pl + cfg.vf_coef * vl - cfg.entropy_coef * ent
+                            check_finite("loss", loss.detach(), step + 1, run_dir)
+                            loss.backward()
+                            w = float(m.sum() / n_tok) / n_updates  # this micro-batch's share of the averages
+                            acc["loss/policy"] += float(pl.detach()) / n_updates
+                            acc["loss/value"] += float(vl.detach()) / n_updates
+                            acc["policy/entropy"] += float(ent.detach()) / n_updates
+                            acc["ppo/approx_kl"] += float(pst["approx_kl"]) * w
+                            acc["ppo/clipfrac"] += float(pst["clipfrac"]) * w
+                            acc["value/clipfrac"] += float(vst["vf_clipfrac"]) * w
+                        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             seq_kl = float(kl.sum(-1).mean())
             kl_ctl.update(seq_kl, B)

@@ -18,14 +18,14 @@ import torch
 
 from rlhfkit.config import REINFORCEConfig
 from rlhfkit.data.datasets import EpochSampler
-from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda
+from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import normalize, shape_scores
-from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, make_rl_optimizer,
-                               micro_batches, samples_table)
+from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, micro_batches,
+                               samples_table)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import kl_penalty, reinforce_loss
-from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, generate
+from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
 from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
                                       save_model)
 from rlhfkit.utils.logging import MetricLogger
@@ -55,7 +55,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
     seed_everything(cfg.run.seed)
     policy = load_policy(cfg.model.name_or_path, cfg.model.dtype, device)
     ref = load_policy(cfg.model.name_or_path, cfg.model.dtype, device, trainable=False) if cfg.kl.coef else None
-    optimizer = make_rl_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim, device)
+    optimizer = make_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     kl_ctl = make_kl_controller(cfg.kl)
     step, pos = 0, 0
@@ -67,6 +67,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
         kl_ctl.load_state_dict(state["kl"])
         step, pos = state["step"], state["pos"]
 
+    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="reinforce")
     logger.write(f"reinforce: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "
                  f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, device {device}"
@@ -85,8 +86,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
             t0 = time.perf_counter()
             # 1. Rollout.
             idx = [i for _, i in order.indices(pos, U)]
-            ro = generate(policy, tok, [prompts.ids[i] for i in idx], params, n=G, backend=cfg.rollout.backend,
-                          prompts=[prompts.texts[i] for i in idx])
+            ro = sampler([prompts.ids[i] for i in idx], params, G, [prompts.texts[i] for i in idx])
             t_gen = time.perf_counter() - t0
             mask = ro.completion_mask.float()
 
@@ -98,7 +98,8 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
             seq_kl = torch.zeros(B, device=device)
             if ref is not None:
                 with torch.no_grad():
-                    ref_logprobs = completion_logprobs(ref, ro, params.temperature)[0]
+                    ref_logprobs = torch.cat([completion_logprobs(ref, ro.rows(mb), params.temperature)[0]
+                                              for mb in micro_batches(B, cfg.optim.batch_size, G)])
                 seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * mask).sum(-1)  # (B,)
             rewards = scores - kl_ctl.value * seq_kl
             advantages = rewards - rewards.mean() if cfg.baseline == "mean" else rewards
