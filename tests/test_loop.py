@@ -83,10 +83,11 @@ def test_human_round_waits_for_labels(policy_and_prompts, tmp_path):
 
     root = tmp_path / "human"
     cfg = loop_cfg(policy_and_prompts, root, labeler="human", min_labelled=5, poll_seconds=0.2,
-                   timeout_minutes=2)
+                   timeout_minutes=10)
     cfg.rounds = 1
     labelled = {"n": 0}
     errors: list[BaseException] = []
+    loop_over = threading.Event()  # the annotator keeps looking for tasks until the loop has finished
 
     def person():
         try:
@@ -98,8 +99,7 @@ def test_human_round_waits_for_labels(policy_and_prompts, tmp_path):
         # An annotator who starts once the round's tasks exist and answers 5 of them.
         store = Store(str(root / "feedback.db"))
         aid = store.add_annotator("alice", "pw-alice-123")
-        deadline = time.time() + 60
-        while labelled["n"] < 5 and time.time() < deadline:
+        while labelled["n"] < 5 and not loop_over.is_set():
             task = store.next_task(aid, project="human")
             if task is None:
                 time.sleep(0.2)
@@ -114,6 +114,7 @@ def test_human_round_waits_for_labels(policy_and_prompts, tmp_path):
     try:
         loop.run(cfg)
     finally:
+        loop_over.set()
         t.join()
     assert not errors, errors
     assert labelled["n"] == 5
