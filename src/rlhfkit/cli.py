@@ -5,7 +5,6 @@ Stages are imported lazily, so `rlhfkit --help` and config errors come back with
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import Callable
 
@@ -83,11 +82,6 @@ def run_stage(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting turn a busy machine into a 5-10x slowdown: with the other core
-    # taken, a PPO step of the demo went from 1.6 s to 9-16 s on 2 threads (docs/benchmarks.md). Passive
-    # waiting keeps 2 threads as fast as 1 under contention. Read once when torch loads, so set it before;
-    # a value the user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
