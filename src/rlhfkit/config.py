@@ -196,7 +196,8 @@ class PretrainConfig:
     model: ModelConfig = section(ModelConfig, "model architecture or starting checkpoint")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer to train or load")
     data: PretrainDataConfig = section(PretrainDataConfig, "training corpus")
-    optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batch sizes")
+    optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batch sizes",
+                                  lr=2e-3, max_steps=500)   # about 4.5 min on 2 CPU cores (docs/benchmarks.md)
     log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory")
     run: RunConfig = section(RunConfig, "seed, device and run control")
     early_stop_patience: int = opt(0, "stop after this many validation passes without improvement; 0 = off")
