@@ -11,11 +11,12 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench venv clean lint help
+.PHONY: demo test test-slow test-all bench venv clean lint help
 
 help:
 	@echo "make demo      - set up (first time) and run the full RLHF demo offline on embedded data"
 	@echo "make test      - set up (first time) and run the test suite (slow tests excluded)"
+	@echo "make test-slow - only the tests marked slow (end-to-end runs of a minute or more; CI runs them too)"
 	@echo "make test-all  - the test suite including tests marked slow"
 	@echo "make bench     - the TRL peer benchmark (see docs/benchmarks.md)"
 
@@ -43,6 +44,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
