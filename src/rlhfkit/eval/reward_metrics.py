@@ -130,10 +130,9 @@ def one_rater_r(ratings: Sequence[Sequence[float]]) -> float:
 
 def vader_scores(texts: Sequence[str]) -> np.ndarray:
     """The VADER lexicon's compound sentiment score in [-1, 1] per text."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    from rlhfkit.eval.judges import vader_compound
 
-    sia = SentimentIntensityAnalyzer()
-    return np.array([sia.polarity_scores(t)["compound"] for t in texts], float)
+    return np.array(vader_compound(texts), float)
 
 
 def rating_metrics(scores: np.ndarray, ratings: Sequence[Sequence[float]], groups: Sequence[str],

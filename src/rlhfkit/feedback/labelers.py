@@ -166,16 +166,10 @@ class BradleyTerryLabeler(RewardModelLabeler):
 
 def vader_compound(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """VADER's compound sentiment of each completion in [-1, 1] (the standard lexicon): a reward
-    usable as rule:rlhfkit.feedback.labelers:vader_compound."""
-    global _VADER
-    if _VADER is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    usable as rule:rlhfkit.feedback.labelers:vader_compound (the eval judge, rlhfkit.eval.judges)."""
+    from rlhfkit.eval.judges import vader_reward
 
-        _VADER = SentimentIntensityAnalyzer()
-    return [_VADER.polarity_scores(c)["compound"] for c in completions]
-
-
-_VADER = None
+    return vader_reward(prompts, completions)
 
 
 def make_labeler(kind: str, *, reward: str = SENTIMENT_REWARD, temperature: float = 1.0, seed: int = 0,
