@@ -57,6 +57,14 @@ def test_cli_import_label_export_agreement(tmp_path, capsys, monkeypatch):
     assert ag["ratings_units"] == 9 and ag["rankings_units"] == 4
     assert run("db", "current", "--db", db) == 0
     assert capsys.readouterr().out == "schema at 0001 (newest: 0001)\n"
+    # ann and bob never came: their 20 pre-assigned tasks go back to the pool.
+    assert run("release", "--db", db, "--project", "demo", "--older-than", "1h") == 0
+    assert capsys.readouterr().out == "released 0 stale assignment(s)\n"
+    assert run("release", "--db", db, "--project", "demo", "--older-than", "0.001s") == 0
+    assert capsys.readouterr().out == "released 20 stale assignment(s)\n"
+    with pytest.raises(SystemExit):
+        run("release", "--db", db, "--older-than", "soon")
+    assert "'soon' is not a duration" in capsys.readouterr().err
 
 
 def test_cli_import_from_a_policy(tmp_path, tiny_model, tiny_tokenizer, capsys):

@@ -60,3 +60,17 @@ def test_postgres_claims_answers_and_export(pg):
     assert len(records(pg, "pg")["ratings"]) == n_items * overlap
     pg.record_edit("hi", "yo", "Hello!", user="web:1")
     assert records(pg, "chat")["edits"][0]["edited"] == "Hello!"
+
+
+def test_postgres_releases_stale_claims(pg):
+    """Timestamps are zone-aware in PostgreSQL: the age cut-off must compare right there too."""
+    import time
+
+    pg.import_samples([{"prompt": "p", "completion": "c"}], project="pg", kinds=("rate",), overlap=1)
+    a, b = pg.add_annotator("a"), pg.add_annotator("b")
+    t = pg.next_task(a)
+    assert pg.next_task(b) is None
+    assert pg.release_stale("pg", None, older_than_s=3600) == 0
+    time.sleep(0.05)
+    assert pg.release_stale("pg", None, older_than_s=0.01) == 1
+    assert pg.next_task(b).item_id == t.item_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 import pytest
 from sqlalchemy import func, select
@@ -163,6 +164,23 @@ def test_skip_and_undo(store):
     assert [r["rating"] for r in records(store, "default")["ratings"]] == [2.0]
     assert store.progress(a) == {"done": 1, "skipped": 1, "pending": 0, "available": 0, "total": 1}
     assert store.undo(a) == t2.item_id and store.undo(a) == t1.item_id and store.undo(a) is None
+
+
+def test_stale_claims_are_released_to_others(store):
+    store.import_samples(_samples("p", "a", "b"), overlap=1)
+    a, b, c = (store.add_annotator(n) for n in ("a", "b", "c"))
+    t1, t2 = store.next_task(a), store.next_task(b)       # a claims item 1 and walks away; b answers item 2
+    store.submit(b, t2.item_id, {"kind": "rate", "rating": 4, "submission_id": t2.submission_id})
+    assert store.next_task(c) is None                     # every slot is held
+    assert store.release_stale("default", None, older_than_s=3600) == 0   # nothing is an hour old yet
+    time.sleep(0.05)
+    assert store.release_stale("default", 1, older_than_s=0.01) == 1     # only a's untouched claim
+    assert store.next_task(c).item_id == t1.item_id       # the slot went back to the pool
+    with pytest.raises((Forbidden, NotFound)):            # a's late answer no longer counts
+        store.submit(a, t1.item_id, {"kind": "rate", "rating": 1, "submission_id": t1.submission_id})
+    assert [r["rating"] for r in records(store, "default")["ratings"]] == [4.0]
+    with pytest.raises(Invalid):
+        store.release_stale("default", 1, older_than_s=0)
 
 
 def test_assign_balances_load(store):

@@ -183,6 +183,19 @@ def _db(a: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    """'90', '90s', '30m', '2h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 90s, 30m, 2h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the duration must be > 0")
+    return value
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhfkit feedback", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,6 +241,12 @@ def main(argv: list[str]) -> int:
     c.add_argument("--overlap", type=int, required=True, help="annotators per task")
     c.add_argument("--annotators", default="", help="comma-separated names; empty = only change the overlap "
                                                     "(annotators then claim tasks as they come)")
+
+    c = cmd("release", "give back tasks that annotators claimed but left untouched, so others can take them")
+    c.add_argument("--project", default="default", help="project name")
+    c.add_argument("--round", type=int, default=None, help="round number (default: the newest)")
+    c.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
+                   help="release pending tasks untouched for this long: seconds, or with a unit (90s, 30m, 2h)")
 
     c = cmd("label", "let a simulated labeler answer a round's rate / rank / pair tasks")
     c.add_argument("--labeler", required=True, choices=("vader-rater", "reward-model", "bradley-terry"),
@@ -291,6 +310,9 @@ def main(argv: list[str]) -> int:
     if a.cmd == "assign":
         n = _store(a).assign(a.project, a.round, _csv(a.annotators), a.overlap)
         print(f"overlap {a.overlap}; {n} new assignments")
+    elif a.cmd == "release":
+        n = _store(a).release_stale(a.project, a.round, a.older_than)
+        print(f"released {n} stale assignment(s)")
     elif a.cmd == "label":
         from rlhfkit.feedback.labelers import make_labeler, run_labeler
 

@@ -30,7 +30,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
@@ -500,6 +500,26 @@ class Store:
         with self.write() as s:
             r = self._round(s, self._project(s, project), round)
             r.closed_at = r.closed_at or utcnow()
+
+    def release_stale(self, project: str, round: int | None, older_than_s: float) -> int:
+        """Give back the slots of pending assignments nobody has touched for `older_than_s` seconds (an
+        annotator who claimed a task and left), so that others can claim them. Answered, skipped and
+        recently undone ones stay. Returns how many were released."""
+        if older_than_s <= 0:
+            raise Invalid(f"older_than={older_than_s} s must be > 0")
+        # Stored without the zone on SQLite: compare in naive UTC there, aware UTC elsewhere.
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        if self.is_sqlite:
+            cutoff = cutoff.replace(tzinfo=None)
+        with self.write() as s:
+            r = self._round(s, self._project(s, project), round)
+            stale = s.execute(select(Assignment.id, Assignment.item_id).join(Item, Item.id == Assignment.item_id)
+                              .where(Item.round_id == r.id, Assignment.status == "pending",
+                                     Assignment.updated_at < cutoff)).all()
+            for asg_id, item_id in stale:
+                s.execute(Assignment.__table__.delete().where(Assignment.id == asg_id))
+                s.execute(update(Item).where(Item.id == item_id).values(open_slots=Item.open_slots + 1))
+            return len(stale)
 
     # ---- import -----------------------------------------------------------------------------------
     def import_samples(self, samples: list[dict], *, project: str = "default", round: int | None = None,
