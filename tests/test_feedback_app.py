@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from rlhfkit.feedback.app import Settings, create_app, sign, unsign
+from rlhfkit.feedback.app import LoginThrottle, Settings, create_app, sign, unsign
 from rlhfkit.feedback.store import Base, Store
 
 
@@ -47,6 +47,39 @@ def task_form(client: TestClient) -> dict:
     grab = lambda n: re.search(rf'name="{n}" value="([^"]*)"', page).group(1)  # noqa: E731
     return {"csrf": grab("csrf"), "submission_id": grab("submission_id"), "kind": grab("kind"),
             "item": int(re.search(r'action="/task/(\d+)"', page).group(1)), "html": page}
+
+
+def test_login_throttle_window():
+    now = [0.0]
+    t = LoginThrottle(max_failures=3, window_s=60, clock=lambda: now[0])
+    for dt in (0, 10, 20):
+        now[0] = dt
+        assert t.wait_s("alice") == 0
+        t.failed("alice")
+    assert t.wait_s("alice") == pytest.approx(40)        # the first failure (t=0) leaves the window at 60
+    assert t.wait_s("bob") == 0                          # other keys are not affected
+    now[0] = 60.5
+    assert t.wait_s("alice") == 0                        # two failures left in the window
+    t.failed("alice")
+    assert t.wait_s("alice") == pytest.approx(10 - 0.5)  # the t=10 one leaves at 70
+    t.clear("alice")
+    assert t.wait_s("alice") == 0
+
+
+def test_password_guessing_gets_429_and_a_success_is_still_refused_meanwhile(tmp_path):
+    st = Store(str(tmp_path / "fb.db"))
+    st.add_annotator("alice", "alice-password")
+    st.add_annotator("bob", "bob-password")
+    c = TestClient(create_app(st, Settings(login_max_failures=3)))
+    page = c.get("/login").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    post = lambda n, p: c.post("/login", data={"name": n, "password": p, "csrf": csrf},  # noqa: E731
+                               follow_redirects=False)
+    assert [post("alice", f"guess-{i}").status_code for i in range(3)] == [401, 401, 401]
+    r = post("alice", "alice-password")                 # right password, but alice is locked for now
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0 and "Too many failed logins" in r.text
+    assert post("bob", "bob-password").status_code == 303   # the address has 5x the room: bob gets in
+    st.close()
 
 
 def test_login_session_and_escaping(env):

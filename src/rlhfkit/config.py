@@ -272,13 +272,17 @@ class FeedbackServeConfig:
     secure_cookies: bool = opt(False, "send cookies only over HTTPS (set when served behind TLS)")
     max_text_chars: int = opt(20000, "longest edit or comment an annotator may submit, in characters")
     max_body_kb: int = opt(256, "largest request body accepted, in KiB (bigger ones get 413)")
+    login_max_failures: int = opt(10, "failed logins for one annotator name within login_window_minutes "
+                                      "before its further attempts get 429 (5x that per client address)")
+    login_window_minutes: float = opt(15.0, "the window for login_max_failures")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt(
         "info", "server log level (access lines are logged at info)")
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{here('port')}={self.port} must be in 0..65535")
-        _positive(self, "session_hours", "max_text_chars", "max_body_kb")
+        _positive(self, "session_hours", "max_text_chars", "max_body_kb", "login_max_failures",
+                  "login_window_minutes")
         if self.max_text_chars > 1_000_000:
             raise ConfigError(f"{here('max_text_chars')}={self.max_text_chars} must be <= 1000000")
         if self.max_text_chars * 4 > self.max_body_kb * 1024:

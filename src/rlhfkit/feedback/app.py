@@ -15,7 +15,9 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -42,6 +44,44 @@ class Settings(BaseModel):
     secure_cookies: bool = False
     max_body_kb: int = 256
     project: str = ""
+    login_max_failures: int = 10
+    login_window_minutes: float = 15.0
+
+
+class LoginThrottle:
+    """Failed attempts per key (an annotator name, or a client address) in a sliding window: once a key
+    has `max_failures` within `window_s`, it must wait until the oldest leaves the window. In memory,
+    per server process."""
+
+    def __init__(self, max_failures: int, window_s: float, clock: Any = time.monotonic) -> None:
+        self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
+        self.failures: dict[str, list[float]] = {}
+        self.lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        times = [t for t in self.failures.pop(key, []) if now - t < self.window_s]
+        if times:
+            self.failures[key] = times
+        return times
+
+    def wait_s(self, key: str) -> float:
+        """Seconds until the key may try again; 0 = now."""
+        with self.lock:
+            now = self.clock()
+            times = self._recent(key, now)
+            return self.window_s - (now - times[0]) if len(times) >= self.max_failures else 0.0
+
+    def failed(self, key: str) -> None:
+        with self.lock:
+            now = self.clock()
+            if len(self.failures) >= 10_000:     # many names tried once: forget those out of the window
+                for k in list(self.failures):
+                    self._recent(k, now)
+            self.failures[key] = self._recent(key, now) + [now]
+
+    def clear(self, key: str) -> None:
+        with self.lock:
+            self.failures.pop(key, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,6 +227,10 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
     secret = store.secret()
     project = cfg.project or None
+    # Password guessing gets 429: per annotator name, and per client address with more room (several
+    # people may share one address behind a NAT or proxy).
+    by_name = LoginThrottle(cfg.login_max_failures, cfg.login_window_minutes * 60)
+    by_addr = LoginThrottle(5 * cfg.login_max_failures, cfg.login_window_minutes * 60)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     env.globals.update(user=None, csrf="", progress=None, msg="", error="")   # page defaults
@@ -265,9 +309,19 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             check_form(request, form, login_csrf(pre["n"]))
         except FeedbackError as e:
             return error(e.status, str(e))
-        who = store.login(str(form.get("name", ""))[:100], str(form.get("password", ""))[:1000])
+        name, addr = str(form.get("name", ""))[:100], request.client.host if request.client else ""
+        wait = max(by_name.wait_s(name), by_addr.wait_s(addr))
+        if wait > 0:
+            resp = page("login.html", 429, csrf=login_csrf(pre["n"]),
+                        error=f"Too many failed logins; try again in {math.ceil(wait / 60)} min.")
+            resp.headers["Retry-After"] = str(math.ceil(wait))
+            return resp
+        who = store.login(name, str(form.get("password", ""))[:1000])
         if who is None:
+            by_name.failed(name)
+            by_addr.failed(addr)
             return page("login.html", 401, csrf=login_csrf(pre["n"]), error="Wrong name or password.")
+        by_name.clear(name)
         resp = RedirectResponse("/task", status_code=303)
         max_age = int(cfg.session_hours * 3600)
         set_cookie(resp, SESSION_COOKIE, sign(secret, {"a": who["id"], "c": secrets.token_urlsafe(24),

@@ -47,7 +47,9 @@ def serve(argv: list[str]) -> int:
     cfg = parse_config(FeedbackServeConfig, argv, prog="rlhfkit feedback serve")
     store = Store(cfg.db, max_text_chars=cfg.max_text_chars)
     app = create_app(store, Settings(session_hours=cfg.session_hours, secure_cookies=cfg.secure_cookies,
-                                     max_body_kb=cfg.max_body_kb, project=cfg.project))
+                                     max_body_kb=cfg.max_body_kb, project=cfg.project,
+                                     login_max_failures=cfg.login_max_failures,
+                                     login_window_minutes=cfg.login_window_minutes))
     # Bind the socket ourselves so that port 0 works and the real address is printed before serving.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
