@@ -129,3 +129,36 @@ def test_wait_times_out_cleanly(policy_and_prompts, tmp_path):
     with pytest.raises(loop.WaitTimeout, match="run the loop again"):
         loop.run(cfg)
     assert json.loads((tmp_path / "t" / "round-1" / "stages.json").read_text()) == {"generate": {"samples": 20}}
+
+
+def test_wait_gives_abandoned_claims_back(policy_and_prompts, tmp_path, capsys):
+    """bob claims a task and walks away: while the loop waits, his claim goes back to the pool."""
+    from rlhfkit import loop
+    from rlhfkit.feedback.store import Store
+
+    root = tmp_path / "r"
+    cfg = loop_cfg(policy_and_prompts, root, labeler="human", poll_seconds=0.1, timeout_minutes=0.05,
+                   release_after_minutes=0.002)
+    claimed = threading.Event()
+
+    def bob():
+        deadline = time.time() + 60
+        while not (root / "feedback.db").exists() and time.time() < deadline:
+            time.sleep(0.05)           # the loop makes the store
+        store = Store(str(root / "feedback.db"))
+        aid = store.add_annotator("bob")
+        while time.time() < deadline:
+            if store.next_task(aid) is not None:
+                claimed.set()
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=bob)
+    t.start()
+    with pytest.raises(loop.WaitTimeout):
+        loop.run(cfg)
+    t.join()
+    assert claimed.is_set()
+    assert "released 1 task(s) left untouched" in capsys.readouterr().out
+    store = Store(str(root / "feedback.db"))
+    assert store.progress(store.add_annotator("carol"))["available"] == 20   # every task is claimable again

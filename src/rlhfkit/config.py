@@ -759,10 +759,12 @@ class LoopFeedbackConfig:
     poll_seconds: float = opt(5.0, "human: how often to count the labelled items")
     timeout_minutes: float = opt(0.0, "human: give up waiting after this long (the run stops cleanly and "
                                       "resumes at this stage when started again); 0 = wait as long as it takes")
+    release_after_minutes: float = opt(0.0, "human: while waiting, give tasks that someone claimed but left "
+                                            "untouched this long back to the pool; 0 = never")
 
     def check(self) -> None:
         _positive(self, "overlap", "poll_seconds")
-        _non_negative(self, "min_labelled", "timeout_minutes", "temperature")
+        _non_negative(self, "min_labelled", "timeout_minutes", "temperature", "release_after_minutes")
 
 
 @dataclass

@@ -134,6 +134,10 @@ def wait_for_humans(cfg: LoopConfig, rd: Round, store: Any, project: str, target
             last = done
         if done >= target:
             return
+        if fb.release_after_minutes:
+            n = store.release_stale(project, rd.n, fb.release_after_minutes * 60)
+            if n:
+                print(f"  released {n} task(s) left untouched for {fb.release_after_minutes:g} min", flush=True)
         if fb.timeout_minutes and time.time() - t0 > fb.timeout_minutes * 60:
             raise WaitTimeout(f"round {rd.n}: only {done}/{target} items labelled after "
                               f"{fb.timeout_minutes} min; run the loop again to keep waiting")
