@@ -309,6 +309,8 @@ class RewardModelConfig:
     max_len: int = opt(128, "truncate each text to this many tokens")
     bf16: bool = opt(False, "run the encoder / backbone under bfloat16 autocast (fast on GPUs and on CPUs "
                             "with AMX or AVX-512 BF16; scores move by ~1e-3)")
+    gradient_checkpointing: bool = opt(False, "deep: recompute the backbone's activations in backward to save "
+                                              "memory (same gradients)")
 
     def check(self) -> None:
         _positive(self, "max_len")
@@ -321,6 +323,9 @@ class RewardModelConfig:
                                   "to adapt)")
             if self.pooling != "mean":
                 raise ConfigError(f"{here('pooling')}: linear features are always mean-pooled")
+            if self.gradient_checkpointing:
+                raise ConfigError(f"{here('gradient_checkpointing')} is for deep reward models (a linear one "
+                                  "trains no backbone)")
             if not self.l2 or any(x < 0 for x in self.l2):
                 raise ConfigError(f"{here('l2')} must list one or more penalties >= 0")
             if self.layers < -1:
