@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 
-from rlhfkit.config import GRPOConfig, PPOConfig
+from rlhfkit.config import GRPOConfig, PPOConfig, REINFORCEConfig, RLOOConfig
 from rlhfkit.utils.logging import read_jsonl
 from tests.rl_utils import make_policy_dir, rl_cfg, write_prompts
 from tests.test_distributed import TORCHRUN, run
@@ -71,4 +71,19 @@ def test_two_processes_match_one_and_resume_with_one(algo, cls, over, setup, tmp
     # Resume that run with 1 process: steps 3-4 are those of the uninterrupted run.
     train(rl_cfg(cls, policy, prompts, two, **base(policy, prompts, str(two), 4, over)))
     assert_same(rows(two)[2:], rows(one)[2:], KEYS + (PPO_KEYS if algo == "ppo" else ()), [3, 4])
+
+
+@pytest.mark.parametrize("algo,cls,over", [
+    ("rloo", RLOOConfig, {"rollout.prompts_per_step": 4, "rollout.samples_per_prompt": 2, "optim.batch_size": 2,
+                          "normalize_advantages": True, "kl.target": 1.0}),
+    ("reinforce", REINFORCEConfig, {"rollout.prompts_per_step": 8, "rollout.samples_per_prompt": 1,
+                                    "normalize_advantages": True}),
+])
+def test_rloo_and_reinforce_two_processes_match_one(algo, cls, over, setup, tmp_path):
+    policy, prompts = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    importlib.import_module(f"rlhfkit.rl.{algo}").train(rl_cfg(cls, policy, prompts, one,
+                                                               **base(policy, prompts, str(one), 2, over)))
+    run(TORCHRUN, flags(base(policy, prompts, str(two), 2, over)), algo)
+    assert_same(rows(two), rows(one), tuple(k for k in KEYS if k != "ppo/clipfrac" or algo == "rloo"), [1, 2])
 
