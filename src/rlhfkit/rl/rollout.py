@@ -335,7 +335,11 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
     comp, G = ro.completion_ids, ro.group_size
     padded = not bool(ro.prompt_mask.all())
     pos_c = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(comp.size(1) - 1, device=comp.device)
-    if G > 1 and comp.size(1) > 1:
+    # A model training with gradient checkpointing refuses a KV cache (HF turns use_cache off), so it
+    # runs prompt + completion in one forward instead.
+    checkpointed = model.training and any(getattr(m, "gradient_checkpointing", False) is True
+                                          for m in model.modules())
+    if G > 1 and comp.size(1) > 1 and not checkpointed:
         from transformers import DynamicCache
 
         cache = DynamicCache()
