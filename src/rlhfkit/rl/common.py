@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,14 @@ def step_uniforms(seed: int, step: int, n_rows: int, n_tokens: int) -> torch.Ten
 
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
     return torch.rand(n_rows, n_tokens, generator=g)
+
+
+def should_stop(dist: Any, stop: Any, t_start: float, max_minutes: float) -> bool:
+    """Stop now (Ctrl-C / SIGTERM seen by GracefulStop, or past the time limit), agreed by every rank: one
+    may see the signal or the clock a step later than another, and ranks stopping at different steps would
+    leave the others waiting in a collective."""
+    local = bool(stop.requested) or bool(max_minutes and time.time() - t_start > max_minutes * 60)
+    return dist.sum(float(local)) > 0 if dist.world > 1 else local
 
 
 def global_rows(dist: Any, *xs: torch.Tensor) -> list[torch.Tensor]:

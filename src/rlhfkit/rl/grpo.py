@@ -32,8 +32,9 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import group_advantages, shape_scores
-from rlhfkit.rl.common import (check_finite, global_rows, load_prompts, micro_batches, mine, policy_and_reference,
-                               reference_logprobs, rl_dist, samples_table, step_uniforms)
+from rlhfkit.rl.common import (check_finite, global_rows, load_prompts, micro_batches, mine,
+                               policy_and_reference, reference_logprobs, rl_dist, samples_table, should_stop,
+                               step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import aggregate, clipped_surrogate, kl_penalty
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
@@ -178,10 +179,10 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
                 logger.log_text("samples", samples_table(ro.prompts, ro.completions, raw), step)
             if on_step is not None:
                 on_step(step, metrics)
-            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
-            if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
+            halt = should_stop(dist, stop, t_start, cfg.run.max_minutes)  # Ctrl-C, SIGTERM, time limit
+            if (cfg.log.save_every and step % cfg.log.save_every == 0) or halt:
                 checkpoint()
-            if stop.requested or over_time:
+            if halt:
                 break
         if saved_step != step:
             checkpoint()
