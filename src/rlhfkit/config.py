@@ -491,6 +491,9 @@ def _rl_check(cfg: Any, stage: str) -> None:
                           "optimizer step, split into micro-batches of optim.batch_size); leave it at 1")
     if cfg.optim.warmup_steps > cfg.optim.max_steps:
         raise ConfigError("optim.warmup_steps exceeds optim.max_steps")
+    if cfg.run.precision != "fp32":
+        raise ConfigError(f"run.precision={cfg.run.precision}: the RL stages run without autocast; for "
+                          "half-precision weights set model.dtype (bfloat16 / float16)")
 
 
 _RL_OPTIM = dict(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999, batch_size=32,
