@@ -91,3 +91,36 @@ def test_smollm2_lora_sft_smoke(tmp_path):
 
     assert not any("lora" in k for k in load_file(str(tmp_path / "sft" / "final" / "model.safetensors")))
     assert summary["steps"] == 3
+
+
+@pytest.mark.slow
+def test_smollm2_deep_lora_reward_model_learns_and_scores(tmp_path):
+    """A deep reward model on the SmolLM2 backbone with LoRA: 10 steps of 8 rated texts (~17 s); it ranks
+    held-out texts with the raters and loads back behind the reward interface."""
+    import json
+
+    import numpy as np
+
+    from rlhfkit.config import RewardConfig, from_dict
+    from rlhfkit.models.reward import load_reward
+    from rlhfkit.train import reward as R
+    from tests.test_reward import synthetic_texts
+
+    rng = np.random.default_rng(0)
+    recs = [{"prompt": "", "completion": t, "item_id": f"t{i}", "annotator": f"a{a}",
+             "rating": float(np.clip(round(s + rng.normal(0, 0.5)), -4, 4))}
+            for i, (t, s) in enumerate(synthetic_texts(300, 0)) for a in range(3)]
+    data = tmp_path / "ratings.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    cfg = from_dict(RewardConfig, {
+        "model": {"kind": "deep", "backbone": "smollm2", "lora_r": 8, "pooling": "last"},
+        "data": {"source": [str(data)]}, "loss": {"kind": "regression"},
+        "optim": {"lr": 1e-3, "max_steps": 10, "batch_size": 8, "warmup_steps": 1},
+        "log": {"run_dir": str(tmp_path / "rm"), "eval_every": 10, "log_every": 5, "save_every": 0,
+                "tensorboard": False, "progress": False},
+        "run": {"device": "cpu", "threads": 1}})
+    summary = R.train(cfg)
+    assert summary["test"]["all"]["pearson"] > 0.5
+    rm = load_reward(summary["model"])
+    r = rm(["", ""], ["A wonderful, brilliant and lovely film", "A terrible, awful and boring film"])
+    assert r.shape == (2,) and torch.isfinite(r).all()

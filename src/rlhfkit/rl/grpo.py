@@ -79,6 +79,7 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl"])
         step, pos = state["step"], state["pos"]
+    dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
 
     sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="grpo",

@@ -112,6 +112,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
         step, pos = state["step"], state["pos"]
         if lora:  # the critic's adapters and head
             critic.load_state_dict(state["critic"], strict=False)
+    dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
     single_update = cfg.epochs == 1 and cfg.mini_batches == 1  # TRL's default: one optimizer step per rollout
 
     sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)

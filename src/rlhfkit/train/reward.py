@@ -260,6 +260,7 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, pos, best_val, tokens = (state[k] for k in ("step", "epoch", "pos", "best_val", "tokens"))
         logger.write(f"resumed from {ckpt} at step {step}")
+    dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights (LoRA's init is random)
     examples = epoch_examples(epoch)
 
     def next_batch(n: int) -> list[Example]:

@@ -89,6 +89,17 @@ class Dist:
         out = torch.cat(parts)
         return out.bool() if is_bool else out
 
+    def broadcast_from_main(self, params: list[torch.Tensor]) -> None:
+        """Give every rank rank 0's values of params (what DDP does when it wraps a model), so the ranks start
+        identical even if they drew different random numbers while building (e.g. LoRA's init)."""
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        with torch.no_grad():
+            for p in params:
+                td.broadcast(p.data, src=0)
+
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (sum) the gradients of params over ranks, one flat buffer per dtype. For loops that
         normalise each rank's loss by global counts (the RL stages): the sum over ranks is then exactly the
