@@ -93,3 +93,37 @@ def test_sft_two_processes_match_one_with_variable_lengths(tmp_path, tiny_tokeni
         assert s1 == s2
         assert a == pytest.approx(b, rel=1e-5) if a is not None else b is None
         assert va == pytest.approx(vb, rel=1e-5) if va is not None else vb is None
+
+
+def test_deep_reward_model_two_processes_match_one(tmp_path, tiny_model, tiny_tokenizer):
+    """Regression on ratings with per-item weights (target=individual: items have 1-4 ratings), LoRA on the
+    backbone: the weighted loss of the global batch, split over 2 processes, is the 1-process loss."""
+    import json
+
+    import numpy as np
+
+    from rlhfkit.utils.checkpoint import save_model
+    from tests.test_reward import synthetic_texts
+
+    lm = save_model(tmp_path / "lm", tiny_model, tiny_tokenizer)
+    rng = np.random.default_rng(0)
+    recs = [{"prompt": "", "completion": t, "item_id": f"t{i}", "annotator": f"a{a}",
+             "rating": float(np.clip(round(s + rng.normal(0, 0.5)), -4, 4))}
+            for i, (t, s) in enumerate(synthetic_texts(200, 0)) for a in range(1 + i % 4)]
+    data = tmp_path / "ratings.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    args = ["--model.kind", "deep", "--model.backbone", str(lm), "--model.pooling", "last", "--model.lora_r", "4",
+            "--data.source", str(data), "--loss.kind", "regression", "--loss.target", "individual",
+            "--optim.max_steps", "4", "--optim.warmup_steps", "1", "--optim.lr", "1e-2", "--epochs", "0",
+            "--log.log_every", "1", "--log.eval_every", "2", "--log.save_every", "0", "--log.tensorboard", "false",
+            "--run.device", "cpu"]
+    run([sys.executable], args + ["--optim.batch_size", "8", "--log.run_dir", str(tmp_path / "one")], "reward")
+    out = run(TORCHRUN, args + ["--optim.batch_size", "4", "--log.run_dir", str(tmp_path / "two")], "reward")
+    rows = {d: [r for r in read_jsonl(tmp_path / d / "metrics.jsonl") if "loss/train" in r or "val/score" in r]
+            for d in ("one", "two")}
+    assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["two"]] and len(rows["one"]) >= 4
+    for a, b in zip(rows["one"], rows["two"]):
+        for k in ("loss/train", "reward/mae", "grad_norm", "val/score"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+    assert (tmp_path / "two" / "final" / "reward_config.json").exists() and "done in" in out

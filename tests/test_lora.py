@@ -84,3 +84,65 @@ def test_lora_resume_is_exact(setup, tmp_path, monkeypatch):
 def test_bad_lora_targets(setup, tmp_path):
     with pytest.raises(ConfigError, match="lora_targets"):
         sft.train(cfg(setup, tmp_path / "x", 1, lora_targets="no_such_module"))
+
+
+# --------------------------------------------------------------------------------------------------
+# RL with LoRA: adapters train, the reference is the base (adapters disabled), resume is exact
+# --------------------------------------------------------------------------------------------------
+def test_lora_reference_is_the_base_with_adapters_disabled(tmp_path, tiny_tokenizer, tiny_model_cfg):
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.rl.common import load_policy, policy_and_reference, reference_logprobs
+    from rlhfkit.rl.rollout import SamplingParams, completion_logprobs, generate
+    from tests.rl_utils import make_policy_dir
+
+    path = make_policy_dir(tmp_path, tiny_tokenizer, tiny_model_cfg)
+    policy, ref = policy_and_reference(ModelConfig(name_or_path=path, lora_r=4, lora_alpha=8), 0.05, torch.device("cpu"))
+    assert ref is None  # no second copy of the weights
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+    with torch.no_grad():  # move the adapters off zero, so the policy differs from its base
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    ids = [tiny_tokenizer(t)["input_ids"] for t in ("The movie", "I think it")]
+    ro = generate(policy, tiny_tokenizer, ids, SamplingParams(max_new_tokens=6), n=2)
+    base = load_policy(path, "float32", torch.device("cpu"), trainable=False)
+    want = completion_logprobs(base, ro)[0]
+    got = reference_logprobs(policy, None, ro, 1.0, batch_size=2)
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(completion_logprobs(policy, ro)[0], want, atol=1e-3)  # adapters back on
+
+
+def test_lora_ppo_trains_adapters_resumes_exactly_and_saves_merged(tmp_path, tiny_tokenizer, tiny_model_cfg):
+    from safetensors.torch import load_file
+
+    from rlhfkit.config import PPOConfig
+    from rlhfkit.rl import ppo
+    from tests.rl_utils import make_policy_dir, rl_cfg, write_prompts
+
+    policy, prompts = make_policy_dir(tmp_path, tiny_tokenizer, tiny_model_cfg), write_prompts(tmp_path)
+    over = {"model.lora_r": 4, "model.lora_alpha": 8.0, "rollout.prompts_per_step": 8,
+            "rollout.samples_per_prompt": 1, "optim.lr": 1e-2, "log.save_every": 2}
+    full = tmp_path / "full"
+    ppo.train(rl_cfg(PPOConfig, policy, prompts, full, **{**over, "optim.max_steps": 4}))
+    split = tmp_path / "split"
+    ppo.train(rl_cfg(PPOConfig, policy, prompts, split, **{**over, "optim.max_steps": 2}))
+    ckpt = split / "checkpoints" / "step-000002"
+    assert (ckpt / "model" / "adapter_config.json").exists()  # adapters only, not a second base
+    ppo.train(rl_cfg(PPOConfig, policy, prompts, split, **{**over, "optim.max_steps": 4}))
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss/policy", "loss/value", "rollout/reward_mean", "kl/mean", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    assert abs(a[0]["kl/mean"]) < 1e-5  # adapters start at zero: the policy is its reference
+    assert a[-1]["kl/mean"] != pytest.approx(0.0, abs=1e-4)  # ... and moves away from it
+    merged = load_file(str(full / "final" / "model.safetensors"))
+    base = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    assert merged.keys() == base.keys()  # a plain HF model
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert changed and all("proj" in k for k in changed)
+    from rlhfkit.models.heads import ScalarHeadModel
+
+    assert ScalarHeadModel.from_pretrained(full / "final_critic") is not None  # merged critic, plain HF

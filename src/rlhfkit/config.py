@@ -313,6 +313,8 @@ class RewardModelConfig:
     max_len: int = opt(128, "truncate each text to this many tokens")
     bf16: bool = opt(False, "run the encoder / backbone under bfloat16 autocast (fast on GPUs and on CPUs "
                             "with AMX or AVX-512 BF16; scores move by ~1e-3)")
+    gradient_checkpointing: bool = opt(False, "deep: recompute the backbone's activations in backward to save "
+                                              "memory (same gradients)")
 
     def check(self) -> None:
         _positive(self, "max_len")
@@ -325,6 +327,9 @@ class RewardModelConfig:
                                   "to adapt)")
             if self.pooling != "mean":
                 raise ConfigError(f"{here('pooling')}: linear features are always mean-pooled")
+            if self.gradient_checkpointing:
+                raise ConfigError(f"{here('gradient_checkpointing')} is for deep reward models (a linear one "
+                                  "trains no backbone)")
             if not self.l2 or any(x < 0 for x in self.l2):
                 raise ConfigError(f"{here('l2')} must list one or more penalties >= 0")
             if self.layers < -1:
@@ -490,6 +495,9 @@ def _rl_check(cfg: Any, stage: str) -> None:
                           "optimizer step, split into micro-batches of optim.batch_size); leave it at 1")
     if cfg.optim.warmup_steps > cfg.optim.max_steps:
         raise ConfigError("optim.warmup_steps exceeds optim.max_steps")
+    if cfg.run.precision != "fp32":
+        raise ConfigError(f"run.precision={cfg.run.precision}: the RL stages run without autocast; for "
+                          "half-precision weights set model.dtype (bfloat16 / float16)")
 
 
 _RL_OPTIM = dict(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999, batch_size=32,

@@ -48,25 +48,36 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None) -> torch.nn.Module:
                                  tokenizer.pad_token_id)
         model = LlamaForCausalLM(mcfg).to(DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora_r:
         model = apply_lora(model, cfg)
     return model
 
 
-def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
-    """Wrap a model with LoRA adapters (peft); only the adapters train, the base weights are frozen."""
+def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute each block's activations during backward instead of keeping them. Non-reentrant
+    checkpoints: gradients then also reach LoRA adapters behind frozen embeddings, and the result equals
+    the plain backward (tests/test_gradient_checkpointing.py)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: Any, causal_lm: bool = True) -> torch.nn.Module:
+    """Wrap a model with LoRA adapters (peft); only the adapters train, the base weights are frozen.
+
+    `cfg` has lora_r and lora_alpha (and optionally lora_dropout, lora_targets: ModelConfig, the reward
+    model's config). causal_lm=False for a bare backbone (a critic's or reward model's, under a scalar head)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [
-        t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    spec = getattr(cfg, "lora_targets", "all-linear")
+    targets = spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=getattr(cfg, "lora_dropout", 0.0),
+                      target_modules=targets, task_type="CAUSAL_LM" if causal_lm else None)
     try:
         return get_peft_model(model, lcfg)
     except ValueError as e:  # e.g. target module names that the model does not have
-        raise ConfigError(f"model.lora_targets={cfg.lora_targets!r}: {e}") from None
+        raise ConfigError(f"model.lora_targets={spec!r}: {e}") from None
 
 
 def is_peft(model: torch.nn.Module) -> bool:

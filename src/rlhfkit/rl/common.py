@@ -1,9 +1,24 @@
-"""Orchestration shared by the RL loops (prompts, models, guards, logging helpers). No numerics here:
-those live in rl/losses.py, rl/advantages.py and models/ops.py."""
+"""Orchestration shared by the RL loops (prompts, models, processes, guards, logging helpers). No numerics
+here: those live in rl/losses.py, rl/advantages.py and models/ops.py.
+
+Several processes (torchrun / accelerate launch): the rollout batch of U prompts x G samples is split by
+prompt, each rank sampling, scoring and training on U / world whole groups (global rows rank * B / world
+...). The random numbers a completion is sampled with depend only on (seed, step, global row)
+(`step_uniforms`), so the samples do not depend on the world size. Anything computed over the batch
+(advantage whitening and baselines, token counts that normalise the loss, KL-controller updates, logged
+statistics) is computed on the global batch: every rank gathers the per-row numbers it needs
+(Dist.gather_rows), runs the same pure function on them and keeps its rows. Each rank's loss is normalised
+by those global counts and the gradients are summed over ranks (Dist.sum_gradients) before clipping, so
+the update is the one a single process makes on the whole batch. We sum gradients ourselves rather than
+wrapping the policy in DDP: a training forward runs the model twice per backward (prompt once per group,
+then the completions, rollout.completion_logprobs), a rank may own no rows of a PPO mini-batch, and the
+sampler reads the bare model; DDP's reducer wants one forward per backward on every rank.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,10 +111,80 @@ def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = T
     return model
 
 
-def check_single_process() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("the RL stages run in one process (one GPU or the CPU); multi-process RL is not "
-                          "supported yet")
+def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device
+                         ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The trainable policy (with LoRA adapters if model.lora_r > 0, gradient checkpointing if asked) and
+    the frozen reference it is penalised against. With LoRA the reference is the policy itself with its
+    adapters disabled (`reference_logprobs`): the frozen base weights are shared, not copied."""
+    from rlhfkit.models.factory import apply_lora, enable_gradient_checkpointing
+
+    policy = load_policy(mcfg.name_or_path, mcfg.dtype, device)
+    if mcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    if mcfg.lora_r:
+        policy = apply_lora(policy, mcfg).train()
+        return policy, None
+    ref = load_policy(mcfg.name_or_path, mcfg.dtype, device, trainable=False) if kl_coef else None
+    return policy, ref
+
+
+def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro: Any, temperature: float,
+                       batch_size: int) -> torch.Tensor:
+    """Log-probs (B, C) of the rollout's completions under the reference: the reference model, or (LoRA) the
+    policy with its adapters switched off. No gradients."""
+    from rlhfkit.models.factory import is_peft
+    from rlhfkit.rl.rollout import completion_logprobs
+
+    model = ref if ref is not None else policy
+    off = policy.disable_adapter() if ref is None and is_peft(policy) else contextlib.nullcontext()
+    B, G = len(ro.prompts), ro.group_size
+    with torch.no_grad(), off:
+        return torch.cat([completion_logprobs(model, ro.rows(mb), temperature)[0]
+                          for mb in micro_batches(B, batch_size, G)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes (see the module docstring)
+# ---------------------------------------------------------------------------------------------------
+def rl_dist(cfg: Any):
+    """The Dist of an RL stage; the step's prompts must split evenly over the processes."""
+    from rlhfkit.utils.distributed import Dist
+
+    dist = Dist(cfg.run.device)
+    U = cfg.rollout.prompts_per_step
+    if U % dist.world:
+        raise ConfigError(f"rollout.prompts_per_step={U} does not split over {dist.world} processes (each "
+                          "process samples whole groups of the same number of prompts)")
+    return dist
+
+
+def step_uniforms(seed: int, step: int, n_rows: int, n_tokens: int) -> torch.Tensor:
+    """The sampling randomness of one RL step: (n_rows, n_tokens) uniforms for the whole global batch from a
+    generator seeded by (seed, step); a rank takes its rows. Step-seeded, so a resumed run samples what an
+    uninterrupted one would, on any number of processes."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    return torch.rand(n_rows, n_tokens, generator=g)
+
+
+def should_stop(dist: Any, stop: Any, t_start: float, max_minutes: float) -> bool:
+    """Stop now (Ctrl-C / SIGTERM seen by GracefulStop, or past the time limit), agreed by every rank: one
+    may see the signal or the clock a step later than another, and ranks stopping at different steps would
+    leave the others waiting in a collective."""
+    local = bool(stop.requested) or bool(max_minutes and time.time() - t_start > max_minutes * 60)
+    return dist.sum(float(local)) > 0 if dist.world > 1 else local
+
+
+def global_rows(dist: Any, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor's rows from every rank, in global order (see Dist.gather_rows)."""
+    return [dist.gather_rows(x) for x in xs]
+
+
+def mine(dist: Any, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """This rank's rows of a global-batch tensor (and its first `width` columns, undoing gather padding)."""
+    out = x[dist.shard(x.size(0))]
+    return out if width is None else out[:, :width]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,27 +27,29 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import group_advantages, normalize, shape_scores
-from rlhfkit.rl.common import (check_finite, check_single_process, load_policy, load_prompts, micro_batches,
-                               samples_table)
+from rlhfkit.rl.common import (check_finite, global_rows, load_prompts, micro_batches, mine,
+                               policy_and_reference, reference_logprobs, rl_dist, samples_table, should_stop,
+                               step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import kl_penalty, sequence_policy_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
 from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
                                       save_model)
 from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, resolve_device,
-                                   seed_everything, set_threads, write_run_config)
+from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, seed_everything,
+                                   set_threads, write_run_config)
 
 
 def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run RLOO; returns a summary dict. `on_step(step, metrics)` is called after every optimizer step."""
     t_start = time.time()
-    check_single_process()
     set_threads(cfg.run.threads)
     quiet_hf()
-    device = resolve_device(cfg.run.device)
+    dist = rl_dist(cfg)
+    device = dist.device
     run_dir = default_run_dir("rloo", cfg.log.run_dir)
-    write_run_config(run_dir, cfg)
+    if dist.is_main:
+        write_run_config(run_dir, cfg)
     ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
 
     tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
@@ -59,8 +61,8 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
     order = EpochSampler(len(prompts.ids), cfg.run.seed)
 
     seed_everything(cfg.run.seed)
-    policy = load_policy(cfg.model.name_or_path, cfg.model.dtype, device)
-    ref = load_policy(cfg.model.name_or_path, cfg.model.dtype, device, trainable=False) if cfg.kl.coef else None
+    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     kl_ctl = make_kl_controller(cfg.kl)
@@ -72,76 +74,86 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl"])
         step, pos = state["step"], state["pos"]
+    dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
 
     sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
-    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="rloo")
+    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="rloo",
+                          is_main=dist.is_main)
     logger.write(f"rloo: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "
-                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, device {device}"
+                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}"
                  + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step, history = step, []
 
     def checkpoint() -> None:
         nonlocal saved_step
         saved_step = step
-        save_checkpoint(run_dir, step, models={"model": policy}, tokenizer=tok, keep=cfg.log.keep_checkpoints,
-                        state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "kl": kl_ctl.state_dict(), "pos": pos})
+        if dist.is_main:
+            save_checkpoint(run_dir, step, models={"model": policy}, tokenizer=tok, keep=cfg.log.keep_checkpoints,
+                            state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "kl": kl_ctl.state_dict(), "pos": pos})
+        dist.barrier()
 
     with GracefulStop() as stop, logger:
         while step < cfg.optim.max_steps:
             t0 = time.perf_counter()
             # 1. Rollout.
-            idx = [i for _, i in order.indices(pos, U)]
-            ro = sampler([prompts.ids[i] for i in idx], params, G, [prompts.texts[i] for i in idx])
+            idx = [i for _, i in order.indices(pos, U)][dist.shard(U)]  # this rank's share of the prompts
+            ro = sampler([prompts.ids[i] for i in idx], params, G, [prompts.texts[i] for i in idx],
+                         step_uniforms(cfg.run.seed, step, B, params.max_new_tokens)[dist.shard(B)])
             t_gen = time.perf_counter() - t0
             mask = ro.completion_mask.float()
 
             # 2. Rewards: score - beta * sequence KL to the reference, then the leave-one-out baseline.
             raw = reward_fn(ro.prompts, ro.completions).to(device)
-            check_finite("reward", raw, step + 1, run_dir)
             scores = shape_scores(raw, ro.finished, ro.lengths, cfg.reward.missing_eos_penalty,
                                   cfg.reward.length_penalty)
-            seq_kl = torch.zeros(B, device=device)
-            if ref is not None:
-                with torch.no_grad():
-                    ref_logprobs = torch.cat([completion_logprobs(ref, ro.rows(mb), params.temperature)[0]
-                                              for mb in micro_batches(B, cfg.optim.batch_size, G)])
-                seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * mask).sum(-1)  # (B,)
-            rewards = scores - kl_ctl.value * seq_kl
+            seq_kl = torch.zeros(len(ro.prompts), device=device)
+            if cfg.kl.coef:
+                ref_logprobs = reference_logprobs(policy, ref, ro, params.temperature, cfg.optim.batch_size)
+                seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * mask).sum(-1)  # (b,)
+            # Baselines and normalisation over the global batch; this rank keeps its rows.
+            all_raw, all_scores, all_kl, all_lengths, all_finished = global_rows(
+                dist, raw, scores, seq_kl, ro.lengths, ro.finished)
+            check_finite("reward", all_raw, step + 1, run_dir)
+            rewards = all_scores - kl_ctl.value * all_kl  # (B,)
             advantages = group_advantages(rewards, G, "rloo")
             if cfg.normalize_advantages:
                 advantages = normalize(advantages)
+            advantages = mine(dist, advantages)
 
             # 3. One policy step on the sequence-level clipped surrogate, mean over completions.
             stats = {"loss": 0.0, "clipfrac": 0.0, "entropy": 0.0}
-            n_tokens = mask.sum().clamp(min=1)
-            for mb in micro_batches(B, cfg.optim.batch_size, G):
+            n_tokens = max(dist.sum(mask.sum()), 1.0)  # the global batch's
+            for mb in micro_batches(len(ro.prompts), cfg.optim.batch_size, G):
                 logprobs, entropy = completion_logprobs(policy, ro.rows(mb), params.temperature, with_entropy=True)
                 seq_logprobs = logprobs.sum(-1)  # (b,), already masked
                 loss, st = sequence_policy_loss(seq_logprobs, seq_logprobs.detach(), advantages[mb], cfg.clip,
                                                 normalizer=B)
-                check_finite("loss", loss.detach(), step + 1, run_dir)
                 loss.backward()
                 stats["loss"] += float(loss.detach())
-                stats["clipfrac"] += float(st["clipfrac"]) * (mb.stop - mb.start) / B
-                stats["entropy"] += float((entropy * mask[mb]).sum() / n_tokens)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip or float("inf"))
+                stats["clipfrac"] += float(st["clipfrac"]) * (mb.stop - mb.start) / B  # share of the global B
+                stats["entropy"] += float((entropy * mask[mb]).sum()) / n_tokens
+            stats = {k: dist.sum(v) for k, v in stats.items()}  # each rank's share of the batch means
+            check_finite("loss", stats["loss"], step + 1, run_dir)
+            dist.sum_gradients(trainable)  # the losses are over the global B: the sum is the batch's gradient
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            kl_ctl.update(float(seq_kl.mean()), B)
+            kl_ctl.update(float(all_kl.mean()), B)
             step += 1
             pos += U
 
             # 4. Log.
             dt = time.perf_counter() - t0
-            n_gen = int(ro.lengths.sum())
+            n_gen = int(all_lengths.sum())
             metrics = {
-                "rollout/reward_mean": float(raw.mean()), "rollout/reward_std": float(raw.std()),
-                "rollout/score_mean": float(scores.mean()), "rollout/length_mean": float(ro.lengths.float().mean()),
-                "rollout/finished_frac": float(ro.finished.float().mean()), "rollout/tokens": n_gen,
+                "rollout/reward_mean": float(all_raw.mean()), "rollout/reward_std": float(all_raw.std()),
+                "rollout/score_mean": float(all_scores.mean()),
+                "rollout/length_mean": float(all_lengths.float().mean()),
+                "rollout/finished_frac": float(all_finished.float().mean()), "rollout/tokens": n_gen,
                 "loss/policy": stats["loss"], "policy/entropy": stats["entropy"], "ppo/clipfrac": stats["clipfrac"],
-                "kl/mean": float(seq_kl.mean()), "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
+                "kl/mean": float(all_kl.mean()), "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0], "perf/s_per_step": dt, "perf/gen_s": t_gen,
                 "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": B / dt, "perf/peak_rss_mb": peak_rss_mb(),
             }
@@ -153,19 +165,22 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
                 logger.log_text("samples", samples_table(ro.prompts, ro.completions, raw), step)
             if on_step is not None:
                 on_step(step, metrics)
-            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
-            if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
+            halt = should_stop(dist, stop, t_start, cfg.run.max_minutes)  # Ctrl-C, SIGTERM, time limit
+            if (cfg.log.save_every and step % cfg.log.save_every == 0) or halt:
                 checkpoint()
-            if stop.requested or over_time:
+            if halt:
                 break
         if saved_step != step:
             checkpoint()
 
-    final = save_model(run_dir / "final", policy, tok)
+    final = run_dir / "final"  # LoRA: the adapters merged into a plain HF model
     summary = {"steps": step, "reward_first": history[0] if history else None,
                "reward_last": history[-1] if history else None, "kl_coef": kl_ctl.value,
                "final_model": str(final), "wall_s": round(time.time() - t_start, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    logger.write(f"done: {step} steps, reward {summary['reward_first']} -> {summary['reward_last']}; "
-                 f"policy in {final}")
+    if dist.is_main:
+        save_model(final, policy, tok)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        logger.write(f"done: {step} steps, reward {summary['reward_first']} -> {summary['reward_last']}; "
+                     f"policy in {final}")
+    dist.barrier()
     return summary

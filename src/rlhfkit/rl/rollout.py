@@ -73,11 +73,12 @@ class Rollout:
 # Sampling one token per row
 # ---------------------------------------------------------------------------------------------------
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                top_p: float = 1.0, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits (B, V); returns (tokens (B,), logprobs (B,)).
 
     The log-probability is under softmax(logits / temperature) without the top-k/top-p filter (greedy:
-    under softmax(logits)). Uses the global torch RNG, so a checkpoint's RNG state resumes sampling exactly.
+    under softmax(logits)). `u` (B, 1) are the uniform numbers in [0, 1) to invert the CDF with; without
+    them they come from the global torch RNG (so a checkpoint's RNG state resumes sampling exactly).
     """
     logits = logits.float()
     if temperature == 0:
@@ -89,7 +90,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         peak = scaled.amax(-1, keepdim=True)
         cdf = (scaled - peak).exp_().cumsum_(-1)  # (B, V)
         total = cdf[:, -1:]
-        u = torch.rand(cdf.size(0), 1, device=cdf.device) * total
+        u = (torch.rand(cdf.size(0), 1, device=cdf.device) if u is None else u) * total
         tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)
         return tok, scaled.gather(-1, tok[:, None])[:, 0] - (peak + total.log())[:, 0]
     log_z = torch.logsumexp(scaled, -1)  # (B,)
@@ -104,7 +105,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         filtered = filtered.masked_fill(drop_sorted.scatter(-1, idx, drop_sorted), float("-inf"))
     # Inverse-CDF sampling: first index whose cumulative probability exceeds u * total.
     cdf = torch.softmax(filtered, -1).cumsum(-1)
-    u = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+    u = (torch.rand(cdf.size(0), 1, device=cdf.device) if u is None else u) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)
     return tok, scaled.gather(-1, tok[:, None])[:, 0] - log_z
 
@@ -181,12 +182,13 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 # ---------------------------------------------------------------------------------------------------
 # The decode loop
 # ---------------------------------------------------------------------------------------------------
-def _decode_steps(model, tok, ids, mask, params: SamplingParams, n: int, backend: str
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _decode_steps(model, tok, ids, mask, params: SamplingParams, n: int, backend: str,
+                  uniforms: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yields (t, tokens (B,), logprobs (B,), counts (B,), alive (B,)) per generated position and stops
     early once every row has finished. `counts` marks rows whose token at t counts (they were still
     generating); `alive` marks rows that go on after t. The consumer may clear entries of `alive` (stop
-    strings) before asking for the next step."""
+    strings) before asking for the next step. `uniforms` (B, max_new_tokens): the sampling randomness of
+    each row and position, if given (see generate)."""
     dec = make_decoder(model, backend)
     stops = eos_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
@@ -195,7 +197,8 @@ def _decode_steps(model, tok, ids, mask, params: SamplingParams, n: int, backend
     alive = torch.ones(B, dtype=torch.bool, device=logits.device)
     stop_tensor = torch.tensor(stops, device=logits.device)
     for t in range(params.max_new_tokens):
-        nxt, lp = sample_next(logits, params.temperature, params.top_k, params.top_p)
+        u = None if uniforms is None else uniforms[:, t:t + 1].to(logits.device)
+        nxt, lp = sample_next(logits, params.temperature, params.top_k, params.top_p, u)
         counts = alive.clone()
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad))
         alive &= ~torch.isin(nxt, stop_tensor)
@@ -211,7 +214,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 @torch.inference_mode()
-def _generate(model, tok, prompt_ids, params, n, backend):
+def _generate(model, tok, prompt_ids, params, n, backend, uniforms=None):
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad(prompt_ids, pad)
@@ -220,7 +223,7 @@ def _generate(model, tok, prompt_ids, params, n, backend):
     model.eval()
     cols_tok, cols_lp, cols_mask = [], [], []
     try:
-        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend):
+        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend, uniforms):
             cols_tok.append(nxt)
             cols_lp.append(torch.where(counts, lp, torch.zeros_like(lp)))
             cols_mask.append(counts)
@@ -241,12 +244,17 @@ def _generate(model, tok, prompt_ids, params, n, backend):
 
 
 def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
-             n: int = 1, backend: str = "auto", prompts: Sequence[str] | None = None) -> Rollout:
+             n: int = 1, backend: str = "auto", prompts: Sequence[str] | None = None,
+             uniforms: torch.Tensor | None = None) -> Rollout:
     """Sample n completions for each prompt (token ids, any lengths). Runs in inference mode and eval mode
-    (no dropout), and restores the model's mode."""
+    (no dropout), and restores the model's mode.
+
+    `uniforms` (len(prompt_ids) * n, max_new_tokens) in [0, 1): the random number each row uses at each
+    position. The RL loops draw them for the whole global batch from a generator seeded by (seed, step), so
+    a completion depends only on its global row, not on how the batch is split over processes."""
     if backend == "vllm":
         raise ValueError("the vllm backend samples through VLLMEngine.generate (it owns its own weights)")
-    ids, mask, comp, cmask, logprobs, finished = _generate(model, tok, prompt_ids, params, n, backend)
+    ids, mask, comp, cmask, logprobs, finished = _generate(model, tok, prompt_ids, params, n, backend, uniforms)
     if prompts is None:
         prompts = tok.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
     texts = []
@@ -327,7 +335,11 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
     comp, G = ro.completion_ids, ro.group_size
     padded = not bool(ro.prompt_mask.all())
     pos_c = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(comp.size(1) - 1, device=comp.device)
-    if G > 1 and comp.size(1) > 1:
+    # A model training with gradient checkpointing refuses a KV cache (HF turns use_cache off), so it
+    # runs prompt + completion in one forward instead.
+    checkpointed = model.training and any(getattr(m, "gradient_checkpointing", False) is True
+                                          for m in model.modules())
+    if G > 1 and comp.size(1) > 1 and not checkpointed:
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -378,9 +390,10 @@ class Sampler:
         self.engine = VLLMEngine(model_dir, seed=seed) if backend == "vllm" else None
 
     def __call__(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, n: int,
-                 prompts: Sequence[str]) -> Rollout:
+                 prompts: Sequence[str], uniforms: torch.Tensor | None = None) -> Rollout:
+        """`uniforms` fix our decoders' randomness per row (see generate); vLLM draws its own."""
         if self.engine is None:
-            return generate(self.model, self.tok, prompt_ids, params, n, self.backend, prompts)
+            return generate(self.model, self.tok, prompt_ids, params, n, self.backend, prompts, uniforms)
         self.engine.sync(self.model)
         ro = self.engine.generate(self.tok, prompt_ids, params, n, prompts)
         device = next(self.model.parameters()).device

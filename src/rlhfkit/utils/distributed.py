@@ -69,6 +69,59 @@ class Dist:
             t = self.acc.reduce(t, reduction="sum")
         return float(t.item())
 
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of x (the same number on each rank), concatenated in rank order: with
+        contiguous shards that is the global batch order. A 2-D x is padded with zeros along dim 1 to the
+        widest rank's (e.g. completions that stopped at different lengths)."""
+        if self.world == 1:
+            return x
+        import torch.distributed as td
+
+        is_bool = x.dtype == torch.bool  # gloo has no bool collectives
+        y = x.to(torch.uint8) if is_bool else x
+        if y.dim() == 2:
+            width = torch.tensor([y.size(1)], device=y.device)
+            td.all_reduce(width, op=td.ReduceOp.MAX)
+            y = torch.nn.functional.pad(y, (0, int(width) - y.size(1)))
+        y = y.contiguous()
+        parts = [torch.empty_like(y) for _ in range(self.world)]
+        td.all_gather(parts, y)
+        out = torch.cat(parts)
+        return out.bool() if is_bool else out
+
+    def broadcast_from_main(self, params: list[torch.Tensor]) -> None:
+        """Give every rank rank 0's values of params (what DDP does when it wraps a model), so the ranks start
+        identical even if they drew different random numbers while building (e.g. LoRA's init)."""
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        with torch.no_grad():
+            for p in params:
+                td.broadcast(p.data, src=0)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """All-reduce (sum) the gradients of params over ranks, one flat buffer per dtype. For loops that
+        normalise each rank's loss by global counts (the RL stages): the sum over ranks is then exactly the
+        gradient one process would get on the whole batch. A parameter without a gradient counts as zero."""
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            td.all_reduce(flat)
+            offset = 0
+            for p in group:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+
     def barrier(self) -> None:
         self.acc.wait_for_everyone()
 
