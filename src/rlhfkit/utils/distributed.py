@@ -29,9 +29,15 @@ class Dist:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
-        self.acc = Accelerator(cpu=(device == "cpu"), mixed_precision=mixed)
+        # device auto without a GPU must say cpu: accelerate joins torchrun's CPU processes into one group
+        # only when told to run on the CPU (otherwise every rank trains alone, as world size 1).
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        self.acc = Accelerator(cpu=cpu, mixed_precision=mixed)
         self.rank = self.acc.process_index
         self.world = self.acc.num_processes
+        if self.world != int(os.environ.get("WORLD_SIZE", "1")):
+            raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+                               f"{self.world} (run.device={device!r})")
         self.is_main = self.acc.is_main_process
         self.device = self.acc.device
 
