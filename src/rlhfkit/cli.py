@@ -78,7 +78,26 @@ def run_stage(name: str, argv: list[str]) -> int:
     cls = getattr(config, cls_name)
     cfg = config.parse_config(cls, argv, prog=f"rlhfkit {name}")
     _load(target)(cfg)
+    _end_processes()
     return 0
+
+
+def _end_processes() -> None:
+    """After a stage ran under torchrun / accelerate launch: wait for every rank, tear the process group
+    down and end the process at once (os._exit, after flushing). Left to interpreter shutdown, gloo's worker
+    threads may still be releasing the buffers of the last collectives while Python finalises, and the
+    process aborts ('terminate called without an active exception') after all the work is saved. Every
+    file of the stage is closed by then; a failed stage raises before this and exits normally."""
+    td = sys.modules.get("torch.distributed")
+    if td is None or not td.is_available() or not td.is_initialized():
+        return
+    import os
+
+    td.barrier()
+    td.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
