@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 res.pop("traceback", None)
                 rows.append(res)
                 out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                brief = (f"median {res['s_per_step_median']:.3f} s/step, {res['samples_per_s']:.1f} samples/s, "
-                         f"peak RSS {res['peak_rss_mb']:.0f} MB" if res.get("status") == "ok"
+                brief = (f"median {res['s_per_step_median']:.3f} s/step, {res['samples_per_s']:.1f} samples/s "
+                         f"over the whole run, peak RSS {res['peak_rss_mb']:.0f} MB" if res.get("status") == "ok"
                          else f"{res.get('status')}: {res.get('error', '')}")
                 print(f"[{rep}] {algo:5s} {side:4s} {brief}  (load {load_before[:1]})", flush=True)
     print(f"\n{len(rows)} runs in {time.time() - t_start:.0f}s on {machine['cpu']} ({machine['cpus']} cpus); "
