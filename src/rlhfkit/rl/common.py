@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from rlhfkit.errors import ConfigError, DataError, TrainingError
-from rlhfkit.utils.checkpoint import latest_checkpoint
+from rlhfkit.utils.checkpoint import latest_checkpoint, save_model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,3 +220,23 @@ def micro_batches(n: int, size: int, group: int = 1) -> list[slice]:
     """Row slices of at most `size` rows, each a whole number of groups (so prompts can be shared)."""
     size = max(group, size - size % group) if group > 1 else max(1, size)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def finish_run(dist: Any, run_dir: Path, policy: torch.nn.Module, tok: Any, logger: Any, step: int,
+               history: list[float], kl_coef: float, t_start: float, save_more: Any = None, **extra: Any) -> dict:
+    """The end of every RL loop: rank 0 saves final/ (LoRA: adapters merged into a plain HF model), anything
+    else the loop keeps (`save_more()`, e.g. PPO's critic), summary.json and a closing line; every rank
+    waits for it. Returns the summary (`extra` keys go into it)."""
+    final = run_dir / "final"
+    summary = {"steps": step, "reward_first": history[0] if history else None,
+               "reward_last": history[-1] if history else None, "kl_coef": kl_coef,
+               "final_model": str(final), **extra, "wall_s": round(time.time() - t_start, 1)}
+    if dist.is_main:
+        save_model(final, policy, tok)
+        if save_more is not None:
+            save_more()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        logger.write(f"done: {step} steps, reward {summary['reward_first']} -> {summary['reward_last']}; "
+                     f"policy in {final}")
+    dist.barrier()
+    return summary

@@ -31,7 +31,6 @@ counts, the mini-batches (a global permutation of rows) and the logged statistic
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 
@@ -44,14 +43,13 @@ from rlhfkit.models.factory import (apply_lora, count_params, decay_param_groups
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import gae, shape_scores, token_rewards, whiten
-from rlhfkit.rl.common import (check_finite, global_rows, load_policy, load_prompts, micro_batches, mine,
-                               policy_and_reference, reference_logprobs, rl_dist, samples_table, should_stop,
-                               step_uniforms, use_fast_activations)
+from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_policy, load_prompts,
+                               micro_batches, mine, policy_and_reference, reference_logprobs, rl_dist,
+                               samples_table, should_stop, step_uniforms, use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs, completion_values
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
-                                      save_model)
+from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint)
 from rlhfkit.utils.logging import MetricLogger
 from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, seed_everything,
                                    set_threads, write_run_config)
@@ -286,18 +284,10 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
         if saved_step != step:
             checkpoint()
 
-    final = run_dir / "final"  # LoRA: the adapters merged into a plain HF model
-    summary = {"steps": step, "reward_first": history[0] if history else None,
-               "reward_last": history[-1] if history else None, "kl_coef": kl_ctl.value,
-               "final_model": str(final), "final_critic": str(run_dir / "final_critic"),
-               "wall_s": round(time.time() - t_start, 1)}
-    if dist.is_main:
-        save_model(final, policy, tok)
+    def save_critic() -> None:
         if lora:  # a plain ScalarHeadModel on disk, like a full critic's
             critic.backbone = critic.backbone.merge_and_unload()
         critic.save_pretrained(run_dir / "final_critic")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        logger.write(f"done: {step} steps, reward {summary['reward_first']} -> {summary['reward_last']}; "
-                     f"policy in {final}")
-    dist.barrier()
-    return summary
+
+    return finish_run(dist, run_dir, policy, tok, logger, step, history, kl_ctl.value, t_start,
+                      save_more=save_critic, final_critic=str(run_dir / "final_critic"))

@@ -16,7 +16,6 @@ Departures, and why:
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 
@@ -27,14 +26,13 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import group_advantages, normalize, shape_scores
-from rlhfkit.rl.common import (check_finite, global_rows, load_prompts, micro_batches, mine,
+from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_prompts, micro_batches, mine,
                                policy_and_reference, reference_logprobs, rl_dist, samples_table, should_stop,
                                step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import kl_penalty, sequence_policy_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
-                                      save_model)
+from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint)
 from rlhfkit.utils.logging import MetricLogger
 from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, seed_everything,
                                    set_threads, write_run_config)
@@ -173,14 +171,4 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
         if saved_step != step:
             checkpoint()
 
-    final = run_dir / "final"  # LoRA: the adapters merged into a plain HF model
-    summary = {"steps": step, "reward_first": history[0] if history else None,
-               "reward_last": history[-1] if history else None, "kl_coef": kl_ctl.value,
-               "final_model": str(final), "wall_s": round(time.time() - t_start, 1)}
-    if dist.is_main:
-        save_model(final, policy, tok)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        logger.write(f"done: {step} steps, reward {summary['reward_first']} -> {summary['reward_last']}; "
-                     f"policy in {final}")
-    dist.barrier()
-    return summary
+    return finish_run(dist, run_dir, policy, tok, logger, step, history, kl_ctl.value, t_start)
