@@ -1,6 +1,7 @@
 """LoRA: only adapters train, checkpoints resume exactly, final/ is a merged plain HF model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -146,3 +147,19 @@ def test_lora_ppo_trains_adapters_resumes_exactly_and_saves_merged(tmp_path, tin
     from rlhfkit.models.heads import ScalarHeadModel
 
     assert ScalarHeadModel.from_pretrained(full / "final_critic") is not None  # merged critic, plain HF
+
+
+def test_mfu_counts_frozen_base_weights_at_4_flops_per_token(tiny_tokenizer, tiny_model_cfg):
+    """LoRA's frozen base weights need the forward and the activation gradients (4N), not the weight
+    gradients: MFU would be overstated with 6N."""
+    from rlhfkit.models.factory import apply_lora, count_params
+    from rlhfkit.utils.runtime import model_flops_per_token
+
+    assert model_flops_per_token(100, 2, 8, 4) == 6 * 100 + 12 * 2 * 8 * 4
+    assert model_flops_per_token(100, 2, 8, 4, frozen=40) == 6 * 60 + 4 * 40 + 12 * 2 * 8 * 4
+    model = build_model(tiny_model_cfg, tiny_tokenizer)
+    assert count_params(model, frozen_only=True) == 0
+    n = count_params(model)
+    lora = apply_lora(model, dataclasses.replace(tiny_model_cfg, lora_r=4))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert count_params(lora, frozen_only=True) == n and count_params(lora) == n + trainable

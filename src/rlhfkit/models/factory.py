@@ -123,9 +123,11 @@ def get_tokenizer(tcfg: TokenizerConfig, model_path: str = "", texts: Any = None
     return train_tokenizer(texts, tcfg.vocab_size, tcfg.min_frequency)
 
 
-def count_params(model: torch.nn.Module) -> int:
-    """Parameters counted once (tied embedding/head weights are shared)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def count_params(model: torch.nn.Module, frozen_only: bool = False) -> int:
+    """Parameters counted once (tied embedding/head weights are shared); only the frozen ones (no
+    requires_grad, e.g. LoRA's base weights) with frozen_only."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
+               if not (frozen_only and p.requires_grad))
 
 
 def decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -174,7 +174,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum
     global_bs = bs * accum * dist.world
     mcfg = dist.unwrap(model).config
-    flops_tok = model_flops_per_token(n_params, mcfg.num_hidden_layers, mcfg.hidden_size, L)
+    flops_tok = model_flops_per_token(n_params, mcfg.num_hidden_layers, mcfg.hidden_size, L,
+                                      frozen=count_params(model, frozen_only=True))
     meter = Throughput(flops_tok, peak_flops(dist.device))
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step,
                           desc="pretrain", is_main=dist.is_main)

@@ -95,8 +95,9 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum
     global_bs = bs * accum * dist.world
     mcfg = dist.unwrap(model).config
-    meter = Throughput(model_flops_per_token(n_params, mcfg.num_hidden_layers, mcfg.hidden_size,
-                                             cfg.data.max_len // 2), peak_flops(dist.device))
+    flops_tok = model_flops_per_token(n_params, mcfg.num_hidden_layers, mcfg.hidden_size, cfg.data.max_len // 2,
+                                      frozen=count_params(model, frozen_only=True))
+    meter = Throughput(flops_tok, peak_flops(dist.device))
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="sft",
                           is_main=dist.is_main)
     n_resp = sum(len(x) - n for x, n in train_set)

@@ -112,10 +112,12 @@ def cpu_peak_flops() -> float:
     return _CPU_PEAK[key]
 
 
-def model_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+def model_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int, frozen: int = 0) -> float:
     """Training FLOPs per token: 6N for the matmuls (fwd+bwd) + 12·L·d·T for attention scores
-    (the PaLM appendix B estimate, as in nanoGPT). Forward only is a third of this."""
-    return 6.0 * n_params + 12.0 * n_layer * d_model * seq_len
+    (the PaLM appendix B estimate, as in nanoGPT). Forward only is a third of this. `frozen` of the N
+    parameters (LoRA's base weights) cost 4 instead of 6: forward and the gradient of the activations,
+    no weight gradient."""
+    return 6.0 * (n_params - frozen) + 4.0 * frozen + 12.0 * n_layer * d_model * seq_len
 
 
 def peak_rss_mb() -> float:
