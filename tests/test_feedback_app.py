@@ -82,6 +82,16 @@ def test_password_guessing_gets_429_and_a_success_is_still_refused_meanwhile(tmp
     st.close()
 
 
+def test_a_new_password_ends_the_old_sessions(env):
+    st, c, _ = env
+    login(c, "alice", "alice-password")
+    assert c.get("/task", follow_redirects=False).status_code == 200
+    st.set_password("alice", "alice-new-password")           # e.g. `rlhfkit feedback users passwd alice`
+    assert c.get("/task", follow_redirects=False).headers["location"] == "/login"
+    login(c, "alice", "alice-new-password")
+    assert c.get("/task", follow_redirects=False).status_code == 200
+
+
 def test_login_session_and_escaping(env):
     st, c, _ = env
     assert c.get("/task", follow_redirects=False).headers["location"] == "/login"

@@ -255,7 +255,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         if data is None:
             return None
         who = store.by_id(int(data.get("a", 0)))
-        return {**who, "csrf": data["c"]} if who else None
+        if who is None or data.get("p") != who["pw"]:   # disabled, or the password changed since login
+            return None
+        return {**who, "csrf": data["c"]}
 
     def set_cookie(resp: Response, name: str, value: str, max_age: int) -> None:
         resp.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax",
@@ -324,8 +326,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         by_name.clear(name)
         resp = RedirectResponse("/task", status_code=303)
         max_age = int(cfg.session_hours * 3600)
-        set_cookie(resp, SESSION_COOKIE, sign(secret, {"a": who["id"], "c": secrets.token_urlsafe(24),
-                                                       "exp": time.time() + max_age}), max_age)
+        payload = {"a": who["id"], "p": who["pw"], "c": secrets.token_urlsafe(24),
+                   "exp": time.time() + max_age}
+        set_cookie(resp, SESSION_COOKIE, sign(secret, payload), max_age)
         resp.delete_cookie(LOGIN_COOKIE, path="/")
         return resp
 

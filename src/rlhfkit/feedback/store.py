@@ -76,6 +76,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def password_epoch(password_hash: str | None) -> str:
+    """A short fingerprint of the stored password hash (salted, so it changes with every new password): web
+    sessions carry it, so setting a new password ends every session opened with the old one."""
+    return hashlib.sha256((password_hash or "").encode()).hexdigest()[:16]
+
+
 def sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -513,7 +519,8 @@ class Store:
             cutoff = cutoff.replace(tzinfo=None)
         with self.write() as s:
             r = self._round(s, self._project(s, project), round)
-            stale = s.execute(select(Assignment.id, Assignment.item_id).join(Item, Item.id == Assignment.item_id)
+            stale = s.execute(select(Assignment.id, Assignment.item_id)
+                              .join(Item, Item.id == Assignment.item_id)
                               .where(Item.round_id == r.id, Assignment.status == "pending",
                                      Assignment.updated_at < cutoff)).all()
             for asg_id, item_id in stale:
@@ -653,7 +660,9 @@ class Store:
             stored = a.password_hash if a is not None else None
             # Always run the KDF once, so a wrong name takes as long as a wrong password.
             ok = verify_password(password, stored or _DUMMY_HASH) and a is not None and a.is_active
-            return {"id": a.id, "name": a.name, "admin": a.is_admin} if ok else None
+            if not ok:
+                return None
+            return {"id": a.id, "name": a.name, "admin": a.is_admin, "pw": password_epoch(stored)}
 
     def by_token(self, token: str) -> dict | None:
         return self._who(Annotator.token_hash == hash_token(token))
@@ -663,9 +672,11 @@ class Store:
 
     def _who(self, where: Any) -> dict | None:
         with self.read() as s:
-            row = s.execute(select(Annotator.id, Annotator.name, Annotator.is_admin)
+            row = s.execute(select(Annotator.id, Annotator.name, Annotator.is_admin, Annotator.password_hash)
                             .where(where, Annotator.is_active)).first()
-            return {"id": row[0], "name": row[1], "admin": row[2]} if row else None
+            if row is None:
+                return None
+            return {"id": row[0], "name": row[1], "admin": row[2], "pw": password_epoch(row[3])}
 
     # ---- tasks ------------------------------------------------------------------------------------
     # The hot path (every web request): column queries rather than ORM objects, a handful per answer.
