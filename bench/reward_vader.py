@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -152,13 +151,9 @@ def main() -> None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()}"
-    except OSError:
-        pass
-    return platform.processor()
+    from rlhfkit.utils.runtime import cpu_model
+
+    return f"{cpu_model()} x {os.cpu_count()}"
 
 
 if __name__ == "__main__":

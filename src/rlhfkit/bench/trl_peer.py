@@ -66,16 +66,6 @@ def load_avg() -> list[float]:
         return []
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Our worker: one trainer, one fresh process
 # ---------------------------------------------------------------------------------------------------
@@ -354,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     out = Path(a.out)
     t_start = time.time()
+    from rlhfkit.utils.runtime import cpu_model   # imports torch: only here, in the orchestrating process
+
     machine = {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()}
     for rep in range(a.repeats):
         for algo in trainers:

@@ -62,7 +62,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
     return cpu_peak_flops()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -77,7 +78,7 @@ def _cpu_model() -> str:
 def cpu_peak_flops() -> float:
     """Best fp32 matmul FLOP/s of this CPU with the current torch thread count (~0.3 s, then cached
     in memory and in the data directory)."""
-    key = (_cpu_model(), torch.get_num_threads())
+    key = (cpu_model(), torch.get_num_threads())
     if key in _CPU_PEAK:
         return _CPU_PEAK[key]
     import json
