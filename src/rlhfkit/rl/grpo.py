@@ -30,10 +30,10 @@ from rlhfkit.config import GRPOConfig
 from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
-from rlhfkit.rl.advantages import group_advantages, shape_scores
+from rlhfkit.rl.advantages import group_advantages
 from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_prompts, micro_batches, mine,
-                               policy_and_reference, reference_logprobs, rl_dist, samples_table, should_stop,
-                               step_uniforms)
+                               policy_and_reference, reference_logprobs, rl_dist, rollout_scores,
+                               samples_table, should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import aggregate, clipped_surrogate, kl_penalty
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
@@ -108,9 +108,7 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
 
             # 2. Rewards -> group-relative advantages (B,) over the global batch. A NaN reward stops the run
             #    before any update.
-            raw = reward_fn(ro.prompts, ro.completions).to(device)
-            scores = shape_scores(raw, ro.finished, ro.lengths, cfg.reward.missing_eos_penalty,
-                                  cfg.reward.length_penalty)
+            raw, scores = rollout_scores(reward_fn, ro, cfg.reward, device)
             all_raw, all_scores, all_lengths, all_finished = global_rows(dist, raw, scores, ro.lengths, ro.finished)
             check_finite("reward", all_raw, step + 1, run_dir)
             advantages = mine(dist, group_advantages(all_scores, G, "grpo", cfg.scale_rewards))

@@ -42,10 +42,11 @@ from rlhfkit.models.factory import (apply_lora, count_params, decay_param_groups
                                     get_tokenizer, lr_lambda, make_optimizer)
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
-from rlhfkit.rl.advantages import gae, shape_scores, token_rewards, whiten
+from rlhfkit.rl.advantages import gae, token_rewards, whiten
 from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_policy, load_prompts,
                                micro_batches, mine, policy_and_reference, reference_logprobs, rl_dist,
-                               samples_table, should_stop, step_uniforms, use_fast_activations)
+                               rollout_scores, samples_table, should_stop, step_uniforms,
+                               use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs, completion_values
@@ -146,9 +147,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
             t_gen = time.perf_counter() - t0
             mask = ro.completion_mask.float()
             b, C = mask.shape  # this rank's rows and completion length
-            raw = reward_fn(ro.prompts, ro.completions).to(device)
-            scores = shape_scores(raw, ro.finished, ro.lengths, cfg.reward.missing_eos_penalty,
-                                  cfg.reward.length_penalty)
+            raw, scores = rollout_scores(reward_fn, ro, cfg.reward, device)
             all_raw, all_scores, all_lengths, all_finished, all_mask = global_rows(
                 dist, raw, scores, ro.lengths, ro.finished, mask)
             check_finite("reward", all_raw, step + 1, run_dir)

@@ -25,10 +25,10 @@ from rlhfkit.config import RLOOConfig
 from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
-from rlhfkit.rl.advantages import group_advantages, normalize, shape_scores
+from rlhfkit.rl.advantages import group_advantages, normalize
 from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_prompts, micro_batches, mine,
-                               policy_and_reference, reference_logprobs, rl_dist, samples_table, should_stop,
-                               step_uniforms)
+                               policy_and_reference, reference_logprobs, rl_dist, rollout_scores,
+                               samples_table, should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import kl_penalty, sequence_policy_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
@@ -102,9 +102,7 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
             mask = ro.completion_mask.float()
 
             # 2. Rewards: score - beta * sequence KL to the reference, then the leave-one-out baseline.
-            raw = reward_fn(ro.prompts, ro.completions).to(device)
-            scores = shape_scores(raw, ro.finished, ro.lengths, cfg.reward.missing_eos_penalty,
-                                  cfg.reward.length_penalty)
+            raw, scores = rollout_scores(reward_fn, ro, cfg.reward, device)
             seq_kl = torch.zeros(len(ro.prompts), device=device)
             if cfg.kl.coef:
                 ref_logprobs = reference_logprobs(policy, ref, ro, params.temperature, cfg.optim.batch_size)
