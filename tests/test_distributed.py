@@ -38,13 +38,15 @@ def test_default_device_joins_torchrun_processes_on_cpu(tmp_path):
     """run.device auto (the default) on a machine without a GPU: the ranks form one group of 2. (accelerate
     joins CPU processes only when told cpu=True; before, each rank silently trained alone as world 1.)"""
     script = tmp_path / "world.py"
-    script.write_text("from rlhfkit.utils.distributed import Dist\nd = Dist('auto')\n"
-                      "print(f'rank {d.rank} of {d.world}', flush=True)\n")
+    # One file per rank: the ranks share stdout, where their lines can interleave.
+    script.write_text("import sys\nfrom pathlib import Path\nfrom rlhfkit.utils.distributed import Dist\n"
+                      "d = Dist('auto')\n"
+                      "Path(sys.argv[1], f'rank{d.rank}.txt').write_text(f'rank {d.rank} of {d.world}')\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    p = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run([*TORCHRUN, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(line for line in p.stdout.splitlines() if line.startswith("rank")) == ["rank 0 of 2",
-                                                                                         "rank 1 of 2"]
+    assert sorted(f.read_text() for f in tmp_path.glob("rank*.txt")) == ["rank 0 of 2", "rank 1 of 2"]
 
 
 @pytest.fixture(scope="module")
