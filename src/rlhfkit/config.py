@@ -445,9 +445,14 @@ class RolloutConfig:
     backend: Literal["auto", "fast", "hf", "vllm"] = opt(
         "auto", "decoder: fast (our KV-cache loop, GPT-2 and Llama architectures), hf (any HF causal LM), "
                 "vllm (GPU, needs the vllm package); auto = fast where supported, else hf")
+    replay_max_mb: float = opt(
+        1024.0, "with the fast decoder, keep the outputs of every linear layer of the sampling forward (up to "
+                "this many MB per rollout) so that the first training forward after it reuses them instead of "
+                "running its matmuls again; 0 = off (the record is skipped for larger rollouts)")
 
     def check(self) -> None:
         _positive(self, "prompts_per_step", "samples_per_prompt", "max_new_tokens")
+        _non_negative(self, "replay_max_mb")
         _non_negative(self, "temperature", "top_k")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{here('top_p')}={self.top_p} must be in (0, 1]")

@@ -70,7 +70,7 @@ def load_avg() -> list[float]:
 # Our worker: one trainer, one fresh process
 # ---------------------------------------------------------------------------------------------------
 def workload_config(algo: str, workdir: Path, steps: int, run_dir: Path, threads: int,
-                    micro_batch: int = 16) -> Any:
+                    micro_batch: int = 16, replay_mb: float | None = None) -> Any:
     """Our config for the harness workload (steps = warm-up + timed)."""
     from rlhfkit import config as C
 
@@ -89,6 +89,8 @@ def workload_config(algo: str, workdir: Path, steps: int, run_dir: Path, threads
     o.lr, o.schedule, o.warmup_steps, o.weight_decay = 1e-5, "constant", 0, 0.0
     o.beta1, o.beta2, o.eps, o.grad_clip = 0.9, 0.999, 1e-8, 1.0
     o.batch_size, o.max_steps = micro_batch, steps
+    if replay_mb is not None:
+        cfg.rollout.replay_max_mb = replay_mb
     if algo == "ppo":
         cfg.critic = str(workdir / "value_init")
     cfg.log.run_dir = str(run_dir)
@@ -99,7 +101,8 @@ def workload_config(algo: str, workdir: Path, steps: int, run_dir: Path, threads
     return cfg
 
 
-def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: int) -> dict[str, Any]:
+def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: int,
+               replay_mb: float | None = None) -> dict[str, Any]:
     rss_start = rss_mb()
     import torch
 
@@ -108,7 +111,7 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
 
     train = importlib.import_module(f"rlhfkit.rl.{algo}").train
     run_dir = workdir / f"ours_{algo}"
-    cfg = workload_config(algo, workdir, steps + 1, run_dir, threads, micro_batch)
+    cfg = workload_config(algo, workdir, steps + 1, run_dir, threads, micro_batch, replay_mb)
     marks: list[dict[str, float]] = []
 
     def on_step(step: int, m: dict) -> None:
@@ -225,7 +228,7 @@ def run_ours(algo: str, args, workdir: Path) -> dict[str, Any]:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "rlhfkit.bench.trl_peer", "--worker", algo, "--steps", str(args.steps),
            "--workdir", str(workdir), "--worker-out", str(out), "--threads", str(args.threads),
-           "--micro-batch", str(args.micro_batch)]
+           "--micro-batch", str(args.micro_batch), "--replay-mb", str(args.replay_mb)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rc = _run(cmd, workdir / f"ours_{algo}.log", env)
     if out.exists():
@@ -292,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=16,
                     help="our side: completions per forward/backward micro-batch (the gradient is the same; "
                          "smaller bounds activation memory)")
+    ap.add_argument("--replay-mb", type=float, default=64.0,
+                    help="our side: rollout.replay_max_mb, the memory a rollout may keep of its own forward so "
+                         "that the training forward skips those matmuls (0 = off). 64 keeps about 60%% of this "
+                         "workload's GRPO record (99 MB in full) and peak RSS at <= 0.5x TRL's; the full record "
+                         "is no faster here within run-to-run noise (docs/benchmarks.md)")
     ap.add_argument("--trl-dir", default="", help="the TRL peer benchmark directory (default: ../shared/bench/trl "
                                                   "relative to the repository root)")
     ap.add_argument("--workdir", default="", help="artifacts, logs and per-run files (default: a temp dir)")
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         if a.threads:
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
-        res = run_worker(a.worker, a.steps, Path(a.workdir), a.threads, a.micro_batch)
+        res = run_worker(a.worker, a.steps, Path(a.workdir), a.threads, a.micro_batch, a.replay_mb)
         Path(a.worker_out).write_text(json.dumps(res))
         return 0
 

@@ -15,6 +15,16 @@ prompt + max_new, head_dim), written in place. Left padding: pad keys are masked
 tokens only (as HF does), and a pad query attends to itself so no row of the softmax is empty.
 
 Equivalence with HF's forward is tested (tests/test_rollout.py); the logits agree to float rounding.
+
+Replay. A rollout can keep a `Record` of its forward pass: the output of every linear layer and of the LM
+head at every prompt and completion position. While the weights are unchanged (until the first optimizer
+step after the rollout: GRPO / RLOO / REINFORCE with one iteration, PPO's first mini-batch), the training
+forward (`replay`) runs the same blocks with autograd, but each linear layer hands back its recorded output
+instead of multiplying (`_SavedLinear`, whose backward is the ordinary one). Only the elementwise work
+(layer norms, activations, attention, residuals) is recomputed; the forward's matmuls, about a third of
+the FLOPs of a training step, are not. The gradients are those of the decoder's forward, equal to those of
+a fresh forward to float rounding (tests/test_replay.py). It costs memory: every linear output of the whole
+batch is kept until the update (`rollout.replay_max_mb` caps it).
 """
 from __future__ import annotations
 
@@ -39,8 +49,155 @@ def supported(model: torch.nn.Module) -> bool:
     return False
 
 
+class _SavedLinear(torch.autograd.Function):
+    """A linear layer whose output `y` is already known (recorded by the decoder with the same weights):
+    forward hands it back without multiplying; backward is the ordinary one. conv1d: y = x @ weight + bias
+    (GPT-2's Conv1D, weight (in, out)); else y = x @ weight.T + bias (nn.Linear). x is (N, in)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, y, conv1d):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.conv1d, ctx.has_bias = conv1d, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, w = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ w.t() if ctx.conv1d else dy @ w
+        if ctx.needs_input_grad[1]:
+            dw = x.t() @ dy if ctx.conv1d else dy.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, dw, db, None, None
+
+
+def _versions(model: torch.nn.Module) -> tuple[int, ...]:
+    """Every parameter's version counter: an optimizer step (in place) changes them."""
+    return tuple(p._version for p in model.parameters())
+
+
+class Record:
+    """The outputs of every linear layer (and the LM head) of one rollout's forward, for `replay`.
+
+    prompt[i][j]: (U * P, F_j), the j-th linear of block i at the unique prompts' positions (the prefill);
+    comp[i][j]: (max_new - 1, B, F_j), at the completion tokens fed back, time-major so that decode step s
+    writes its output straight into comp[i][j][s]; first: (U, V) logits of the prompts' last position;
+    logits: (max_new - 1, B, V) of the steps. The buffers are made before decoding (outside inference
+    mode: they feed autograd later). Valid for the model it was recorded with while its parameters are
+    unchanged (`usable`)."""
+
+    def __init__(self, model: torch.nn.Module, dec: "_Base", U: int, G: int, P: int, max_new: int,
+                 budget_mb: float, reuse: "Record | None" = None) -> None:
+        """Records the layers `plan` picks for budget_mb. `reuse`: a record no longer needed (an earlier
+        rollout's): its memory is taken over if large enough, and it stops being usable."""
+        like = dec.weight_like
+        B, n = U * G, max(max_new - 1, 0)
+        self.model, self.versions, self.root, self.released = model, _versions(model), self, False
+        self.U, self.G, self.P, self.s, self.n = U, G, P, -1, 0
+        self.keep, self.keep_logits, need = self.plan(dec, U, G, P, max_new, budget_mb)
+        flat = reuse.release() if reuse is not None else None
+        if flat is None or flat.numel() < need or flat.dtype != like.dtype or flat.device != like.device:
+            flat = like.new_empty(need)
+        self.flat, at = flat, 0
+
+        def carve(keep: bool, *shape: int) -> torch.Tensor | None:
+            nonlocal at
+            if not keep:
+                return None
+            size = 1
+            for d in shape:
+                size *= d
+            at += size
+            return flat[at - size:at].view(shape)
+
+        self.prompt = [[carve(k, U * P, f) for k, f in zip(keep, dec.widths)] for keep in self.keep]
+        self.comp = [[carve(k, n, B, f) for k, f in zip(keep, dec.widths)] for keep in self.keep]
+        self.first = carve(self.keep_logits, U, dec.vocab)
+        self.logits = carve(self.keep_logits, n, B, dec.vocab)
+
+    @staticmethod
+    def plan(dec: "_Base", U: int, G: int, P: int, max_new: int, budget_mb: float
+             ) -> tuple[list[list[bool]], bool, int]:
+        """Which outputs to keep within budget_mb: (keep[i][j], keep the LM head's, floats in all). The
+        most matmul work saved per byte first (a layer's FLOPs per output value are its input width:
+        e.g. GPT-2's MLP down-projection saves 4x as much per byte as the others), then in layer order."""
+        steps = U * G * max(max_new - 1, 0)
+        cands = [(dec.fan_in[j], i, j, (U * P + steps) * f) for i in range(dec.L) for j, f in enumerate(dec.widths)]
+        cands.append((dec.D, dec.L, 0, (U + steps) * dec.vocab))  # the LM head
+        cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+        budget = budget_mb * 2**20 / dec.weight_like.element_size()
+        keep = [[False] * len(dec.widths) for _ in range(dec.L)]
+        keep_logits, total = False, 0
+        for _, i, j, floats in cands:
+            if total + floats > budget:
+                continue
+            total += floats
+            if i == dec.L:
+                keep_logits = True
+            else:
+                keep[i][j] = True
+        return keep, keep_logits, total
+
+    def release(self) -> torch.Tensor | None:
+        """Make this record (and every row subset of it) unusable; returns its memory for reuse."""
+        root = self.root
+        root.released = True
+        flat, root.flat = root.flat, None
+        return flat
+
+    def out(self, i: int, j: int) -> torch.Tensor | None:
+        """Where the j-th linear of block i writes its output now (prefill, or decode step s); None if
+        that layer is not recorded."""
+        t = self.prompt[i][j] if self.s < 0 else self.comp[i][j]
+        return t if t is None or self.s < 0 else t[self.s]
+
+    def out_logits(self) -> torch.Tensor | None:
+        return self.first if self.s < 0 or self.logits is None else self.logits[self.s]
+
+    def usable(self, model: torch.nn.Module) -> bool:
+        """True while `model` is the recorded one, unchanged, and gradients are being recorded."""
+        return (not self.root.released and model is self.model and torch.is_grad_enabled()
+                and _versions(model) == self.versions)
+
+    def rows(self, idx: slice | torch.Tensor, group: int) -> "Record":
+        """The record of some rows (as Rollout.rows: `group` is the sub-rollout's group size, the
+        current one for a slice of whole groups, else 1 and every row gets its own prompt entries)."""
+        out = object.__new__(Record)
+        out.__dict__.update(self.__dict__)
+        B = self.U * self.G
+        if isinstance(idx, slice) and group == self.G:
+            start, stop, _ = idx.indices(B)
+            pidx = slice(start // self.G, stop // self.G)
+            out.U = (stop - start) // self.G
+        else:
+            rows = torch.arange(B)[idx]
+            pidx, idx = rows // self.G, rows
+            out.U, out.G = rows.numel(), 1
+        P = self.P
+
+        def prompt_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.view(-1, P, t.size(-1))[pidx].reshape(-1, t.size(-1))
+
+        out.prompt = [[prompt_rows(t) for t in layer] for layer in self.prompt]
+        out.comp = [[None if t is None else t[:, idx] for t in layer] for layer in self.comp]
+        if self.keep_logits:
+            out.first, out.logits = self.first[pidx], self.logits[:, idx]
+        return out
+
+    def replay(self, ro) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits with gradients for rollout `ro` (whose rows this record holds): (B, 1, V) of the first
+        completion token and (B, C - 1, V) of the rest, from the recorded outputs (module docstring)."""
+        if ro.completion_ids.size(1) - 1 != self.n:
+            raise ValueError(f"record of {self.n + 1} completion tokens, rollout of {ro.completion_ids.size(1)}")
+        return make_fast_decoder(self.model).replay(ro, self)
+
+
 class _Base:
     """Cache bookkeeping shared by both architectures."""
+
+    rec: Record | None = None
 
     def __init__(self, n_layer: int, n_kv: int, head_dim: int) -> None:
         self.L, self.Hkv, self.hd = n_layer, n_kv, head_dim
@@ -82,87 +239,185 @@ class _Base:
         return F.scaled_dot_product_attention(q, self.K[i, :, :, :t + 1], self.V[i, :, :, :t + 1],
                                               attn_mask=mask, enable_gqa=self.gqa)
 
+    def record(self, model: torch.nn.Module, U: int, G: int, P: int, max_new: int, budget_mb: float,
+               reuse: Record | None = None) -> Record:
+        """Keep the outputs of the coming start() and step()s (for Record.replay)."""
+        self.rec = Record(model, self, U, G, P, max_new, budget_mb, reuse)
+        return self.rec
+
+    def _begin_step(self) -> None:
+        if self.rec is not None:
+            self.rec.s = self.t - self.rec.P
+            self.rec.n = self.rec.s + 1
+
+    def _lin(self, i: int, j: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The j-th linear layer of block i on x (N, in); written into the record if it keeps this one."""
+        out = None if self.rec is None else self.rec.out(i, j)
+        if out is None:
+            return torch.addmm(bias, x, weight) if self.conv1d else F.linear(x, weight, bias)
+        w = weight if self.conv1d else weight.t()
+        return torch.mm(x, w, out=out) if bias is None else torch.addmm(bias, x, w, out=out)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        out = None if self.rec is None else self.rec.out_logits()
+        if out is None:
+            return F.linear(h, self.lm_head.weight, self.lm_head.bias)
+        w, b = self.lm_head.weight.t(), self.lm_head.bias
+        return torch.mm(h, w, out=out) if b is None else torch.addmm(b, h, w, out=out)
+
+    # Replay -----------------------------------------------------------------------------------------
+    def replay(self, ro, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training forward of rollout `ro` from record `rec` (see the module docstring). The
+        completions run time-major, (C - 1, B), the layout the decoder recorded them in."""
+        G, comp = ro.group_size, ro.completion_ids
+        B, C = comp.shape
+        n = C - 1
+        u_ids, u_mask = ro.prompt_ids[::G], ro.prompt_mask[::G]
+        U, P = u_ids.shape
+        pmask = self._prompt_masks(u_mask, G, n)
+        kv = []
+
+        def saved(part: list) -> callable:
+            def lin(i, j, x, weight, bias):
+                y = part[i][j]
+                if y is None:  # not recorded
+                    return torch.addmm(bias, x, weight) if self.conv1d else F.linear(x, weight, bias)
+                return _SavedLinear.apply(x, weight, bias, y.reshape(-1, y.size(-1)), self.conv1d)
+            return lin
+
+        def head(h, y):
+            if y is None:
+                return F.linear(h, W, b)
+            return _SavedLinear.apply(h, W, b, y.reshape(-1, y.size(-1)), False)
+
+        def attend_prompt(i, q, k, v):
+            kv.append((k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) if G > 1 else (k, v))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=pmask, is_causal=pmask is None,
+                                                  enable_gqa=self.gqa)
+
+        # Completion queries see every (real) prompt key and the completion keys up to their own.
+        cmask = torch.ones(n, P + n, dtype=torch.bool, device=comp.device)
+        cmask[:, P:] = torch.ones(n, n, dtype=torch.bool, device=comp.device).tril()
+        if self.key_ok is not None:
+            cmask = cmask & self.key_ok[:, None, None, :P + n]
+
+        def attend_completion(i, q, k, v):  # time-major (n, H, B, hd) in and out
+            kp, vp = kv[i]
+            q, k, v = (t.permute(2, 1, 0, 3) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2),
+                                               attn_mask=cmask, enable_gqa=self.gqa)
+            return o.permute(2, 1, 0, 3)
+
+        W, b = self.lm_head.weight, self.lm_head.bias
+        x = self._forward(u_ids, self.pos, attend_prompt, saved(rec.prompt))[:, -1]  # (U, D)
+        first = head(self._final_norm(x), rec.first)
+        first = (first.repeat_interleave(G, 0) if G > 1 else first)[:, None]
+        if n == 0:
+            return first, first[:, :0]
+        pos_c = self.next_pos + torch.arange(n, device=comp.device)[:, None]  # (n, B)
+        x = self._forward(comp[:, :-1].t(), pos_c, attend_completion,
+                          saved([[None if t is None else t[:n] for t in layer] for layer in rec.comp]))
+        h = self._final_norm(x).reshape(n * B, -1)  # x: (n, B, D)
+        rest = head(h, None if rec.logits is None else rec.logits[:n])
+        return first, rest.view(n, B, -1).transpose(0, 1)
+
 
 class GPT2Decoder(_Base):
+    conv1d = True
+
     def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
         super().__init__(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head)
         self.tr, self.lm_head, self.H, self.D = model.transformer, model.lm_head, cfg.n_head, cfg.n_embd
         self.gelu = _GELU[cfg.activation_function]
         self.gqa = False
+        self.widths = [3 * self.D, self.D, cfg.n_inner or 4 * self.D, self.D]
+        self.fan_in = [self.D, self.D, self.D, self.widths[2]]
+        self.vocab, self.weight_like = self.lm_head.weight.size(0), self.tr.wte.weight
 
-    def _blocks(self, x: torch.Tensor, attend) -> torch.Tensor:
-        """x (N, n, D) through every block; attend(i, q, k, v) does the attention of layer i."""
+    def _blocks(self, x: torch.Tensor, attend, lin) -> torch.Tensor:
+        """x (N, n, D) through every block; attend(i, q, k, v) does the attention of layer i and
+        lin(i, j, x (N * n, in), weight, bias) its j-th linear layer."""
         N, n, D = x.shape
         for i, blk in enumerate(self.tr.h):
-            a = blk.attn
+            a, mlp = blk.attn, blk.mlp
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
-            qkv = torch.addmm(a.c_attn.bias, h.view(-1, D), a.c_attn.weight)  # Conv1D: weight is (in, out)
+            qkv = lin(i, 0, h.view(-1, D), a.c_attn.weight, a.c_attn.bias)
             q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
             o = attend(i, q, k, v).transpose(1, 2).reshape(N * n, D)
-            x = x + torch.addmm(a.c_proj.bias, o, a.c_proj.weight).view(N, n, D)
+            x = x + lin(i, 1, o, a.c_proj.weight, a.c_proj.bias).view(N, n, D)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            h = F.gelu(torch.addmm(blk.mlp.c_fc.bias, h.view(-1, D), blk.mlp.c_fc.weight), approximate=self.gelu)
-            x = x + torch.addmm(blk.mlp.c_proj.bias, h, blk.mlp.c_proj.weight).view(N, n, D)
+            h = F.gelu(lin(i, 2, h.view(-1, D), mlp.c_fc.weight, mlp.c_fc.bias), approximate=self.gelu)
+            x = x + lin(i, 3, h, mlp.c_proj.weight, mlp.c_proj.bias).view(N, n, D)
         return x
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin) -> torch.Tensor:
+        return self._blocks(self.tr.wte(ids) + self.tr.wpe(pos), attend, lin)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         f = self.tr.ln_f
-        return F.linear(F.layer_norm(x, (self.D,), f.weight, f.bias, f.eps), self.lm_head.weight)
+        return F.layer_norm(x, (self.D,), f.weight, f.bias, f.eps)
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor, repeat: int, max_new: int) -> torch.Tensor:
         U, P = ids.shape
         self._alloc(U * repeat, P + max_new, self.tr.wte.weight)
         pmask = self._prompt_masks(mask, repeat, max_new)
-        x = self.tr.wte(ids) + self.tr.wpe(self.pos)
 
         def attend(i, q, k, v):
             self._store_prompt_kv(i, k, v, repeat)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=pmask, is_causal=pmask is None)
 
-        x = self._blocks(x, attend)[:, -1]  # (U, D): the last prompt position predicts the first token
-        return self._logits(x).repeat_interleave(repeat, 0) if repeat > 1 else self._logits(x)
+        x = self._forward(ids, self.pos, attend, self._lin)[:, -1]  # (U, D): the last prompt position
+        logits = self._head(self._final_norm(x))                   # predicts the first token
+        return logits.repeat_interleave(repeat, 0) if repeat > 1 else logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = (self.tr.wte(tokens) + self.tr.wpe(self.next_pos))[:, None]  # (B, 1, D)
-        x = self._blocks(x, self._attend_step)[:, 0]
+        self._begin_step()
+        x = self._forward(tokens[:, None], self.next_pos[:, None], self._attend_step, self._lin)[:, 0]
         self.t += 1
         self.next_pos = self.next_pos + 1
-        return self._logits(x)
+        return self._head(self._final_norm(x))
 
 
 class LlamaDecoder(_Base):
+    conv1d = False
+
     def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         super().__init__(cfg.num_hidden_layers, cfg.num_key_value_heads, hd)
         self.m, self.lm_head, self.H, self.D = model.model, model.lm_head, cfg.num_attention_heads, cfg.hidden_size
         self.gqa = self.Hkv != self.H
+        I = cfg.intermediate_size
+        self.widths = [self.H * hd, self.Hkv * hd, self.Hkv * hd, self.D, I, I, self.D]
+        self.fan_in = [self.D, self.D, self.D, self.H * hd, self.D, self.D, I]
+        self.vocab, self.weight_like = self.lm_head.weight.size(0), self.m.embed_tokens.weight
 
-    def _blocks(self, x: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin) -> torch.Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+        x = self.m.embed_tokens(ids)
         N, n, D = x.shape
         cos, sin = self.m.rotary_emb(x, pos)  # HF's own rotary (handles every rope scaling type)
         for i, layer in enumerate(self.m.layers):
             a, mlp = layer.self_attn, layer.mlp
             h = F.rms_norm(x, (D,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(N, n, self.H, self.hd).transpose(1, 2)
-            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(N, n, self.Hkv, self.hd).transpose(1, 2)
-            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(N, n, self.Hkv, self.hd).transpose(1, 2)
+            h = h.view(N * n, D)
+            q = lin(i, 0, h, a.q_proj.weight, a.q_proj.bias).view(N, n, self.H, self.hd).transpose(1, 2)
+            k = lin(i, 1, h, a.k_proj.weight, a.k_proj.bias).view(N, n, self.Hkv, self.hd).transpose(1, 2)
+            v = lin(i, 2, h, a.v_proj.weight, a.v_proj.bias).view(N, n, self.Hkv, self.hd).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            o = attend(i, q, k, v).transpose(1, 2).reshape(N, n, self.H * self.hd)
-            x = x + F.linear(o, a.o_proj.weight, a.o_proj.bias)
+            o = attend(i, q, k, v).transpose(1, 2).reshape(N * n, self.H * self.hd)
+            x = x + lin(i, 3, o, a.o_proj.weight, a.o_proj.bias).view(N, n, D)
             h = F.rms_norm(x, (D,), layer.post_attention_layernorm.weight,
-                           layer.post_attention_layernorm.variance_epsilon)
-            x = x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
-                             mlp.down_proj.weight)
+                           layer.post_attention_layernorm.variance_epsilon).view(N * n, D)
+            g = F.silu(lin(i, 4, h, mlp.gate_proj.weight, None)) * lin(i, 5, h, mlp.up_proj.weight, None)
+            x = x + lin(i, 6, g, mlp.down_proj.weight, None).view(N, n, D)
         return x
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         nrm = self.m.norm
-        return F.linear(F.rms_norm(x, (self.D,), nrm.weight, nrm.variance_epsilon), self.lm_head.weight,
-                        self.lm_head.bias)
+        return F.rms_norm(x, (self.D,), nrm.weight, nrm.variance_epsilon)
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor, repeat: int, max_new: int) -> torch.Tensor:
         U, P = ids.shape
@@ -174,17 +429,30 @@ class LlamaDecoder(_Base):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=pmask, is_causal=pmask is None,
                                                   enable_gqa=self.gqa)
 
-        x = self._blocks(self.m.embed_tokens(ids), self.pos, attend)[:, -1]
-        logits = self._logits(x)
+        x = self._forward(ids, self.pos, attend, self._lin)[:, -1]
+        logits = self._head(self._final_norm(x))
         return logits.repeat_interleave(repeat, 0) if repeat > 1 else logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.m.embed_tokens(tokens)[:, None]
-        x = self._blocks(x, self.next_pos[:, None], self._attend_step)[:, 0]
+        self._begin_step()
+        x = self._forward(tokens[:, None], self.next_pos[:, None], self._attend_step, self._lin)[:, 0]
         self.t += 1
         self.next_pos = self.next_pos + 1
-        return self._logits(x)
+        return self._head(self._final_norm(x))
 
 
 def make_fast_decoder(model: torch.nn.Module):
     return GPT2Decoder(model) if type(model).__name__ == "GPT2LMHeadModel" else LlamaDecoder(model)
+
+
+def can_record(model: torch.nn.Module) -> bool:
+    """True if the training forward of `model` can be replayed from a rollout's record: one of our
+    decoders reads it, it trains without dropout (the decoder has none), whole (no adapters) and without
+    gradient checkpointing (whose point is not keeping activations)."""
+    if not supported(model) or not any(p.requires_grad for p in model.parameters()):
+        return False
+    cfg = model.config
+    drops = [getattr(cfg, k, 0.0) or 0.0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")]
+    if model.training and any(d > 0 for d in drops):
+        return False
+    return not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())

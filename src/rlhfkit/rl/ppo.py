@@ -114,7 +114,8 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
     dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
     single_update = cfg.epochs == 1 and cfg.mini_batches == 1  # TRL's default: one optimizer step per rollout
 
-    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
+    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed,
+                      cfg.rollout.replay_max_mb)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="ppo",
                           is_main=dist.is_main)
     logger.write(f"ppo: {count_params(policy) / 1e6:.2f}M policy + {count_params(critic) / 1e6:.2f}M critic params, "

@@ -74,7 +74,8 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
         step, pos = state["step"], state["pos"]
     dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
 
-    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed)
+    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed,
+                      cfg.rollout.replay_max_mb)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="rloo",
                           is_main=dist.is_main)
     logger.write(f"rloo: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "

@@ -52,6 +52,7 @@ class Rollout:
     prompts: list[str]             # (B,) prompt texts, repeated per sample
     completions: list[str]         # (B,) decoded completions (special tokens skipped, cut at a stop string)
     group_size: int = 1            # samples per prompt
+    record: Any = field(default=None, repr=False)  # fastdecode.Record of the sampling forward, if kept
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -66,7 +67,7 @@ class Rollout:
         pick = (lambda xs: xs[idx]) if isinstance(idx, slice) else (lambda xs: [xs[i] for i in idx.tolist()])
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.logprobs[idx], self.finished[idx], pick(self.prompts),
-                       pick(self.completions), g)
+                       pick(self.completions), g, None if self.record is None else self.record.rows(idx, g))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,13 +184,14 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 # The decode loop
 # ---------------------------------------------------------------------------------------------------
 def _decode_steps(model, tok, ids, mask, params: SamplingParams, n: int, backend: str,
-                  uniforms: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+                  uniforms: torch.Tensor | None = None, dec: Any = None
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yields (t, tokens (B,), logprobs (B,), counts (B,), alive (B,)) per generated position and stops
     early once every row has finished. `counts` marks rows whose token at t counts (they were still
     generating); `alive` marks rows that go on after t. The consumer may clear entries of `alive` (stop
     strings) before asking for the next step. `uniforms` (B, max_new_tokens): the sampling randomness of
-    each row and position, if given (see generate)."""
-    dec = make_decoder(model, backend)
+    each row and position, if given (see generate). `dec`: the decoder to use (default: make_decoder's)."""
+    dec = dec or make_decoder(model, backend)
     stops = eos_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     logits = dec.start(ids, mask, n, params.max_new_tokens)
@@ -213,17 +215,37 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
-@torch.inference_mode()
-def _generate(model, tok, prompt_ids, params, n, backend, uniforms=None):
+def _recording_decoder(model, backend: str, U: int, n: int, P: int, max_new: int, replay_mb: float,
+                       reuse: Any = None):
+    """A fast decoder that keeps a Record of its forward (fastdecode's replay) of at most replay_mb MB, or
+    None where replay does not apply. `reuse`: a Record whose memory it may take."""
+    from rlhfkit.rl import fastdecode
+
+    if not replay_mb or backend not in ("auto", "fast") or not fastdecode.can_record(model):
+        return None
+    dec = fastdecode.make_fast_decoder(model)
+    if fastdecode.Record.plan(dec, U, n, P, max_new, replay_mb)[2] == 0:
+        return None  # not even one layer's outputs fit
+    dec.record(model, U, n, P, max_new, replay_mb, reuse)
+    return dec
+
+
+def _generate(model, tok, prompt_ids, params, n, backend, uniforms=None, replay_mb: float = 0, reuse=None):
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad(prompt_ids, pad)
     ids, mask = ids.to(device), mask.to(device)
+    dec = _recording_decoder(model, backend, ids.size(0), n, ids.size(1), params.max_new_tokens, replay_mb, reuse)
+    with torch.inference_mode():  # a record's buffers were made outside it: they may feed autograd later
+        return _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec)
+
+
+def _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec):
     was_training = model.training
     model.eval()
     cols_tok, cols_lp, cols_mask = [], [], []
     try:
-        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend, uniforms):
+        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend, uniforms, dec):
             cols_tok.append(nxt)
             cols_lp.append(torch.where(counts, lp, torch.zeros_like(lp)))
             cols_mask.append(counts)
@@ -240,21 +262,27 @@ def _generate(model, tok, prompt_ids, params, n, backend, uniforms=None):
     cmask = torch.stack(cols_mask, 1).long()
     logprobs = torch.stack(cols_lp, 1)
     finished = ~alive  # ended by EOS or a stop string
-    return ids, mask, comp, cmask, logprobs, finished
+    return ids, mask, comp, cmask, logprobs, finished, None if dec is None else dec.rec
 
 
 def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
              n: int = 1, backend: str = "auto", prompts: Sequence[str] | None = None,
-             uniforms: torch.Tensor | None = None) -> Rollout:
+             uniforms: torch.Tensor | None = None, replay_mb: float = 0, reuse: Any = None) -> Rollout:
     """Sample n completions for each prompt (token ids, any lengths). Runs in inference mode and eval mode
     (no dropout), and restores the model's mode.
 
     `uniforms` (len(prompt_ids) * n, max_new_tokens) in [0, 1): the random number each row uses at each
     position. The RL loops draw them for the whole global batch from a generator seeded by (seed, step), so
-    a completion depends only on its global row, not on how the batch is split over processes."""
+    a completion depends only on its global row, not on how the batch is split over processes.
+
+    `replay_mb` > 0: keep a record of the sampling forward (fastdecode.Record, up to that many MB) so that
+    completion_logprobs can replay it instead of running the forward's matmuls again (GPT-2 and Llama
+    policies trained whole and without dropout; see fastdecode). `reuse`: an earlier rollout's record, no
+    longer needed, whose memory the new one takes over (it stops being usable)."""
     if backend == "vllm":
         raise ValueError("the vllm backend samples through VLLMEngine.generate (it owns its own weights)")
-    ids, mask, comp, cmask, logprobs, finished = _generate(model, tok, prompt_ids, params, n, backend, uniforms)
+    ids, mask, comp, cmask, logprobs, finished, record = _generate(model, tok, prompt_ids, params, n, backend,
+                                                                   uniforms, replay_mb, reuse)
     if prompts is None:
         prompts = tok.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
     texts = []
@@ -264,7 +292,7 @@ def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int
     # Clone out of inference mode: these tensors feed autograd later (embedding lookups save their indices).
     return Rollout(ids.repeat_interleave(n, 0).clone(), mask.repeat_interleave(n, 0).clone(), comp.clone(),
                    cmask.clone(), logprobs.clone(), finished.clone(), [p for p in prompts for _ in range(n)],
-                   texts, n)
+                   texts, n, record)
 
 
 def sample(model: torch.nn.Module, tok: Any, prompts: Sequence[str], n: int = 1, backend: str = "auto",
@@ -330,9 +358,15 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         repeated n times and the completions attend to it, like the rollout's own prefill. For the GRPO
         workload of docs/benchmarks.md (16-token prompts, 32-token completions, groups of 4) that is 25%
         fewer tokens through the network, forward and backward.
+      * if the rollout kept a record of its sampling forward and `model` is still the model it was sampled
+        from, unchanged, the forward's matmuls are not run again (fastdecode.Record.replay).
     Entropy of the same distributions (B, C) if asked for: detached, or with gradients (entropy bonus).
     """
     comp, G = ro.completion_ids, ro.group_size
+    if ro.record is not None and ro.record.G == G and ro.record.usable(model):
+        first, rest = ro.record.replay(ro)
+        return _logprobs_of([(first, comp[:, :1]), (rest, comp[:, 1:])], ro, temperature, with_entropy,
+                            entropy_grad)
     padded = not bool(ro.prompt_mask.all())
     pos_c = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(comp.size(1) - 1, device=comp.device)
     # A model training with gradient checkpointing refuses a KV cache (HF turns use_cache off), so it
@@ -362,6 +396,12 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
             kw["position_ids"] = (kw["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, logits_to_keep=comp.size(1) + 1, use_cache=False, **kw).logits
         parts = [(logits[:, :-1], comp)]  # a view: the last position predicts nothing we sampled
+    return _logprobs_of(parts, ro, temperature, with_entropy, entropy_grad)
+
+
+def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, entropy_grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """completion_logprobs' result from (logits (B, c, V), tokens (B, c)) pieces covering the completion."""
     if temperature not in (0.0, 1.0):
         parts = [(lg / temperature, x) for lg, x in parts]
     if not (with_entropy or entropy_grad):
@@ -385,15 +425,23 @@ class Sampler:
     auto), or a vLLM engine that holds its own copy of the weights, synced from the policy before every
     rollout (so a resumed run samples from the resumed weights too)."""
 
-    def __init__(self, model: torch.nn.Module, tok: Any, backend: str, model_dir: str, seed: int = 0) -> None:
-        self.model, self.tok, self.backend = model, tok, backend
+    def __init__(self, model: torch.nn.Module, tok: Any, backend: str, model_dir: str, seed: int = 0,
+                 replay_mb: float = 0) -> None:
+        self.model, self.tok, self.backend, self.replay_mb = model, tok, backend, replay_mb
+        self.record = None  # the last rollout's: the next one takes over its memory (a step is over by then)
         self.engine = VLLMEngine(model_dir, seed=seed) if backend == "vllm" else None
 
     def __call__(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, n: int,
                  prompts: Sequence[str], uniforms: torch.Tensor | None = None) -> Rollout:
         """`uniforms` fix our decoders' randomness per row (see generate); vLLM draws its own."""
         if self.engine is None:
-            return generate(self.model, self.tok, prompt_ids, params, n, self.backend, prompts, uniforms)
+            old, self.record = self.record, None
+            ro = generate(self.model, self.tok, prompt_ids, params, n, self.backend, prompts, uniforms,
+                          self.replay_mb, old)
+            if old is not None:
+                old.release()  # if the new rollout did not take its memory over
+            self.record = ro.record
+            return ro
         self.engine.sync(self.model)
         ro = self.engine.generate(self.tok, prompt_ids, params, n, prompts)
         device = next(self.model.parameters()).device
