@@ -55,13 +55,13 @@ class _SavedLinear(torch.autograd.Function):
     (GPT-2's Conv1D, weight (in, out)); else y = x @ weight.T + bias (nn.Linear). x is (N, in)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, y, conv1d):  # noqa: D102
+    def forward(ctx, x, weight, bias, y, conv1d):
         ctx.save_for_backward(x, weight)
         ctx.conv1d, ctx.has_bias = conv1d, bias is not None
         return y
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: D102
+    def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -88,8 +88,8 @@ class Record:
     mode: they feed autograd later). Valid for the model it was recorded with while its parameters are
     unchanged (`usable`)."""
 
-    def __init__(self, model: torch.nn.Module, dec: "_Base", U: int, G: int, P: int, max_new: int,
-                 budget_mb: float, reuse: "Record | None" = None) -> None:
+    def __init__(self, model: torch.nn.Module, dec: _Base, U: int, G: int, P: int, max_new: int,
+                 budget_mb: float, reuse: Record | None = None) -> None:
         """Records the layers `plan` picks for budget_mb. `reuse`: a record no longer needed (an earlier
         rollout's): its memory is taken over if large enough, and it stops being usable."""
         like = dec.weight_like
@@ -118,7 +118,7 @@ class Record:
         self.logits = carve(self.keep_logits, n, B, dec.vocab)
 
     @staticmethod
-    def plan(dec: "_Base", U: int, G: int, P: int, max_new: int, budget_mb: float
+    def plan(dec: _Base, U: int, G: int, P: int, max_new: int, budget_mb: float
              ) -> tuple[list[list[bool]], bool, int]:
         """Which outputs to keep within budget_mb: (keep[i][j], keep the LM head's, floats in all). The
         most matmul work saved per byte first (a layer's FLOPs per output value are its input width:
@@ -161,7 +161,7 @@ class Record:
         return (not self.root.released and model is self.model and torch.is_grad_enabled()
                 and _versions(model) == self.versions)
 
-    def rows(self, idx: slice | torch.Tensor, group: int) -> "Record":
+    def rows(self, idx: slice | torch.Tensor, group: int) -> Record:
         """The record of some rows (as Rollout.rows: `group` is the sub-rollout's group size, the
         current one for a slice of whole groups, else 1 and every row gets its own prompt entries)."""
         out = object.__new__(Record)
@@ -273,7 +273,7 @@ class _Base:
         B, C = comp.shape
         n = C - 1
         u_ids, u_mask = ro.prompt_ids[::G], ro.prompt_mask[::G]
-        U, P = u_ids.shape
+        P = u_ids.size(1)
         pmask = self._prompt_masks(u_mask, G, n)
         kv = []
 
