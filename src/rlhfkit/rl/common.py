@@ -153,6 +153,27 @@ def rollout_scores(reward_fn: Any, ro: Any, rcfg: Any,
     return raw, shape_scores(raw, ro.finished, ro.lengths, rcfg.missing_eos_penalty, rcfg.length_penalty)
 
 
+def sequence_rewards(dist: Any, reward_fn: Any, ro: Any, cfg: Any, policy: torch.nn.Module,
+                     ref: torch.nn.Module | None, temperature: float, kl_value: float, step: int,
+                     run_dir: Path) -> tuple[torch.Tensor, ...]:
+    """One reward per completion, as REINFORCE and RLOO use it: the (shaped) score minus kl_value times the
+    sequence KL to the reference (the per-token estimator cfg.kl.estimator summed over the completion; none
+    if cfg.kl.coef is 0). Gathered over the global batch; a NaN reward stops the run before any update.
+    Returns this rank's raw rewards, then the global raw rewards, scores, sequence KLs, lengths, finished
+    flags and rewards."""
+    from rlhfkit.rl.losses import kl_penalty
+
+    raw, scores = rollout_scores(reward_fn, ro, cfg.reward, dist.device)
+    seq_kl = torch.zeros(len(ro.prompts), device=dist.device)
+    if cfg.kl.coef:
+        ref_logprobs = reference_logprobs(policy, ref, ro, temperature, cfg.optim.batch_size)
+        seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * ro.completion_mask).sum(-1)  # (b,)
+    all_raw, all_scores, all_kl, all_lengths, all_finished = global_rows(
+        dist, raw, scores, seq_kl, ro.lengths, ro.finished)
+    check_finite("reward", all_raw, step, run_dir)
+    return raw, all_raw, all_scores, all_kl, all_lengths, all_finished, all_scores - kl_value * all_kl
+
+
 # ---------------------------------------------------------------------------------------------------
 # Processes (see the module docstring)
 # ---------------------------------------------------------------------------------------------------

@@ -20,11 +20,10 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import normalize
-from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_prompts, micro_batches, mine,
-                               policy_and_reference, reference_logprobs, rl_dist, rollout_scores,
-                               samples_table, should_stop, step_uniforms)
+from rlhfkit.rl.common import (check_finite, finish_run, load_prompts, micro_batches, mine, policy_and_reference,
+                               rl_dist, samples_table, sequence_rewards, should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
-from rlhfkit.rl.losses import kl_penalty, reinforce_loss
+from rlhfkit.rl.losses import reinforce_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
 from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint)
 from rlhfkit.utils.logging import MetricLogger
@@ -96,17 +95,10 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
             t_gen = time.perf_counter() - t0
             mask = ro.completion_mask.float()
 
-            # 2. Rewards: score - beta * sequence KL to the reference, then the baseline.
-            raw, scores = rollout_scores(reward_fn, ro, cfg.reward, device)
-            seq_kl = torch.zeros(len(ro.prompts), device=device)
-            if cfg.kl.coef:
-                ref_logprobs = reference_logprobs(policy, ref, ro, params.temperature, cfg.optim.batch_size)
-                seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * mask).sum(-1)  # (b,)
-            # Baselines and normalisation over the global batch; this rank keeps its rows.
-            all_raw, all_scores, all_kl, all_lengths, all_finished = global_rows(
-                dist, raw, scores, seq_kl, ro.lengths, ro.finished)
-            check_finite("reward", all_raw, step + 1, run_dir)
-            rewards = all_scores - kl_ctl.value * all_kl  # (B,)
+            # 2. Rewards: score - beta * sequence KL to the reference (global batch), then the baseline; baselines
+            #    and normalisation over the global batch too, this rank keeping its rows.
+            raw, all_raw, all_scores, all_kl, all_lengths, all_finished, rewards = sequence_rewards(
+                dist, reward_fn, ro, cfg, policy, ref, params.temperature, kl_ctl.value, step + 1, run_dir)
             advantages = rewards - rewards.mean() if cfg.baseline == "mean" else rewards
             if cfg.normalize_advantages:
                 advantages = normalize(advantages)
