@@ -68,6 +68,7 @@ def test_replay_equals_a_fresh_forward(which, request, tiny_tokenizer):
     ro = rollout(model, tiny_tokenizer)
     plain = rollout(model, tiny_tokenizer, replay_mb=0)
     assert ro.record is not None and plain.record is None
+    assert ro.logz is not None and plain.logz is None  # replay scores against the sampler's normalisers
     assert torch.equal(ro.completion_ids, plain.completion_ids)  # recording does not change sampling
     calls = []
     real = fastdecode.Record.replay
@@ -83,9 +84,12 @@ def test_replay_equals_a_fresh_forward(which, request, tiny_tokenizer):
             assert len(calls) == len(parts)  # the record was really used, once per part
     finally:
         fastdecode.Record.replay = real
-    # And the sampling-time log-probabilities come back.
+    # And the sampling-time log-probabilities come back, and entropies with gradients (an entropy bonus)
+    # take the full log-softmax: they equal the sampler's.
     lp = completion_logprobs(model, ro, 0.8)[0]
     assert torch.allclose(lp, ro.logprobs, atol=1e-5)
+    lp, ent = completion_logprobs(model, ro, 0.8, with_entropy=True, entropy_grad=True)
+    assert ent.requires_grad and torch.allclose(ent.detach(), ro.entropy, atol=1e-5)
 
 
 def test_partial_record_keeps_the_most_work_per_byte_first(gpt2, tiny_tokenizer):

@@ -153,3 +153,25 @@ def test_logprobs_and_entropy_match_the_separate_ops():
     _, ent_g = logprobs_and_entropy(logits, ids, entropy_grad=True)
     assert torch.allclose(torch.autograd.grad(ent_g.sum(), logits)[0],
                           torch.autograd.grad(entropy_from_logits(logits).sum(), logits)[0], atol=1e-6)
+
+
+def test_logprobs_given_logz_is_log_softmax_with_its_gradient():
+    from rlhfkit.models.ops import gather_logprobs, logprobs_given_logz
+
+    # By hand: logits [0, ln 3] -> softmax [1/4, 3/4]; token 1 -> log(3/4); d/dlogits = onehot - softmax.
+    logits = torch.tensor([[[0.0, math.log(3.0)]]], requires_grad=True)
+    lp = logprobs_given_logz(logits, torch.tensor([[1]]), torch.tensor([[math.log(4.0)]]))
+    assert lp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    lp.sum().backward()
+    assert logits.grad.flatten().tolist() == pytest.approx([-0.25, 0.25], abs=1e-6)
+    # Any shape, a non-contiguous view (as replay's logits are), weighted gradients.
+    torch.manual_seed(0)
+    base = torch.randn(5, 3, 11, requires_grad=True)
+    logits = base.transpose(0, 1)  # (3, 5, 11), strided
+    ids = torch.randint(0, 11, (3, 5))
+    w = torch.randn(3, 5)
+    lp = logprobs_given_logz(logits, ids, torch.logsumexp(logits.detach(), -1))
+    assert torch.allclose(lp, gather_logprobs(logits, ids), atol=1e-6)
+    g1 = torch.autograd.grad((lp * w).sum(), base)[0]
+    g2 = torch.autograd.grad((gather_logprobs(logits, ids) * w).sum(), base)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)

@@ -121,6 +121,23 @@ def test_sample_next_filters():
     assert lp.item() == pytest.approx(torch.log_softmax(logits[0] / 0.5, -1)[tok.item()].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7}, {"top_k": 3}, {"top_p": 0.5, "temperature": 1.3},
+                                {"temperature": 0}])
+def test_sample_next_stats_are_the_normaliser_and_entropy_of_the_logprobs(kw):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 9) * 3
+    torch.manual_seed(1)
+    tok, lp, log_z, ent = sample_next(logits, stats=True, **kw)
+    torch.manual_seed(1)
+    tok2, lp2 = sample_next(logits, **kw)  # the statistics change nothing else
+    assert torch.equal(tok, tok2) and torch.equal(lp, lp2)
+    t = kw.get("temperature", 1.0) or 1.0  # greedy: log-probs under softmax(logits)
+    logp = torch.log_softmax(logits / t, -1)
+    assert torch.allclose(log_z, torch.logsumexp(logits / t, -1), atol=1e-5)
+    assert torch.allclose(lp, logits.gather(-1, tok[:, None])[:, 0] / t - log_z, atol=1e-5)
+    assert torch.allclose(ent, -(logp.exp() * logp).sum(-1), atol=1e-5)
+
+
 def test_stop_strings_eos_and_streaming(tiny_model, tiny_tokenizer):
     prompts = ["The movie was", "I think"]
     torch.manual_seed(5)

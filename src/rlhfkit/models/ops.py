@@ -60,6 +60,30 @@ def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, entropy_grad: 
     return picked, entropy
 
 
+class _LogprobsGivenLogZ(torch.autograd.Function):
+    """logits[ids] - logz where logz = logsumexp(logits) is already known: the forward is a gather, the
+    backward the usual (one-hot - softmax) * grad, with softmax = exp(logits - logz)."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, logz):
+        ctx.save_for_backward(logits, ids, logz)
+        return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logz
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ids, logz = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        dlogits = torch.sub(logits, logz.unsqueeze(-1)).exp_().mul_(-g)
+        return dlogits.scatter_add_(-1, ids.unsqueeze(-1), g), None, None
+
+
+def logprobs_given_logz(logits: torch.Tensor, ids: torch.Tensor, logz: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] given logz = logsumexp(logits, -1) (e.g. from sampling with these very
+    logits): (B, T, V), (B, T), (B, T) -> (B, T), differentiable in logits. Skips the log-softmax pass over
+    the vocabulary; equal to gather_logprobs to within float rounding of logz."""
+    return _LogprobsGivenLogZ.apply(logits.float(), ids, logz.to(torch.float32))
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over the positions where mask is 1.

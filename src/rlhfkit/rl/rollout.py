@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from rlhfkit.models.ops import gather_logprobs, logprobs_and_entropy
+from rlhfkit.models.ops import gather_logprobs, logprobs_and_entropy, logprobs_given_logz
 
 
 @dataclass
@@ -53,6 +53,11 @@ class Rollout:
     completions: list[str]         # (B,) decoded completions (special tokens skipped, cut at a stop string)
     group_size: int = 1            # samples per prompt
     record: Any = field(default=None, repr=False)  # fastdecode.Record of the sampling forward, if kept
+    # With a record only: log Z of softmax(logits / T) at every position (the normaliser of `logprobs`)
+    # and the entropy of that distribution, both (B, C) and unmasked, so that replay need not take the
+    # log-softmax over the vocabulary again (completion_logprobs).
+    logz: torch.Tensor | None = field(default=None, repr=False)
+    entropy: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -65,17 +70,25 @@ class Rollout:
             start, stop, _ = idx.indices(len(self.prompts))
             g = self.group_size if start % self.group_size == 0 and (stop - start) % self.group_size == 0 else 1
         pick = (lambda xs: xs[idx]) if isinstance(idx, slice) else (lambda xs: [xs[i] for i in idx.tolist()])
+        opt = (lambda t: None if t is None else t[idx])
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.logprobs[idx], self.finished[idx], pick(self.prompts),
-                       pick(self.completions), g, None if self.record is None else self.record.rows(idx, g))
+                       pick(self.completions), g, None if self.record is None else self.record.rows(idx, g),
+                       opt(self.logz), opt(self.entropy))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Sampling one token per row
 # ---------------------------------------------------------------------------------------------------
+def _expected(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Row sums of weights * values, (B, V) -> (B,), in one pass (a batched bmm is 10x slower here)."""
+    return torch.linalg.vecdot(weights, values)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of logits (B, V); returns (tokens (B,), logprobs (B,)).
+                top_p: float = 1.0, u: torch.Tensor | None = None, stats: bool = False) -> tuple[torch.Tensor, ...]:
+    """Sample one token per row of logits (B, V); returns (tokens (B,), logprobs (B,)), and with `stats`
+    also (log Z (B,), entropy (B,)) of the distribution the log-probabilities are under.
 
     The log-probability is under softmax(logits / temperature) without the top-k/top-p filter (greedy:
     under softmax(logits)). `u` (B, 1) are the uniform numbers in [0, 1) to invert the CDF with; without
@@ -84,17 +97,28 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
-        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        log_z = torch.logsumexp(logits, -1)
+        lp = logits.gather(-1, tok[:, None])[:, 0] - log_z
+        if not stats:
+            return tok, lp
+        return tok, lp, log_z, log_z - _expected(torch.softmax(logits, -1), logits)
     scaled = logits / temperature if temperature != 1.0 else logits
     if not (top_k and top_k < scaled.size(-1)) and top_p >= 1.0:
         # Plain sampling, one exp pass: unnormalised weights, their running sum, and log Z from its total.
         peak = scaled.amax(-1, keepdim=True)
-        cdf = (scaled - peak).exp_().cumsum_(-1)  # (B, V)
+        w = (scaled - peak).exp_()  # (B, V)
+        shifted_mean = _expected(w, scaled) if stats else None  # before cumsum_ overwrites w
+        cdf = w.cumsum_(-1)
         total = cdf[:, -1:]
         u = (torch.rand(cdf.size(0), 1, device=cdf.device) if u is None else u) * total
         tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)
-        return tok, scaled.gather(-1, tok[:, None])[:, 0] - (peak + total.log())[:, 0]
+        log_z = (peak + total.log())[:, 0]
+        lp = scaled.gather(-1, tok[:, None])[:, 0] - log_z
+        if not stats:
+            return tok, lp
+        return tok, lp, log_z, log_z - shifted_mean / total[:, 0]  # H = log Z - E_p[scaled logit]
     log_z = torch.logsumexp(scaled, -1)  # (B,)
+    entropy = log_z - _expected(torch.softmax(scaled, -1), scaled) if stats else None
     filtered = scaled
     if top_k and top_k < scaled.size(-1):
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
@@ -108,7 +132,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     cdf = torch.softmax(filtered, -1).cumsum(-1)
     u = (torch.rand(cdf.size(0), 1, device=cdf.device) if u is None else u) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(-1) - 1)
-    return tok, scaled.gather(-1, tok[:, None])[:, 0] - log_z
+    lp = scaled.gather(-1, tok[:, None])[:, 0] - log_z
+    return (tok, lp, log_z, entropy) if stats else (tok, lp)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,13 +209,14 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 # The decode loop
 # ---------------------------------------------------------------------------------------------------
 def _decode_steps(model, tok, ids, mask, params: SamplingParams, n: int, backend: str,
-                  uniforms: torch.Tensor | None = None, dec: Any = None
+                  uniforms: torch.Tensor | None = None, dec: Any = None, stats: list | None = None
                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yields (t, tokens (B,), logprobs (B,), counts (B,), alive (B,)) per generated position and stops
     early once every row has finished. `counts` marks rows whose token at t counts (they were still
     generating); `alive` marks rows that go on after t. The consumer may clear entries of `alive` (stop
     strings) before asking for the next step. `uniforms` (B, max_new_tokens): the sampling randomness of
-    each row and position, if given (see generate). `dec`: the decoder to use (default: make_decoder's)."""
+    each row and position, if given (see generate). `dec`: the decoder to use (default: make_decoder's).
+    `stats`: a list to append each position's (log Z (B,), entropy (B,)) to (sample_next's stats)."""
     dec = dec or make_decoder(model, backend)
     stops = eos_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
@@ -200,7 +226,11 @@ def _decode_steps(model, tok, ids, mask, params: SamplingParams, n: int, backend
     stop_tensor = torch.tensor(stops, device=logits.device)
     for t in range(params.max_new_tokens):
         u = None if uniforms is None else uniforms[:, t:t + 1].to(logits.device)
-        nxt, lp = sample_next(logits, params.temperature, params.top_k, params.top_p, u)
+        if stats is None:
+            nxt, lp = sample_next(logits, params.temperature, params.top_k, params.top_p, u)
+        else:
+            nxt, lp, log_z, ent = sample_next(logits, params.temperature, params.top_k, params.top_p, u, True)
+            stats.append((log_z, ent))
         counts = alive.clone()
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad))
         alive &= ~torch.isin(nxt, stop_tensor)
@@ -244,8 +274,10 @@ def _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec):
     was_training = model.training
     model.eval()
     cols_tok, cols_lp, cols_mask = [], [], []
+    stats = None if dec is None else []  # a record's rollout keeps log Z and entropies for replay
     try:
-        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend, uniforms, dec):
+        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend, uniforms, dec,
+                                                       stats):
             cols_tok.append(nxt)
             cols_lp.append(torch.where(counts, lp, torch.zeros_like(lp)))
             cols_mask.append(counts)
@@ -262,7 +294,10 @@ def _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec):
     cmask = torch.stack(cols_mask, 1).long()
     logprobs = torch.stack(cols_lp, 1)
     finished = ~alive  # ended by EOS or a stop string
-    return ids, mask, comp, cmask, logprobs, finished, None if dec is None else dec.rec
+    if dec is None:
+        return ids, mask, comp, cmask, logprobs, finished, None
+    logz, ent = (torch.stack(c, 1) for c in zip(*stats))
+    return ids, mask, comp, cmask, logprobs, finished, (dec.rec, logz, ent)
 
 
 def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
@@ -281,8 +316,9 @@ def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int
     longer needed, whose memory the new one takes over (it stops being usable)."""
     if backend == "vllm":
         raise ValueError("the vllm backend samples through VLLMEngine.generate (it owns its own weights)")
-    ids, mask, comp, cmask, logprobs, finished, record = _generate(model, tok, prompt_ids, params, n, backend,
-                                                                   uniforms, replay_mb, reuse)
+    ids, mask, comp, cmask, logprobs, finished, kept = _generate(model, tok, prompt_ids, params, n, backend,
+                                                                 uniforms, replay_mb, reuse)
+    record, logz, ent = kept or (None, None, None)
     if prompts is None:
         prompts = tok.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
     texts = []
@@ -292,7 +328,7 @@ def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int
     # Clone out of inference mode: these tensors feed autograd later (embedding lookups save their indices).
     return Rollout(ids.repeat_interleave(n, 0).clone(), mask.repeat_interleave(n, 0).clone(), comp.clone(),
                    cmask.clone(), logprobs.clone(), finished.clone(), [p for p in prompts for _ in range(n)],
-                   texts, n, record)
+                   texts, n, record, None if logz is None else logz.clone(), None if ent is None else ent.clone())
 
 
 def sample(model: torch.nn.Module, tok: Any, prompts: Sequence[str], n: int = 1, backend: str = "auto",
@@ -359,14 +395,24 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         workload of docs/benchmarks.md (16-token prompts, 32-token completions, groups of 4) that is 25%
         fewer tokens through the network, forward and backward.
       * if the rollout kept a record of its sampling forward and `model` is still the model it was sampled
-        from, unchanged, the forward's matmuls are not run again (fastdecode.Record.replay).
+        from, unchanged, the forward's matmuls are not run again (fastdecode.Record.replay), and neither is
+        the log-softmax over the vocabulary: the logits are the sampler's, so the sampler's log Z gives the
+        log-probabilities (models.ops.logprobs_given_logz) and its entropies are returned as they are
+        (unless the entropy needs gradients).
     Entropy of the same distributions (B, C) if asked for: detached, or with gradients (entropy bonus).
     """
     comp, G = ro.completion_ids, ro.group_size
     if ro.record is not None and ro.record.G == G and ro.record.usable(model):
         first, rest = ro.record.replay(ro)
-        return _logprobs_of([(first, comp[:, :1]), (rest, comp[:, 1:])], ro, temperature, with_entropy,
-                            entropy_grad)
+        parts = [(first, comp[:, :1]), (rest, comp[:, 1:])]
+        if ro.logz is None or entropy_grad:
+            return _logprobs_of(parts, ro, temperature, with_entropy, entropy_grad)
+        # The logits are the sampling-time ones: so are their normalisers and entropies.
+        if temperature not in (0.0, 1.0):
+            parts = [(lg / temperature, x) for lg, x in parts]
+        logz = [ro.logz[:, :1], ro.logz[:, 1:]]
+        logprobs = torch.cat([logprobs_given_logz(lg, x, z) for (lg, x), z in zip(parts, logz)], 1)
+        return logprobs * ro.completion_mask, ro.entropy if with_entropy else None
     padded = not bool(ro.prompt_mask.all())
     pos_c = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(comp.size(1) - 1, device=comp.device)
     # A model training with gradient checkpointing refuses a KV cache (HF turns use_cache off), so it
