@@ -52,7 +52,8 @@ def supported(model: torch.nn.Module) -> bool:
 class _SavedLinear(torch.autograd.Function):
     """A linear layer whose output `y` is already known (recorded by the decoder with the same weights):
     forward hands it back without multiplying; backward is the ordinary one. conv1d: y = x @ weight + bias
-    (GPT-2's Conv1D, weight (in, out)); else y = x @ weight.T + bias (nn.Linear). x is (N, in)."""
+    (GPT-2's Conv1D, weight (in, out)); else y = x @ weight.T + bias (nn.Linear). x is (N, n, in), y
+    (N, n, out) and may be a strided view (a micro-batch's rows of a time-major record): it is not copied."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, y, conv1d):
@@ -63,14 +64,38 @@ class _SavedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
+        shape = x.shape
+        x, dy = x.reshape(-1, x.size(-1)), dy.reshape(-1, dy.size(-1))
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ w.t() if ctx.conv1d else dy @ w
+            dx = (dy @ w.t() if ctx.conv1d else dy @ w).view(shape)
         if ctx.needs_input_grad[1]:
             dw = x.t() @ dy if ctx.conv1d else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0)
         return dx, dw, db, None, None
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, n, in) -> (N, n, out): GPT-2's Conv1D (weight (in, out)) or nn.Linear; into `out` (a
+    contiguous (N * n, out) buffer) if given."""
+    N, n, _ = x.shape
+    x2 = x.reshape(N * n, -1)
+    if out is None:
+        y = torch.addmm(bias, x2, weight) if conv1d else F.linear(x2, weight, bias)
+    else:
+        w = weight if conv1d else weight.t()
+        y = torch.mm(x2, w, out=out) if bias is None else torch.addmm(bias, x2, w, out=out)
+    return y.view(N, n, -1)
+
+
+def head_logits(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+    """The LM head on h (N, n, D) for replay: its recorded logits y (viewed (N, n, V)) if any."""
+    if y is None:
+        return F.linear(h, weight, bias)
+    return _SavedLinear.apply(h, weight, bias, y.view(*h.shape[:2], y.size(-1)), False)
 
 
 def _versions(model: torch.nn.Module) -> tuple[int, ...]:
@@ -264,19 +289,13 @@ class _Base:
             self.rec.n = self.rec.s + 1
 
     def _lin(self, i: int, j: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The j-th linear layer of block i on x (N, in); written into the record if it keeps this one."""
-        out = None if self.rec is None else self.rec.out(i, j)
-        if out is None:
-            return torch.addmm(bias, x, weight) if self.conv1d else F.linear(x, weight, bias)
-        w = weight if self.conv1d else weight.t()
-        return torch.mm(x, w, out=out) if bias is None else torch.addmm(bias, x, w, out=out)
+        """The j-th linear layer of block i on x (N, n, in); written into the record if it keeps this one."""
+        return _linear(x, weight, bias, self.conv1d, None if self.rec is None else self.rec.out(i, j))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of h (B, D), into the record if it keeps the LM head's."""
         out = None if self.rec is None else self.rec.out_logits()
-        if out is None:
-            return F.linear(h, self.lm_head.weight, self.lm_head.bias)
-        w, b = self.lm_head.weight.t(), self.lm_head.bias
-        return torch.mm(h, w, out=out) if b is None else torch.addmm(b, h, w, out=out)
+        return _linear(h[None], self.lm_head.weight, self.lm_head.bias, False, out)[0]
 
     # Replay -----------------------------------------------------------------------------------------
     def replay(self, ro, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,18 +309,13 @@ class _Base:
         pmask = self._prompt_masks(u_mask, G, n)
         kv = []
 
-        def saved(part: list) -> callable:
+        def saved(part: list, shape: tuple[int, int]) -> callable:
             def lin(i, j, x, weight, bias):
                 y = part[i][j]
                 if y is None:  # not recorded
-                    return torch.addmm(bias, x, weight) if self.conv1d else F.linear(x, weight, bias)
-                return _SavedLinear.apply(x, weight, bias, y.reshape(-1, y.size(-1)), self.conv1d)
+                    return _linear(x, weight, bias, self.conv1d)
+                return _SavedLinear.apply(x, weight, bias, y.view(*shape, y.size(-1)), self.conv1d)
             return lin
-
-        def head(h, y):
-            if y is None:
-                return F.linear(h, W, b)
-            return _SavedLinear.apply(h, W, b, y.reshape(-1, y.size(-1)), False)
 
         def attend_prompt(i, q, k, v):
             kv.append((k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) if G > 1 else (k, v))
@@ -322,17 +336,23 @@ class _Base:
             return o.permute(2, 1, 0, 3)
 
         W, b = self.lm_head.weight, self.lm_head.bias
-        x = self._forward(u_ids, self.pos, attend_prompt, saved(rec.prompt))[:, -1]  # (U, D)
-        first = head(self._final_norm(x), rec.first)
-        first = (first.repeat_interleave(G, 0) if G > 1 else first)[:, None]
+        U = u_ids.size(0)
+        h_first = self._final_norm(self._forward(u_ids, self.pos, attend_prompt, saved(rec.prompt, (U, P)))[:, -1:])
         if n == 0:
-            return first, first[:, :0]
+            first = head_logits(h_first, rec.first, W, b)
+            return (first.repeat_interleave(G, 0) if G > 1 else first), first[:, :0]
         pos_c = self.next_pos + torch.arange(n, device=comp.device)[:, None]  # (n, B)
         x = self._forward(comp[:, :-1].t(), pos_c, attend_completion,
-                          saved([[None if t is None else t[:n] for t in layer] for layer in rec.comp]))
-        h = self._final_norm(x).reshape(n * B, -1)  # x: (n, B, D)
-        rest = head(h, None if rec.logits is None else rec.logits[:n])
-        return first, rest.view(n, B, -1).transpose(0, 1)
+                          saved([[None if t is None else t[:n] for t in layer] for layer in rec.comp], (n, B)))
+        h = self._final_norm(x)  # (n, B, D)
+        if rec.first is None and rec.logits is None:  # both unrecorded: one matmul for both
+            logits = F.linear(torch.cat([h_first.view(U, -1), h.view(n * B, -1)]), W, b)
+            first, rest = logits[:U, None], logits[U:].view(n, B, -1)
+        else:
+            first = head_logits(h_first, rec.first, W, b)
+            rest = head_logits(h, None if rec.logits is None else rec.logits[:n], W, b)
+        first = first.repeat_interleave(G, 0) if G > 1 else first
+        return first, rest.transpose(0, 1)
 
 
 class GPT2Decoder(_Base):
@@ -350,18 +370,18 @@ class GPT2Decoder(_Base):
 
     def _blocks(self, x: torch.Tensor, attend, lin) -> torch.Tensor:
         """x (N, n, D) through every block; attend(i, q, k, v) does the attention of layer i and
-        lin(i, j, x (N * n, in), weight, bias) its j-th linear layer."""
+        lin(i, j, x (N, n, in), weight, bias) -> (N, n, out) its j-th linear layer."""
         N, n, D = x.shape
         for i, blk in enumerate(self.tr.h):
             a, mlp = blk.attn, blk.mlp
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
-            qkv = lin(i, 0, h.view(-1, D), a.c_attn.weight, a.c_attn.bias)
+            qkv = lin(i, 0, h, a.c_attn.weight, a.c_attn.bias)
             q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
-            o = attend(i, q, k, v).transpose(1, 2).reshape(N * n, D)
-            x = x + lin(i, 1, o, a.c_proj.weight, a.c_proj.bias).view(N, n, D)
+            o = attend(i, q, k, v).transpose(1, 2).reshape(N, n, D)
+            x = x + lin(i, 1, o, a.c_proj.weight, a.c_proj.bias)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            h = F.gelu(lin(i, 2, h.view(-1, D), mlp.c_fc.weight, mlp.c_fc.bias), approximate=self.gelu)
-            x = x + lin(i, 3, h, mlp.c_proj.weight, mlp.c_proj.bias).view(N, n, D)
+            h = F.gelu(lin(i, 2, h, mlp.c_fc.weight, mlp.c_fc.bias), approximate=self.gelu)
+            x = x + lin(i, 3, h, mlp.c_proj.weight, mlp.c_proj.bias)
         return x
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin) -> torch.Tensor:
@@ -415,17 +435,16 @@ class LlamaDecoder(_Base):
         for i, layer in enumerate(self.m.layers):
             a, mlp = layer.self_attn, layer.mlp
             h = F.rms_norm(x, (D,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            h = h.view(N * n, D)
             q = lin(i, 0, h, a.q_proj.weight, a.q_proj.bias).view(N, n, self.H, self.hd).transpose(1, 2)
             k = lin(i, 1, h, a.k_proj.weight, a.k_proj.bias).view(N, n, self.Hkv, self.hd).transpose(1, 2)
             v = lin(i, 2, h, a.v_proj.weight, a.v_proj.bias).view(N, n, self.Hkv, self.hd).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            o = attend(i, q, k, v).transpose(1, 2).reshape(N * n, self.H * self.hd)
-            x = x + lin(i, 3, o, a.o_proj.weight, a.o_proj.bias).view(N, n, D)
+            o = attend(i, q, k, v).transpose(1, 2).reshape(N, n, self.H * self.hd)
+            x = x + lin(i, 3, o, a.o_proj.weight, a.o_proj.bias)
             h = F.rms_norm(x, (D,), layer.post_attention_layernorm.weight,
-                           layer.post_attention_layernorm.variance_epsilon).view(N * n, D)
+                           layer.post_attention_layernorm.variance_epsilon)
             g = F.silu(lin(i, 4, h, mlp.gate_proj.weight, None)) * lin(i, 5, h, mlp.up_proj.weight, None)
-            x = x + lin(i, 6, g, mlp.down_proj.weight, None).view(N, n, D)
+            x = x + lin(i, 6, g, mlp.down_proj.weight, None)
         return x
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
