@@ -347,7 +347,8 @@ class _Base:
         h = self._final_norm(x)  # (n, B, D)
         if rec.first is None and rec.logits is None:  # both unrecorded: one matmul for both
             logits = F.linear(torch.cat([h_first.view(U, -1), h.view(n * B, -1)]), W, b)
-            first, rest = logits[:U, None], logits[U:].view(n, B, -1)
+            first, rest = logits.split([U, n * B])  # (split's backward is one cat: no zeros + adds)
+            first, rest = first[:, None], rest.view(n, B, -1)
         else:
             first = head_logits(h_first, rec.first, W, b)
             rest = head_logits(h, None if rec.logits is None else rec.logits[:n], W, b)
