@@ -188,3 +188,29 @@ def test_vllm_backend_is_optional(tiny_model, tiny_tokenizer, tmp_path):
     ro = Sampler(tiny_model, tiny_tokenizer, "auto", str(tmp_path))(prompts_ids(tiny_tokenizer)[:2],
                                                                     SamplingParams(max_new_tokens=3), 2, ["a", "b"])
     assert ro.completion_ids.shape == (4, 3) and ro.prompts == ["a", "a", "b", "b"]
+
+
+def test_completion_values_and_logprobs_are_those_of_one_full_forward(tiny_gpt2, tiny_tokenizer):
+    """The critic's value before completion token t and the policy's log-prob of token t, against one
+    forward over the whole (left-padded) prompt + completion, read position by position."""
+    from rlhfkit.models.heads import ScalarHeadModel
+    from rlhfkit.rl.rollout import completion_values
+
+    torch.manual_seed(0)
+    critic = ScalarHeadModel.from_causal_lm(tiny_gpt2, init_std=0.5).eval()
+    ro = generate(tiny_gpt2, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=6), n=1)
+    P, C = ro.prompt_ids.size(1), ro.completion_ids.size(1)
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    mask = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
+    with torch.no_grad():
+        full_v = critic(ids, mask)  # (B, P + C)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        full_lp = torch.log_softmax(tiny_gpt2(input_ids=ids, attention_mask=mask, position_ids=pos).logits, -1)
+        values = completion_values(critic, ro)
+        logprobs = completion_logprobs(tiny_gpt2, ro)[0]
+    m = ro.completion_mask.bool()
+    assert values.shape == (len(ro.prompts), C)
+    assert torch.allclose(values[m], full_v[:, P - 1:P + C - 1][m], atol=1e-5)
+    want = full_lp[:, P - 1:P + C - 1].gather(-1, ro.completion_ids[..., None])[..., 0]
+    assert torch.allclose(logprobs[m], want[m], atol=1e-5)
+    assert torch.allclose(logprobs[m], ro.logprobs[m], atol=1e-5)

@@ -435,13 +435,14 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         # Scored in two parts (no (B, C, V) concatenation): the first token from the prompt's last position.
         parts = [(first.repeat_interleave(G, 0), comp[:, :1]), (rest, comp[:, 1:])]
     else:
-        ids = torch.cat([ro.prompt_ids, comp], 1)
+        # The last completion token predicts nothing we sampled: it is not fed.
+        ids = torch.cat([ro.prompt_ids, comp[:, :-1]], 1)
         kw = {}
         if padded:
-            kw["attention_mask"] = torch.cat([ro.prompt_mask, torch.ones_like(comp)], 1)
+            kw["attention_mask"] = torch.cat([ro.prompt_mask, torch.ones_like(comp[:, :-1])], 1)
             kw["position_ids"] = (kw["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, logits_to_keep=comp.size(1) + 1, use_cache=False, **kw).logits
-        parts = [(logits[:, :-1], comp)]  # a view: the last position predicts nothing we sampled
+        logits = model(input_ids=ids, logits_to_keep=comp.size(1), use_cache=False, **kw).logits
+        parts = [(logits, comp)]
     return _logprobs_of(parts, ro, temperature, with_entropy, entropy_grad)
 
 
@@ -459,11 +460,12 @@ def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, ent
 
 def completion_values(critic: torch.nn.Module, ro: Rollout) -> torch.Tensor:
     """The critic's value before each completion token: V(prompt + completion[:t]), (B, C)."""
-    P, C = ro.prompt_ids.size(1), ro.completion_ids.size(1)
-    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
-    mask = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
-    values = critic(ids, mask)  # (B, P + C): ScalarHeadModel handles left-padding positions
-    return values[:, P - 1:P + C - 1] * ro.completion_mask
+    P = ro.prompt_ids.size(1)
+    rest = ro.completion_ids[:, :-1]  # the value after the last token is never used: it is not fed
+    ids = torch.cat([ro.prompt_ids, rest], 1)
+    mask = torch.cat([ro.prompt_mask, torch.ones_like(rest)], 1)
+    values = critic(ids, mask)  # (B, P + C - 1): ScalarHeadModel handles left-padding positions
+    return values[:, P - 1:] * ro.completion_mask
 
 
 class Sampler:
