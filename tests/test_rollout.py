@@ -214,3 +214,23 @@ def test_completion_values_and_logprobs_are_those_of_one_full_forward(tiny_gpt2,
     want = full_lp[:, P - 1:P + C - 1].gather(-1, ro.completion_ids[..., None])[..., 0]
     assert torch.allclose(logprobs[m], want[m], atol=1e-5)
     assert torch.allclose(logprobs[m], ro.logprobs[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gqa_llama"])
+def test_no_grad_logprobs_of_groups_take_our_forward_and_match_hf(which, request, tiny_tokenizer, monkeypatch):
+    """A reference model's log-probs (no gradients, groups of samples, left padding) run through
+    fastdecode.forward_logits; they equal HF's forward (the path with gradients) and the sampler's."""
+    model = request.getfixturevalue(which)
+    ro = generate(model, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=7), n=3)
+    assert not bool(ro.prompt_mask.all())  # left padding exercised
+    calls = []
+    real = fastdecode.forward_logits
+    monkeypatch.setattr(fastdecode, "forward_logits", lambda m, r: calls.append(1) or real(m, r))
+    with torch.no_grad():
+        lp_fast, ent_fast = completion_logprobs(model, ro, with_entropy=True)
+    assert calls == [1]
+    lp_hf, ent_hf = completion_logprobs(model, ro, with_entropy=True)  # with gradients: HF's forward
+    assert calls == [1]
+    assert torch.allclose(lp_fast, lp_hf.detach(), atol=1e-5)
+    assert torch.allclose(ent_fast, ent_hf, atol=1e-5)
+    assert torch.allclose(lp_fast, ro.logprobs, atol=1e-5)

@@ -478,14 +478,36 @@ def make_fast_decoder(model: torch.nn.Module):
     return GPT2Decoder(model) if type(model).__name__ == "GPT2LMHeadModel" else LlamaDecoder(model)
 
 
+def dropout_free(model: torch.nn.Module) -> bool:
+    """True if `model`'s forward applies no dropout now (eval mode, or every dropout rate 0): our
+    decoders have none."""
+    cfg = model.config
+    drops = [getattr(cfg, k, 0.0) or 0.0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")]
+    return not (model.training and any(d > 0 for d in drops))
+
+
 def can_record(model: torch.nn.Module) -> bool:
     """True if the training forward of `model` can be replayed from a rollout's record: one of our
     decoders reads it, it trains without dropout (the decoder has none), whole (no adapters) and without
     gradient checkpointing (whose point is not keeping activations)."""
     if not supported(model) or not any(p.requires_grad for p in model.parameters()):
         return False
-    cfg = model.config
-    drops = [getattr(cfg, k, 0.0) or 0.0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")]
-    if model.training and any(d > 0 for d in drops):
+    if not dropout_free(model):
         return False
     return not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+class _NoRecord:
+    """What replay reads of a record, with nothing recorded: replay is then a plain forward."""
+    first = logits = None
+
+    def __init__(self, n_layer: int, n_linear: int) -> None:
+        self.prompt = self.comp = [[None] * n_linear for _ in range(n_layer)]
+
+
+def forward_logits(model: torch.nn.Module, ro) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, 1, V) and (B, C - 1, V) of rollout `ro`'s completion tokens by our own forward (replay
+    with nothing recorded): each group's prompt runs once and the completions run time-major, with no HF
+    call overhead. For supported(model) models without dropout (dropout_free)."""
+    dec = make_fast_decoder(model)
+    return dec.replay(ro, _NoRecord(dec.L, len(dec.widths)))

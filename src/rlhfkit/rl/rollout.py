@@ -394,6 +394,8 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         repeated n times and the completions attend to it, like the rollout's own prefill. For the GRPO
         workload of docs/benchmarks.md (16-token prompts, 32-token completions, groups of 4) that is 25%
         fewer tokens through the network, forward and backward.
+      * without gradients (a reference model's log-probs), GPT-2 and Llama groups run through our own
+        forward (fastdecode.forward_logits), without HF's per-call machinery;
       * if the rollout kept a record of its sampling forward and `model` is still the model it was sampled
         from, unchanged, the forward's matmuls are not run again (fastdecode.Record.replay), and neither is
         the log-softmax over the vocabulary: the logits are the sampler's, so the sampler's log Z gives the
@@ -413,6 +415,14 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         logz = [ro.logz[:, :1], ro.logz[:, 1:]]
         logprobs = torch.cat([logprobs_given_logz(lg, x, z) for (lg, x), z in zip(parts, logz)], 1)
         return logprobs * ro.completion_mask, ro.entropy if with_entropy else None
+    from rlhfkit.rl import fastdecode
+
+    if (G > 1 and not torch.is_grad_enabled() and fastdecode.supported(model) and fastdecode.dropout_free(model)
+            and comp.size(1) > 1):
+        # No gradients (e.g. the reference's log-probs): our own forward, as replay's but computing everything.
+        first, rest = fastdecode.forward_logits(model, ro)
+        return _logprobs_of([(first, comp[:, :1]), (rest, comp[:, 1:])], ro, temperature, with_entropy,
+                            entropy_grad)
     padded = not bool(ro.prompt_mask.all())
     pos_c = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(comp.size(1) - 1, device=comp.device)
     # A model training with gradient checkpointing refuses a KV cache (HF turns use_cache off), so it
