@@ -223,12 +223,15 @@ def test_no_grad_logprobs_of_groups_take_our_forward_and_match_hf(which, request
     model = request.getfixturevalue(which)
     ro = generate(model, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=7), n=3)
     assert not bool(ro.prompt_mask.all())  # left padding exercised
-    calls = []
-    real = fastdecode.forward_logits
+    calls, fused = [], []
+    real, real_fused = fastdecode.forward_logits, fastdecode._fused_linear_gelu
     monkeypatch.setattr(fastdecode, "forward_logits", lambda m, r: calls.append(1) or real(m, r))
+    monkeypatch.setattr(fastdecode, "_fused_linear_gelu", lambda *a: fused.append(1) or real_fused(*a))
     with torch.no_grad():
         lp_fast, ent_fast = completion_logprobs(model, ro, with_entropy=True)
     assert calls == [1]
+    if which == "tiny_gpt2" and fastdecode._fused_gelu_ok(lp_fast):  # GPT-2's GELU inside oneDNN's matmul
+        assert len(fused) == 2 * model.config.n_layer  # every layer, prompt and completion passes
     lp_hf, ent_hf = completion_logprobs(model, ro, with_entropy=True)  # with gradients: HF's forward
     assert calls == [1]
     assert torch.allclose(lp_fast, lp_hf.detach(), atol=1e-5)

@@ -90,6 +90,21 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
     return y.view(N, n, -1)
 
 
+def _fused_gelu_ok(like: torch.Tensor) -> bool:
+    """oneDNN's linear with a fused GELU is there (CPU, float32, torch built with it)."""
+    return (like.device.type == "cpu" and like.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _fused_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    """gelu(x @ weight + bias) for GPT-2's Conv1D weight (in, out), x (N, n, in), no gradients: oneDNN runs
+    the GELU inside the matmul (torch's own tanh-GELU kernel is several times slower than the matmul's
+    epilogue). Equal to the unfused ops to float rounding."""
+    N, n, _ = x.shape
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(N * n, -1), weight.t(), bias, "gelu", [], approximate)
+    return y.view(N, n, -1)
+
+
 def head_logits(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     """The LM head on h (N, n, D) for replay: its recorded logits y (viewed (N, n, V)) if any."""
@@ -309,12 +324,16 @@ class _Base:
         pmask = self._prompt_masks(u_mask, G, n)
         kv = []
 
+        plain = isinstance(rec, _NoRecord) and not torch.is_grad_enabled()
+
         def saved(part: list, shape: tuple[int, int]) -> callable:
             def lin(i, j, x, weight, bias):
                 y = part[i][j]
                 if y is None:  # not recorded
                     return _linear(x, weight, bias, self.conv1d)
                 return _SavedLinear.apply(x, weight, bias, y.view(*shape, y.size(-1)), self.conv1d)
+            if plain and self.conv1d and _fused_gelu_ok(self.weight_like):
+                lin.gelu = _fused_linear_gelu  # a plain no-grad forward: GPT-2's MLP input + GELU in one op
             return lin
 
         def attend_prompt(i, q, k, v):
@@ -381,7 +400,11 @@ class GPT2Decoder(_Base):
             o = attend(i, q, k, v).transpose(1, 2).reshape(N, n, D)
             x = x + lin(i, 1, o, a.c_proj.weight, a.c_proj.bias)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            h = F.gelu(lin(i, 2, h, mlp.c_fc.weight, mlp.c_fc.bias), approximate=self.gelu)
+            fused = getattr(lin, "gelu", None)
+            if fused is not None:
+                h = fused(h, mlp.c_fc.weight, mlp.c_fc.bias, self.gelu)
+            else:
+                h = F.gelu(lin(i, 2, h, mlp.c_fc.weight, mlp.c_fc.bias), approximate=self.gelu)
             x = x + lin(i, 3, h, mlp.c_proj.weight, mlp.c_proj.bias)
         return x
 
