@@ -216,12 +216,13 @@ def test_completion_values_and_logprobs_are_those_of_one_full_forward(tiny_gpt2,
     assert torch.allclose(logprobs[m], ro.logprobs[m], atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gqa_llama"])
-def test_no_grad_logprobs_of_groups_take_our_forward_and_match_hf(which, request, tiny_tokenizer, monkeypatch):
-    """A reference model's log-probs (no gradients, groups of samples, left padding) run through
+def test_no_grad_logprobs_take_our_forward_and_match_hf(which, n, request, tiny_tokenizer, monkeypatch):
+    """A reference model's log-probs (no gradients, single samples or groups, left padding) run through
     fastdecode.forward_logits; they equal HF's forward (the path with gradients) and the sampler's."""
     model = request.getfixturevalue(which)
-    ro = generate(model, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=7), n=3)
+    ro = generate(model, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=7), n=n)
     assert not bool(ro.prompt_mask.all())  # left padding exercised
     calls, fused = [], []
     real, real_fused = fastdecode.forward_logits, fastdecode._fused_linear_gelu

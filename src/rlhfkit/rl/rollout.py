@@ -394,8 +394,8 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         repeated n times and the completions attend to it, like the rollout's own prefill. For the GRPO
         workload of docs/benchmarks.md (16-token prompts, 32-token completions, groups of 4) that is 25%
         fewer tokens through the network, forward and backward.
-      * without gradients (a reference model's log-probs), GPT-2 and Llama groups run through our own
-        forward (fastdecode.forward_logits), without HF's per-call machinery;
+      * without gradients (a reference model's log-probs), GPT-2 and Llama run through our own forward
+        (fastdecode.forward_logits), without HF's per-call machinery and with GPT-2's GELU fused;
       * if the rollout kept a record of its sampling forward and `model` is still the model it was sampled
         from, unchanged, the forward's matmuls are not run again (fastdecode.Record.replay), and neither is
         the log-softmax over the vocabulary: the logits are the sampler's, so the sampler's log Z gives the
@@ -417,7 +417,7 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         return logprobs * ro.completion_mask, ro.entropy if with_entropy else None
     from rlhfkit.rl import fastdecode
 
-    if (G > 1 and not torch.is_grad_enabled() and fastdecode.supported(model) and fastdecode.dropout_free(model)
+    if (not torch.is_grad_enabled() and fastdecode.supported(model) and fastdecode.dropout_free(model)
             and comp.size(1) > 1):
         # No gradients (e.g. the reference's log-probs): our own forward, as replay's but computing everything.
         first, rest = fastdecode.forward_logits(model, ro)
