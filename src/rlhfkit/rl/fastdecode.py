@@ -10,8 +10,8 @@ decodes through HF's forward (rollout.HFDecoder).
 
 Both decoders share one shape: `start()` runs the prompts once (U unique prompts, each then repeated
 `repeat` times for a group of samples, so a prompt's prefill is computed once per group), and `step()`
-feeds one token per row and returns the next logits. The cache is preallocated, (layers, B, kv_heads,
-prompt + max_new, head_dim), written in place. Left padding: pad keys are masked, positions count real
+feeds one token per row and returns the next logits. The cache is preallocated and time-major, (layers,
+prompt + max_new, keys / values, B, kv_heads, head_dim), written in place. Left padding: pad keys are masked, positions count real
 tokens only (as HF does), and a pad query attends to itself so no row of the softmax is empty.
 
 Equivalence with HF's forward is tested (tests/test_rollout.py); the logits agree to float rounding.
@@ -246,7 +246,6 @@ class _Base:
         """The KV cache, time-major: KV[layer, slot, 0 = keys / 1 = values] is one (B, Hkv, hd) block, so a
         decode step writes two contiguous blocks, and a layer's keys over slots 0..t are a (B * Hkv, t + 1,
         hd) view that bmm reads in place (_attend_step)."""
-        self.B = B
         self.KV = like.new_empty((self.L, T, 2, B, self.Hkv, self.hd))
 
     def _prompt_masks(self, mask: torch.Tensor, repeat: int, max_new: int) -> torch.Tensor | None:
