@@ -70,9 +70,12 @@ def test_replay_equals_a_fresh_forward(which, request, tiny_tokenizer):
     assert ro.record is not None and plain.record is None
     assert ro.logz is not None and plain.logz is None  # replay scores against the sampler's normalisers
     assert torch.equal(ro.completion_ids, plain.completion_ids)  # recording does not change sampling
-    calls = []
-    real = fastdecode.Record.replay
+    from rlhfkit.rl import rollout as rollout_mod
+
+    calls, logz_calls = [], []
+    real, real_logz = fastdecode.Record.replay, rollout_mod.logprobs_given_logz
     fastdecode.Record.replay = lambda self, r: calls.append(1) or real(self, r)
+    rollout_mod.logprobs_given_logz = lambda *a: logz_calls.append(1) or real_logz(*a)
     try:
         B = ro.completion_ids.size(0)
         for parts in ([slice(0, B)],                                   # the whole batch
@@ -82,8 +85,10 @@ def test_replay_equals_a_fresh_forward(which, request, tiny_tokenizer):
             calls.clear()
             assert_same(logprobs_and_grads(model, ro, parts), logprobs_and_grads(model, plain, parts))
             assert len(calls) == len(parts)  # the record was really used, once per part
+        assert logz_calls  # and the sampler's log Z scored it (no second log-softmax)
     finally:
         fastdecode.Record.replay = real
+        rollout_mod.logprobs_given_logz = real_logz
     # And the sampling-time log-probabilities come back, and entropies with gradients (an entropy bonus)
     # take the full log-softmax: they equal the sampler's.
     lp = completion_logprobs(model, ro, 0.8)[0]

@@ -406,15 +406,9 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
     comp, G = ro.completion_ids, ro.group_size
     if ro.record is not None and ro.record.G == G and ro.record.usable(model):
         first, rest = ro.record.replay(ro)
-        parts = [(first, comp[:, :1]), (rest, comp[:, 1:])]
-        if ro.logz is None or entropy_grad:
-            return _logprobs_of(parts, ro, temperature, with_entropy, entropy_grad)
         # The logits are the sampling-time ones: so are their normalisers and entropies.
-        if temperature not in (0.0, 1.0):
-            parts = [(lg / temperature, x) for lg, x in parts]
-        logz = [ro.logz[:, :1], ro.logz[:, 1:]]
-        logprobs = torch.cat([logprobs_given_logz(lg, x, z) for (lg, x), z in zip(parts, logz)], 1)
-        return logprobs * ro.completion_mask, ro.entropy if with_entropy else None
+        return _logprobs_of([(first, comp[:, :1]), (rest, comp[:, 1:])], ro, temperature, with_entropy,
+                            entropy_grad, sampled=True)
     from rlhfkit.rl import fastdecode
 
     if (not torch.is_grad_enabled() and fastdecode.supported(model) and fastdecode.dropout_free(model)
@@ -456,11 +450,19 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
     return _logprobs_of(parts, ro, temperature, with_entropy, entropy_grad)
 
 
-def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, entropy_grad: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """completion_logprobs' result from (logits (B, c, V), tokens (B, c)) pieces covering the completion."""
+def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, entropy_grad: bool,
+                 sampled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """completion_logprobs' result from (logits (B, c, V), tokens (B, c)) pieces covering the completion.
+    `sampled`: the logits are the sampler's own (replay), so where the rollout kept its log Z and entropies
+    they stand in for a log-softmax (not for an entropy that needs gradients)."""
     if temperature not in (0.0, 1.0):
         parts = [(lg / temperature, x) for lg, x in parts]
+    if sampled and ro.logz is not None and not entropy_grad:
+        at, lps = 0, []
+        for lg, x in parts:
+            lps.append(logprobs_given_logz(lg, x, ro.logz[:, at:at + x.size(1)]))
+            at += x.size(1)
+        return torch.cat(lps, 1) * ro.completion_mask, ro.entropy if with_entropy else None
     if not (with_entropy or entropy_grad):
         return torch.cat([gather_logprobs(lg, x) for lg, x in parts], 1) * ro.completion_mask, None
     both = [logprobs_and_entropy(lg, x, entropy_grad) for lg, x in parts]  # one log-softmax for both
