@@ -120,6 +120,42 @@ def test_partial_record_keeps_the_most_work_per_byte_first(gpt2, tiny_tokenizer)
     assert_same(logprobs_and_grads(gpt2, ro, parts), logprobs_and_grads(gpt2, plain, parts))
 
 
+def saved_bytes(model, ro, rows):
+    """Bytes autograd keeps from a replay's forward of `rows` for the backward, not counting the record
+    itself (the rollout keeps it anyway) or the weights."""
+    skip = {ro.record.flat.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        completion_logprobs(model, ro.rows(rows), 0.8)
+    return sum(kept.values())
+
+
+def test_fully_recorded_gpt2_layers_replay_lean(gpt2, tiny_tokenizer, monkeypatch):
+    """A layer whose four linear outputs are all recorded runs no norm, attention or GELU in the forward and
+    keeps only its residual stream for the backward, which recomputes the rest: same gradients, and a
+    fraction of the activation memory (so larger micro-batches fit)."""
+    ro = rollout(gpt2, tiny_tokenizer)
+    plain = rollout(gpt2, tiny_tokenizer, replay_mb=0)
+    parts = [slice(0, 6), torch.tensor([7, 6, 11, 8, 9, 10])]
+    calls = []
+    real = fastdecode.GPT2Decoder._lean_block
+    monkeypatch.setattr(fastdecode.GPT2Decoder, "_lean_block", lambda self, *a: calls.append(1) or real(self, *a))
+    lean = logprobs_and_grads(gpt2, ro, parts)
+    assert len(calls) == 2 * 2 * len(parts)  # both layers, prompt and completion pass, every part
+    assert_same(lean, logprobs_and_grads(gpt2, plain, parts))
+    lean_bytes = saved_bytes(gpt2, ro, slice(0, 12))
+    monkeypatch.delattr(fastdecode.GPT2Decoder, "_lean_block")  # the per-op autograd replay
+    assert_same(lean, logprobs_and_grads(gpt2, ro, parts))
+    full_bytes = saved_bytes(gpt2, ro, slice(0, 12))
+    assert lean_bytes < 0.3 * full_bytes, (lean_bytes, full_bytes)
+
+
 def test_record_is_not_used_after_the_weights_change(gpt2, tiny_tokenizer):
     ro = rollout(gpt2, tiny_tokenizer)
     opt = torch.optim.SGD(gpt2.parameters(), lr=0.5)

@@ -175,3 +175,16 @@ def test_logprobs_given_logz_is_log_softmax_with_its_gradient():
     g1 = torch.autograd.grad((lp * w).sum(), base)[0]
     g2 = torch.autograd.grad((gather_logprobs(logits, ids) * w).sum(), base)[0]
     assert torch.allclose(g1, g2, atol=1e-6)
+    # With a temperature: log softmax(logits / T), gradient included (by hand for T = 2: logits [0, 2 ln 3]
+    # are [0, ln 3] scaled, so the same 3/4, and the gradient is halved).
+    logits = torch.tensor([[[0.0, 2 * math.log(3.0)]]], requires_grad=True)
+    lp = logprobs_given_logz(logits, torch.tensor([[1]]), torch.tensor([[math.log(4.0)]]), temperature=2.0)
+    assert lp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    lp.sum().backward()
+    assert logits.grad.flatten().tolist() == pytest.approx([-0.125, 0.125], abs=1e-6)
+    logits = base.transpose(0, 1)
+    lp = logprobs_given_logz(logits, ids, torch.logsumexp(logits.detach() / 0.7, -1), temperature=0.7)
+    assert torch.allclose(lp, gather_logprobs(logits / 0.7, ids), atol=1e-6)
+    g1 = torch.autograd.grad((lp * w).sum(), base)[0]
+    g2 = torch.autograd.grad((gather_logprobs(logits / 0.7, ids) * w).sum(), base)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)

@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 ALGOS = ("grpo", "rloo", "ppo")
+# Our micro-batch per trainer (--micro-batch 0): the largest of 16 and 32 whose peak RSS stays at about
+# 0.5x TRL's or below, with the full replay record (docs/benchmarks.md). PPO has more room: TRL's PPO keeps a
+# value model and a reference beside the policy.
+MICRO_BATCH = {"grpo": 16, "rloo": 16, "ppo": 32}
 ARTIFACT_KEYS = ("corpus_sha256", "tokenizer_sha256", "prompts_sha256", "policy_init_sha256")
 
 
@@ -228,7 +232,7 @@ def run_ours(algo: str, args, workdir: Path) -> dict[str, Any]:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "rlhfkit.bench.trl_peer", "--worker", algo, "--steps", str(args.steps),
            "--workdir", str(workdir), "--worker-out", str(out), "--threads", str(args.threads),
-           "--micro-batch", str(args.micro_batch), "--replay-mb", str(args.replay_mb)]
+           "--micro-batch", str(args.micro_batch or MICRO_BATCH[algo]), "--replay-mb", str(args.replay_mb)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rc = _run(cmd, workdir / f"ours_{algo}.log", env)
     if out.exists():
@@ -292,14 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sides", default="trl,ours", help="trl, ours, or both (comma list)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every (trainer, side) run")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = torch's default (both sides)")
-    ap.add_argument("--micro-batch", type=int, default=16,
+    ap.add_argument("--micro-batch", type=int, default=0,
                     help="our side: completions per forward/backward micro-batch (the gradient is the same; "
-                         "smaller bounds activation memory)")
-    ap.add_argument("--replay-mb", type=float, default=64.0,
+                         "smaller bounds activation memory); 0 = per trainer: GRPO 16, RLOO 16, PPO 32")
+    ap.add_argument("--replay-mb", type=float, default=1024.0,
                     help="our side: rollout.replay_max_mb, the memory a rollout may keep of its own forward so "
-                         "that the training forward skips those matmuls (0 = off). 64 keeps about 60%% of this "
-                         "workload's GRPO record (99 MB in full) and peak RSS at <= 0.5x TRL's; the full record "
-                         "is no faster here within run-to-run noise (docs/benchmarks.md)")
+                         "that the training forward skips those matmuls (0 = off). This workload's records "
+                         "are 99 MB (GRPO, RLOO) and 136 MB (PPO), so the default keeps them whole")
     ap.add_argument("--trl-dir", default="", help="the TRL peer benchmark directory (default: ../shared/bench/trl "
                                                   "relative to the repository root)")
     ap.add_argument("--workdir", default="", help="artifacts, logs and per-run files (default: a temp dir)")

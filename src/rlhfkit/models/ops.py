@@ -61,27 +61,33 @@ def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, entropy_grad: 
 
 
 class _LogprobsGivenLogZ(torch.autograd.Function):
-    """logits[ids] - logz where logz = logsumexp(logits) is already known: the forward is a gather, the
-    backward the usual (one-hot - softmax) * grad, with softmax = exp(logits - logz)."""
+    """logits[ids] / T - logz where logz = logsumexp(logits / T) is already known: the forward is a gather,
+    the backward the usual (one-hot - softmax) * grad / T, with softmax = exp(logits / T - logz). Keeps
+    the logits as given (no scaled copy of them for the backward)."""
 
     @staticmethod
-    def forward(ctx, logits, ids, logz):
+    def forward(ctx, logits, ids, logz, temperature):
         ctx.save_for_backward(logits, ids, logz)
-        return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logz
+        ctx.inv_t = 1.0 / temperature
+        picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return (picked * ctx.inv_t if ctx.inv_t != 1.0 else picked) - logz
 
     @staticmethod
     def backward(ctx, grad):
         logits, ids, logz = ctx.saved_tensors
-        g = grad.unsqueeze(-1)
-        dlogits = torch.sub(logits, logz.unsqueeze(-1)).exp_().mul_(-g)
-        return dlogits.scatter_add_(-1, ids.unsqueeze(-1), g), None, None
+        g = grad.unsqueeze(-1) * ctx.inv_t if ctx.inv_t != 1.0 else grad.unsqueeze(-1)
+        scaled = torch.mul(logits, ctx.inv_t) if ctx.inv_t != 1.0 else logits
+        dlogits = torch.sub(scaled, logz.unsqueeze(-1)).exp_().mul_(-g)
+        return dlogits.scatter_add_(-1, ids.unsqueeze(-1), g), None, None, None
 
 
-def logprobs_given_logz(logits: torch.Tensor, ids: torch.Tensor, logz: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids] given logz = logsumexp(logits, -1) (e.g. from sampling with these very
-    logits): (B, T, V), (B, T), (B, T) -> (B, T), differentiable in logits. Skips the log-softmax pass over
-    the vocabulary; equal to gather_logprobs to within float rounding of logz."""
-    return _LogprobsGivenLogZ.apply(logits.float(), ids, logz.to(torch.float32))
+def logprobs_given_logz(logits: torch.Tensor, ids: torch.Tensor, logz: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[ids] given logz = logsumexp(logits / temperature, -1) (e.g. from
+    sampling with these very logits): (B, T, V), (B, T), (B, T) -> (B, T), differentiable in logits. Skips
+    the log-softmax pass over the vocabulary; equal to gather_logprobs(logits / temperature, ids) to within
+    float rounding of logz."""
+    return _LogprobsGivenLogZ.apply(logits.float(), ids, logz.to(torch.float32), float(temperature))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,

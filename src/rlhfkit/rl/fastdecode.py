@@ -64,16 +64,92 @@ class _SavedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        shape = x.shape
-        x, dy = x.reshape(-1, x.size(-1)), dy.reshape(-1, dy.size(-1))
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (dy @ w.t() if ctx.conv1d else dy @ w).view(shape)
-        if ctx.needs_input_grad[1]:
-            dw = x.t() @ dy if ctx.conv1d else dy.t() @ x
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0)
-        return dx, dw, db, None, None
+        need = ctx.needs_input_grad
+        return _linear_grads(x, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2])) + (None, None)
+
+
+def _linear_grads(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, conv1d: bool, need: tuple[bool, ...]
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias) of y = linear(x) (as _linear: x (N, n, in), dy (N, n, out)); need[k] says
+    whether the k-th of them is wanted (None where not)."""
+    shape = x.shape
+    x2, dy2 = x.reshape(-1, x.size(-1)), dy.reshape(-1, dy.size(-1))
+    dx = (dy2 @ w.t() if conv1d else dy2 @ w).view(shape) if need[0] else None
+    dw = (x2.t() @ dy2 if conv1d else dy2.t() @ x2) if need[1] else None
+    db = dy2.sum(0) if need[2] else None
+    return dx, dw, db
+
+
+class _NormSavedLinear(torch.autograd.Function):
+    """linear(layer_norm(x)) whose output `y` was recorded (GPT-2's c_attn and c_fc in replay): forward hands
+    y back and keeps only x; backward recomputes the norm (one cheap pass). Autograd would keep the norm's
+    (rows, D) output from the forward to the backward instead."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, weight, bias, y, eps, conv1d):
+        ctx.save_for_backward(x, norm_w, norm_b, weight)
+        ctx.eps, ctx.conv1d, ctx.has_bias = eps, conv1d, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, nw, nb, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        D = x.size(-1)
+        h, mean, rstd = torch.native_layer_norm(x, (D,), nw, nb, ctx.eps)
+        dh, dw, db = _linear_grads(h, w, dy, ctx.conv1d, (True, need[3], ctx.has_bias and need[4]))
+        del h
+        dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(dh, x, (D,), mean, rstd, nw, nb,
+                                                                 [need[0], need[1], need[2]])
+        return dx, dnw, dnb, dw, db, None, None, None
+
+
+class _GeluSavedLinear(torch.autograd.Function):
+    """linear(gelu(h)) whose output `y` was recorded (GPT-2's MLP down-projection in replay), h being the
+    recorded up-projection: forward hands y back and computes nothing; backward computes gelu(h) for the
+    weight's gradient. Autograd would run the GELU in the forward and keep its (rows, 4 D) output, the
+    largest activation of the block, until the backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, approximate, conv1d):
+        ctx.save_for_backward(h, weight)
+        ctx.approximate, ctx.conv1d, ctx.has_bias = approximate, conv1d, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = F.gelu(h, approximate=ctx.approximate)
+        dg, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2]))
+        del g
+        dh = torch.ops.aten.gelu_backward.grad_input(dg, h, approximate=ctx.approximate, grad_input=dg) if need[0] else None
+        return dh, dw, db, None, None, None
+
+
+class _AttnSavedLinear(torch.autograd.Function):
+    """linear(attn(*inputs)) whose output `y` was recorded (the attention's output projection in replay):
+    forward hands y back and keeps only the inputs (views of the recorded q, k, v); backward recomputes
+    the attention with autograd and back-propagates through it. Autograd would keep the attention's
+    output, and its copies of the concatenated keys and values, from the forward to the backward."""
+
+    @staticmethod
+    def forward(ctx, attn, weight, bias, y, conv1d, *inputs):
+        ctx.save_for_backward(weight, *inputs)
+        ctx.attn, ctx.conv1d, ctx.has_bias = attn, conv1d, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        w, *inputs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.enable_grad():
+            ins = [t.detach().requires_grad_(r) for t, r in zip(inputs, need[5:])]
+            o = ctx.attn(*ins)
+        do, dw, db = _linear_grads(o.detach(), w, dy, ctx.conv1d, (True, need[1], ctx.has_bias and need[2]))
+        wanted = [t for t in ins if t.requires_grad]
+        grads = iter(torch.autograd.grad(o, wanted, do) if wanted else ())
+        return (None, dw, db, None, None) + tuple(next(grads) if t.requires_grad else None for t in ins)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
@@ -333,12 +409,24 @@ class _Base:
                 return _SavedLinear.apply(x, weight, bias, y.view(*shape, y.size(-1)), self.conv1d)
             if plain and self.conv1d and _fused_gelu_ok(self.weight_like):
                 lin.gelu = _fused_linear_gelu  # a plain no-grad forward: GPT-2's MLP input + GELU in one op
+            elif torch.is_grad_enabled() and hasattr(self, "_lean_block"):
+                lin.lean = lambda i: all(t is not None for t in part[i])
+                lin.out = lambda i, j: part[i][j].view(*shape, part[i][j].size(-1))
             return lin
 
-        def attend_prompt(i, q, k, v):
-            kv.append((k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) if G > 1 else (k, v))
+        def prompt_attention(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=pmask, is_causal=pmask is None,
                                                   enable_gqa=self.gqa)
+
+        def attend_prompt(i, q, k, v):
+            kv.append((k, v))  # each unique prompt's keys once: the completions' attention repeats them
+            return prompt_attention(q, k, v)
+
+        def prompt_lean(i, q, k, v):
+            kv.append((k, v))
+            return prompt_attention, (q, k, v)
+
+        attend_prompt.lean = prompt_lean
 
         # Completion queries see every (real) prompt key and the completion keys up to their own.
         cmask = torch.ones(n, P + n, dtype=torch.bool, device=comp.device)
@@ -346,12 +434,18 @@ class _Base:
         if self.key_ok is not None:
             cmask = cmask & self.key_ok[:, None, None, :P + n]
 
-        def attend_completion(i, q, k, v):  # time-major (n, H, B, hd) in and out
-            kp, vp = kv[i]
+        def completion_attention(q, k, v, kp, vp):  # time-major (n, H, B, hd) in and out; kp, vp per prompt
+            if G > 1:
+                kp, vp = kp.repeat_interleave(G, 0), vp.repeat_interleave(G, 0)
             q, k, v = (t.permute(2, 1, 0, 3) for t in (q, k, v))
             o = F.scaled_dot_product_attention(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2),
                                                attn_mask=cmask, enable_gqa=self.gqa)
             return o.permute(2, 1, 0, 3)
+
+        def attend_completion(i, q, k, v):
+            return completion_attention(q, k, v, *kv[i])
+
+        attend_completion.lean = lambda i, q, k, v: (completion_attention, (q, k, v, *kv[i]))
 
         W, b = self.lm_head.weight, self.lm_head.bias
         U = u_ids.size(0)
@@ -391,8 +485,12 @@ class GPT2Decoder(_Base):
         """x (N, n, D) through every block; attend(i, q, k, v) does the attention of layer i and
         lin(i, j, x (N, n, in), weight, bias) -> (N, n, out) its j-th linear layer."""
         N, n, D = x.shape
+        lean = getattr(lin, "lean", None)  # replay with gradients: layers whose every linear was recorded
         for i, blk in enumerate(self.tr.h):
             a, mlp = blk.attn, blk.mlp
+            if lean is not None and lean(i):
+                x = self._lean_block(i, blk, x, attend, lin.out)
+                continue
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
             qkv = lin(i, 0, h, a.c_attn.weight, a.c_attn.bias)
             q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
@@ -406,6 +504,25 @@ class GPT2Decoder(_Base):
                 h = F.gelu(lin(i, 2, h, mlp.c_fc.weight, mlp.c_fc.bias), approximate=self.gelu)
             x = x + lin(i, 3, h, mlp.c_proj.weight, mlp.c_proj.bias)
         return x
+
+    def _lean_block(self, i: int, blk: torch.nn.Module, x: torch.Tensor, attend, out) -> torch.Tensor:
+        """Block i of a replay from a record of all four of its linear layers' outputs (out(i, j), (N, n, F)):
+        nothing is multiplied, normalised or activated in the forward, which only adds the recorded outputs
+        to the residual stream; the backward recomputes the norms, the attention and the GELU where it
+        needs them (_NormSavedLinear, _AttnSavedLinear, _GeluSavedLinear). The gradients are those of
+        _blocks; the activation memory is the residual stream's only, so larger micro-batches fit."""
+        N, n, D = x.shape
+        a, mlp, ln1, ln2 = blk.attn, blk.mlp, blk.ln_1, blk.ln_2
+        qkv = _NormSavedLinear.apply(x, ln1.weight, ln1.bias, a.c_attn.weight, a.c_attn.bias, out(i, 0), ln1.eps, True)
+        q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
+        fn, inputs = attend.lean(i, q, k, v)
+
+        def attn(*t: torch.Tensor) -> torch.Tensor:
+            return fn(*t).transpose(1, 2).reshape(N, n, D)
+
+        x = x + _AttnSavedLinear.apply(attn, a.c_proj.weight, a.c_proj.bias, out(i, 1), True, *inputs)
+        h = _NormSavedLinear.apply(x, ln2.weight, ln2.bias, mlp.c_fc.weight, mlp.c_fc.bias, out(i, 2), ln2.eps, True)
+        return x + _GeluSavedLinear.apply(h, mlp.c_proj.weight, mlp.c_proj.bias, out(i, 3), self.gelu, True)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin) -> torch.Tensor:
         return self._blocks(self.tr.wte(ids) + self.tr.wpe(pos), attend, lin)

@@ -455,14 +455,15 @@ def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, ent
     """completion_logprobs' result from (logits (B, c, V), tokens (B, c)) pieces covering the completion.
     `sampled`: the logits are the sampler's own (replay), so where the rollout kept its log Z and entropies
     they stand in for a log-softmax (not for an entropy that needs gradients)."""
-    if temperature not in (0.0, 1.0):
-        parts = [(lg / temperature, x) for lg, x in parts]
+    scale = temperature not in (0.0, 1.0)
     if sampled and ro.logz is not None and not entropy_grad:
         at, lps = 0, []
-        for lg, x in parts:
-            lps.append(logprobs_given_logz(lg, x, ro.logz[:, at:at + x.size(1)]))
+        for lg, x in parts:  # the temperature is applied inside (no scaled copy of the logits is kept)
+            lps.append(logprobs_given_logz(lg, x, ro.logz[:, at:at + x.size(1)], temperature if scale else 1.0))
             at += x.size(1)
         return torch.cat(lps, 1) * ro.completion_mask, ro.entropy if with_entropy else None
+    if scale:
+        parts = [(lg / temperature, x) for lg, x in parts]
     if not (with_entropy or entropy_grad):
         return torch.cat([gather_logprobs(lg, x) for lg, x in parts], 1) * ro.completion_mask, None
     both = [logprobs_and_entropy(lg, x, entropy_grad) for lg, x in parts]  # one log-softmax for both
