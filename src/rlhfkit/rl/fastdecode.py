@@ -22,7 +22,10 @@ step after the rollout: GRPO / RLOO / REINFORCE with one iteration, PPO's first 
 forward (`replay`) runs the same blocks with autograd, but each linear layer hands back its recorded output
 instead of multiplying (`_SavedLinear`, whose backward is the ordinary one). Only the elementwise work
 (layer norms, activations, attention, residuals) is recomputed; the forward's matmuls, about a third of
-the FLOPs of a training step, are not. The gradients are those of the decoder's forward, equal to those of
+the FLOPs of a training step, are not. A GPT-2 layer whose four linear outputs are all recorded goes
+further (`_lean_block`): its forward only adds the recorded outputs to the residual stream, and the
+backward recomputes the norms, the attention and the GELU where it needs them, so the activations kept
+between forward and backward are the residual stream's alone (a third of the per-op replay's, or less). The gradients are those of the decoder's forward, equal to those of
 a fresh forward to float rounding (tests/test_replay.py). It costs memory: every linear output of the whole
 batch is kept until the update (`rollout.replay_max_mb` caps it).
 """
@@ -123,8 +126,9 @@ class _GeluSavedLinear(torch.autograd.Function):
         g = F.gelu(h, approximate=ctx.approximate)
         dg, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2]))
         del g
-        dh = torch.ops.aten.gelu_backward.grad_input(dg, h, approximate=ctx.approximate, grad_input=dg) if need[0] else None
-        return dh, dw, db, None, None, None
+        if need[0]:  # in place: dg becomes dh
+            torch.ops.aten.gelu_backward.grad_input(dg, h, approximate=ctx.approximate, grad_input=dg)
+        return dg, dw, db, None, None, None
 
 
 class _AttnSavedLinear(torch.autograd.Function):
