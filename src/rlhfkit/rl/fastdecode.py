@@ -68,7 +68,8 @@ class _SavedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return _linear_grads(x, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2])) + (None, None)
+        grads = _linear_grads(x, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2]))
+        return grads + (None, None)
 
 
 def _linear_grads(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, conv1d: bool, need: tuple[bool, ...]
@@ -517,7 +518,8 @@ class GPT2Decoder(_Base):
         _blocks; the activation memory is the residual stream's only, so larger micro-batches fit."""
         N, n, D = x.shape
         a, mlp, ln1, ln2 = blk.attn, blk.mlp, blk.ln_1, blk.ln_2
-        qkv = _NormSavedLinear.apply(x, ln1.weight, ln1.bias, a.c_attn.weight, a.c_attn.bias, out(i, 0), ln1.eps, True)
+        qkv = _NormSavedLinear.apply(x, ln1.weight, ln1.bias, a.c_attn.weight, a.c_attn.bias, out(i, 0),
+                                     ln1.eps, True)
         q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
         fn, inputs = attend.lean(i, q, k, v)
 
@@ -525,7 +527,8 @@ class GPT2Decoder(_Base):
             return fn(*t).transpose(1, 2).reshape(N, n, D)
 
         x = x + _AttnSavedLinear.apply(attn, a.c_proj.weight, a.c_proj.bias, out(i, 1), True, *inputs)
-        h = _NormSavedLinear.apply(x, ln2.weight, ln2.bias, mlp.c_fc.weight, mlp.c_fc.bias, out(i, 2), ln2.eps, True)
+        h = _NormSavedLinear.apply(x, ln2.weight, ln2.bias, mlp.c_fc.weight, mlp.c_fc.bias, out(i, 2),
+                                   ln2.eps, True)
         return x + _GeluSavedLinear.apply(h, mlp.c_proj.weight, mlp.c_proj.bias, out(i, 3), self.gelu, True)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin) -> torch.Tensor:

@@ -459,7 +459,8 @@ def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, ent
     if sampled and ro.logz is not None and not entropy_grad:
         at, lps = 0, []
         for lg, x in parts:  # the temperature is applied inside (no scaled copy of the logits is kept)
-            lps.append(logprobs_given_logz(lg, x, ro.logz[:, at:at + x.size(1)], temperature if scale else 1.0))
+            logz = ro.logz[:, at:at + x.size(1)]
+            lps.append(logprobs_given_logz(lg, x, logz, temperature if scale else 1.0))
             at += x.size(1)
         return torch.cat(lps, 1) * ro.completion_mask, ro.entropy if with_entropy else None
     if scale:
