@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-mb", type=float, default=1024.0,
                     help="our side: rollout.replay_max_mb, the memory a rollout may keep of its own forward so "
                          "that the training forward skips those matmuls (0 = off). This workload's records "
-                         "are 99 MB (GRPO, RLOO) and 136 MB (PPO), so the default keeps them whole")
+                         "are 99 MB (GRPO, RLOO) and 128 MB (PPO), so the default keeps them whole")
     ap.add_argument("--trl-dir", default="", help="the TRL peer benchmark directory (default: ../shared/bench/trl "
                                                   "relative to the repository root)")
     ap.add_argument("--workdir", default="", help="artifacts, logs and per-run files (default: a temp dir)")
