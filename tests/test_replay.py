@@ -136,23 +136,27 @@ def saved_bytes(model, ro, rows):
     return sum(kept.values())
 
 
-def test_fully_recorded_gpt2_layers_replay_lean(gpt2, tiny_tokenizer, monkeypatch):
-    """A layer whose four linear outputs are all recorded runs no norm, attention or GELU in the forward and
-    keeps only its residual stream for the backward, which recomputes the rest: same gradients, and a
-    fraction of the activation memory (so larger micro-batches fit)."""
-    ro = rollout(gpt2, tiny_tokenizer)
-    plain = rollout(gpt2, tiny_tokenizer, replay_mb=0)
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_fully_recorded_layers_replay_lean(which, request, tiny_tokenizer, monkeypatch):
+    """A layer whose linear outputs are all recorded runs no norm, attention or activation in the forward
+    and keeps only its residual stream (and, for Llama, the prompt's rotated keys) for the backward, which
+    recomputes the rest: same gradients, and a fraction of the activation memory (so larger micro-batches
+    fit)."""
+    model = request.getfixturevalue(which)
+    ro = rollout(model, tiny_tokenizer)
+    plain = rollout(model, tiny_tokenizer, replay_mb=0)
     parts = [slice(0, 6), torch.tensor([7, 6, 11, 8, 9, 10])]
     calls = []
-    real = fastdecode.GPT2Decoder._lean_block
-    monkeypatch.setattr(fastdecode.GPT2Decoder, "_lean_block", lambda self, *a: calls.append(1) or real(self, *a))
-    lean = logprobs_and_grads(gpt2, ro, parts)
+    cls = type(fastdecode.make_fast_decoder(model))
+    real = cls._lean_block
+    monkeypatch.setattr(cls, "_lean_block", lambda self, *a: calls.append(1) or real(self, *a))
+    lean = logprobs_and_grads(model, ro, parts)
     assert len(calls) == 2 * 2 * len(parts)  # both layers, prompt and completion pass, every part
-    assert_same(lean, logprobs_and_grads(gpt2, plain, parts))
-    lean_bytes = saved_bytes(gpt2, ro, slice(0, 12))
-    monkeypatch.delattr(fastdecode.GPT2Decoder, "_lean_block")  # the per-op autograd replay
-    assert_same(lean, logprobs_and_grads(gpt2, ro, parts))
-    full_bytes = saved_bytes(gpt2, ro, slice(0, 12))
+    assert_same(lean, logprobs_and_grads(model, plain, parts))
+    lean_bytes = saved_bytes(model, ro, slice(0, 12))
+    monkeypatch.setattr(cls, "lean", False)  # the per-op autograd replay
+    assert_same(lean, logprobs_and_grads(model, ro, parts))
+    full_bytes = saved_bytes(model, ro, slice(0, 12))
     assert lean_bytes < 0.3 * full_bytes, (lean_bytes, full_bytes)
 
 

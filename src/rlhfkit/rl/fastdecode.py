@@ -22,10 +22,11 @@ step after the rollout: GRPO / RLOO / REINFORCE with one iteration, PPO's first 
 forward (`replay`) runs the same blocks with autograd, but each linear layer hands back its recorded output
 instead of multiplying (`_SavedLinear`, whose backward is the ordinary one). Only the elementwise work
 (layer norms, activations, attention, residuals) is recomputed; the forward's matmuls, about a third of
-the FLOPs of a training step, are not. A GPT-2 layer whose four linear outputs are all recorded goes
-further (`_lean_block`): its forward only adds the recorded outputs to the residual stream, and the
-backward recomputes the norms, the attention and the GELU where it needs them, so the activations kept
-between forward and backward are the residual stream's alone (a third of the per-op replay's, or less). The gradients are those of the decoder's forward, equal to those of
+the FLOPs of a training step, are not. A layer whose linear outputs are all recorded goes further
+(`_lean_block`, GPT-2 and Llama): its forward only adds the recorded output projections to the residual
+stream, and the backward recomputes the norms, the attention and the activation where it needs them, so
+the activations kept between forward and backward are the residual stream's (about a fifth of the
+per-op replay's in tests/test_replay.py). The gradients are those of the decoder's forward, equal to those of
 a fresh forward to float rounding (tests/test_replay.py). It costs memory: every linear output of the whole
 batch is kept until the update (`rollout.replay_max_mb` caps it).
 """
@@ -132,29 +133,48 @@ class _GeluSavedLinear(torch.autograd.Function):
         return dg, dw, db, None, None, None
 
 
-class _AttnSavedLinear(torch.autograd.Function):
-    """linear(attn(*inputs)) whose output `y` was recorded (the attention's output projection in replay):
-    forward hands y back and keeps only the inputs (views of the recorded q, k, v); backward recomputes
-    the attention with autograd and back-propagates through it. Autograd would keep the attention's
-    output, and its copies of the concatenated keys and values, from the forward to the backward."""
+class _PreSavedLinears(torch.autograd.Function):
+    """Linear layers of one input h = pre(*inputs), each of whose outputs was recorded: forward hands the
+    recorded outputs back and keeps only the inputs (views of the record or the residual stream); backward
+    recomputes h with autograd, runs the layers' backward and back-propagates through pre. Used for the
+    attention before its output projection (GPT-2 and Llama) and, for Llama, the RMS norms before the
+    q/k/v and gate/up projections and the SwiGLU before the down-projection. Autograd would keep h (and
+    whatever pre made on the way) from the forward to the backward.
+
+    apply(pre, n_in, conv1d, *inputs (n_in tensors), *(weight, bias, y) per layer) -> the y's (a tuple if
+    more than one)."""
 
     @staticmethod
-    def forward(ctx, attn, weight, bias, y, conv1d, *inputs):
-        ctx.save_for_backward(weight, *inputs)
-        ctx.attn, ctx.conv1d, ctx.has_bias = attn, conv1d, bias is not None
-        return y
+    def forward(ctx, pre, n_in, conv1d, *args):
+        inputs, layers = args[:n_in], args[n_in:]
+        ws, ys = layers[0::3], layers[2::3]
+        ctx.save_for_backward(*inputs, *ws)
+        ctx.pre, ctx.n_in, ctx.conv1d = pre, n_in, conv1d
+        ctx.has_bias = [bias is not None for bias in layers[1::3]]
+        return ys if len(ys) > 1 else ys[0]
 
     @staticmethod
-    def backward(ctx, dy):
-        w, *inputs = ctx.saved_tensors
-        need = ctx.needs_input_grad
+    def backward(ctx, *dys):
+        saved = ctx.saved_tensors
+        inputs, ws = saved[:ctx.n_in], saved[ctx.n_in:]
+        need = ctx.needs_input_grad[3:]
         with torch.enable_grad():
-            ins = [t.detach().requires_grad_(r) for t, r in zip(inputs, need[5:])]
-            o = ctx.attn(*ins)
-        do, dw, db = _linear_grads(o.detach(), w, dy, ctx.conv1d, (True, need[1], ctx.has_bias and need[2]))
+            ins = [t.detach().requires_grad_(r) for t, r in zip(inputs, need)]
+            h = ctx.pre(*ins)
+        dh, layer_grads = None, []
+        for j, (w, dy) in enumerate(zip(ws, dys)):
+            at = ctx.n_in + 3 * j
+            if dy is None:
+                layer_grads += [None, None, None]
+                continue
+            need_j = (True, need[at], ctx.has_bias[j] and need[at + 1])
+            dx, dw, db = _linear_grads(h.detach(), w, dy, ctx.conv1d, need_j)
+            dh = dx if dh is None else dh.add_(dx)
+            layer_grads += [dw, db, None]
         wanted = [t for t in ins if t.requires_grad]
-        grads = iter(torch.autograd.grad(o, wanted, do) if wanted else ())
-        return (None, dw, db, None, None) + tuple(next(grads) if t.requires_grad else None for t in ins)
+        grads = iter(torch.autograd.grad(h, wanted, dh) if wanted and dh is not None else ())
+        in_grads = [next(grads, None) if t.requires_grad else None for t in ins]
+        return (None, None, None, *in_grads, *layer_grads)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
@@ -319,6 +339,7 @@ class _Base:
     """Cache bookkeeping shared by both architectures."""
 
     rec: Record | None = None
+    lean = True  # replay fully recorded layers with _lean_block (off: per op, as a partly recorded layer)
 
     def __init__(self, n_layer: int, n_kv: int, head_dim: int) -> None:
         self.L, self.Hkv, self.hd = n_layer, n_kv, head_dim
@@ -414,7 +435,7 @@ class _Base:
                 return _SavedLinear.apply(x, weight, bias, y.view(*shape, y.size(-1)), self.conv1d)
             if plain and self.conv1d and _fused_gelu_ok(self.weight_like):
                 lin.gelu = _fused_linear_gelu  # a plain no-grad forward: GPT-2's MLP input + GELU in one op
-            elif torch.is_grad_enabled() and hasattr(self, "_lean_block"):
+            elif torch.is_grad_enabled() and self.lean:
                 lin.lean = lambda i: all(t is not None for t in part[i])
                 lin.out = lambda i, j: part[i][j].view(*shape, part[i][j].size(-1))
             return lin
@@ -427,8 +448,9 @@ class _Base:
             kv.append((k, v))  # each unique prompt's keys once: the completions' attention repeats them
             return prompt_attention(q, k, v)
 
-        def prompt_lean(i, q, k, v):
-            kv.append((k, v))
+        def prompt_lean(i, q, k, v, rope=None):
+            # The completions attend to the prompt's keys as attention sees them (rotated, for Llama).
+            kv.append((k if rope is None else rope(k), v))
             return prompt_attention, (q, k, v)
 
         attend_prompt.lean = prompt_lean
@@ -450,7 +472,7 @@ class _Base:
         def attend_completion(i, q, k, v):
             return completion_attention(q, k, v, *kv[i])
 
-        attend_completion.lean = lambda i, q, k, v: (completion_attention, (q, k, v, *kv[i]))
+        attend_completion.lean = lambda i, q, k, v, rope=None: (completion_attention, (q, k, v, *kv[i]))
 
         W, b = self.lm_head.weight, self.lm_head.bias
         U = u_ids.size(0)
@@ -514,7 +536,7 @@ class GPT2Decoder(_Base):
         """Block i of a replay from a record of all four of its linear layers' outputs (out(i, j), (N, n, F)):
         nothing is multiplied, normalised or activated in the forward, which only adds the recorded outputs
         to the residual stream; the backward recomputes the norms, the attention and the GELU where it
-        needs them (_NormSavedLinear, _AttnSavedLinear, _GeluSavedLinear). The gradients are those of
+        needs them (_NormSavedLinear, _PreSavedLinears, _GeluSavedLinear). The gradients are those of
         _blocks; the activation memory is the residual stream's only, so larger micro-batches fit."""
         N, n, D = x.shape
         a, mlp, ln1, ln2 = blk.attn, blk.mlp, blk.ln_1, blk.ln_2
@@ -526,7 +548,8 @@ class GPT2Decoder(_Base):
         def attn(*t: torch.Tensor) -> torch.Tensor:
             return fn(*t).transpose(1, 2).reshape(N, n, D)
 
-        x = x + _AttnSavedLinear.apply(attn, a.c_proj.weight, a.c_proj.bias, out(i, 1), True, *inputs)
+        x = x + _PreSavedLinears.apply(attn, len(inputs), True, *inputs,
+                                       a.c_proj.weight, a.c_proj.bias, out(i, 1))
         h = _NormSavedLinear.apply(x, ln2.weight, ln2.bias, mlp.c_fc.weight, mlp.c_fc.bias, out(i, 2),
                                    ln2.eps, True)
         return x + _GeluSavedLinear.apply(h, mlp.c_proj.weight, mlp.c_proj.bias, out(i, 3), self.gelu, True)
@@ -579,8 +602,12 @@ class LlamaDecoder(_Base):
         x = self.m.embed_tokens(ids)
         N, n, D = x.shape
         cos, sin = self.m.rotary_emb(x, pos)  # HF's own rotary (handles every rope scaling type)
+        lean = getattr(lin, "lean", None)  # replay with gradients: layers whose every linear was recorded
         for i, layer in enumerate(self.m.layers):
             a, mlp = layer.self_attn, layer.mlp
+            if lean is not None and lean(i):
+                x = self._lean_block(i, layer, x, cos, sin, attend, lin.out)
+                continue
             h = F.rms_norm(x, (D,), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
             q = lin(i, 0, h, a.q_proj.weight, a.q_proj.bias).view(N, n, self.H, self.hd).transpose(1, 2)
             k = lin(i, 1, h, a.k_proj.weight, a.k_proj.bias).view(N, n, self.Hkv, self.hd).transpose(1, 2)
@@ -593,6 +620,40 @@ class LlamaDecoder(_Base):
             g = F.silu(lin(i, 4, h, mlp.gate_proj.weight, None)) * lin(i, 5, h, mlp.up_proj.weight, None)
             x = x + lin(i, 6, g, mlp.down_proj.weight, None)
         return x
+
+    def _lean_block(self, i: int, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, attend, out) -> torch.Tensor:
+        """Layer i of a replay from a record of all seven of its linear layers' outputs (as GPT2Decoder's):
+        the forward adds the recorded output projections to the residual stream, the backward recomputes
+        the RMS norms, the rotary embedding and attention, and the SwiGLU (_PreSavedLinears)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        N, n, D = x.shape
+        a, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+
+        def norm(w: torch.Tensor, eps: float):
+            return lambda x, w=w: F.rms_norm(x, (D,), w, eps)
+
+        q, k, v = _PreSavedLinears.apply(norm(ln1.weight, ln1.variance_epsilon), 2, False, x, ln1.weight,
+                                         a.q_proj.weight, a.q_proj.bias, out(i, 0),
+                                         a.k_proj.weight, a.k_proj.bias, out(i, 1),
+                                         a.v_proj.weight, a.v_proj.bias, out(i, 2))
+        q = q.view(N, n, self.H, self.hd).transpose(1, 2)
+        k = k.view(N, n, self.Hkv, self.hd).transpose(1, 2)
+        v = v.view(N, n, self.Hkv, self.hd).transpose(1, 2)
+        fn, inputs = attend.lean(i, q, k, v, lambda t: apply_rotary_pos_emb(t, t, cos, sin)[1])
+
+        def attn(q: torch.Tensor, k: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            return fn(q, k, *rest).transpose(1, 2).reshape(N, n, self.H * self.hd)
+
+        x = x + _PreSavedLinears.apply(attn, len(inputs), False, *inputs,
+                                       a.o_proj.weight, a.o_proj.bias, out(i, 3))
+        gate, up = _PreSavedLinears.apply(norm(ln2.weight, ln2.variance_epsilon), 2, False, x, ln2.weight,
+                                          mlp.gate_proj.weight, None, out(i, 4),
+                                          mlp.up_proj.weight, None, out(i, 5))
+        return x + _PreSavedLinears.apply(lambda g, u: F.silu(g) * u, 2, False, gate, up,
+                                          mlp.down_proj.weight, None, out(i, 6))
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         nrm = self.m.norm
