@@ -626,22 +626,25 @@ class LlamaDecoder(_Base):
         """Layer i of a replay from a record of all seven of its linear layers' outputs (as GPT2Decoder's):
         the forward adds the recorded output projections to the residual stream, the backward recomputes
         the RMS norms, the rotary embedding and attention, and the SwiGLU (_PreSavedLinears)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
         N, n, D = x.shape
         a, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
 
-        def norm(w: torch.Tensor, eps: float):
-            return lambda x, w=w: F.rms_norm(x, (D,), w, eps)
+        def norm(eps: float):
+            return lambda x, w: F.rms_norm(x, (D,), w, eps)
 
-        q, k, v = _PreSavedLinears.apply(norm(ln1.weight, ln1.variance_epsilon), 2, False, x, ln1.weight,
+        def rotate_keys(k: torch.Tensor) -> torch.Tensor:  # apply_rotary_pos_emb's, for keys alone
+            return k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+
+        q, k, v = _PreSavedLinears.apply(norm(ln1.variance_epsilon), 2, False, x, ln1.weight,
                                          a.q_proj.weight, a.q_proj.bias, out(i, 0),
                                          a.k_proj.weight, a.k_proj.bias, out(i, 1),
                                          a.v_proj.weight, a.v_proj.bias, out(i, 2))
         q = q.view(N, n, self.H, self.hd).transpose(1, 2)
         k = k.view(N, n, self.Hkv, self.hd).transpose(1, 2)
         v = v.view(N, n, self.Hkv, self.hd).transpose(1, 2)
-        fn, inputs = attend.lean(i, q, k, v, lambda t: apply_rotary_pos_emb(t, t, cos, sin)[1])
+        fn, inputs = attend.lean(i, q, k, v, rotate_keys)
 
         def attn(q: torch.Tensor, k: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -649,7 +652,7 @@ class LlamaDecoder(_Base):
 
         x = x + _PreSavedLinears.apply(attn, len(inputs), False, *inputs,
                                        a.o_proj.weight, a.o_proj.bias, out(i, 3))
-        gate, up = _PreSavedLinears.apply(norm(ln2.weight, ln2.variance_epsilon), 2, False, x, ln2.weight,
+        gate, up = _PreSavedLinears.apply(norm(ln2.variance_epsilon), 2, False, x, ln2.weight,
                                           mlp.gate_proj.weight, None, out(i, 4),
                                           mlp.up_proj.weight, None, out(i, 5))
         return x + _PreSavedLinears.apply(lambda g, u: F.silu(g) * u, 2, False, gate, up,
