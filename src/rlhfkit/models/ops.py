@@ -75,10 +75,13 @@ class _LogprobsGivenLogZ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, ids, logz = ctx.saved_tensors
-        g = grad.unsqueeze(-1) * ctx.inv_t if ctx.inv_t != 1.0 else grad.unsqueeze(-1)
-        scaled = torch.mul(logits, ctx.inv_t) if ctx.inv_t != 1.0 else logits
-        dlogits = torch.sub(scaled, logz.unsqueeze(-1)).exp_().mul_(-g)
-        return dlogits.scatter_add_(-1, ids.unsqueeze(-1), g), None, None, None
+        g = grad.unsqueeze(-1)
+        if ctx.inv_t == 1.0:
+            dlogits = torch.sub(logits, logz.unsqueeze(-1)).exp_()
+        else:  # softmax = exp((logits - T logz) / T): one (rows, V) tensor either way
+            g = g * ctx.inv_t
+            dlogits = torch.sub(logits, logz.unsqueeze(-1) / ctx.inv_t).mul_(ctx.inv_t).exp_()
+        return dlogits.mul_(-g).scatter_add_(-1, ids.unsqueeze(-1), g), None, None, None
 
 
 def logprobs_given_logz(logits: torch.Tensor, ids: torch.Tensor, logz: torch.Tensor,
