@@ -80,8 +80,8 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true", help="load the policy with transformers' class instead")
     a = ap.parse_args()
 
-    import rlhfkit.models.factory as factory
-    import rlhfkit.rl.common as common
+    from rlhfkit.models import factory
+    from rlhfkit.rl import common
     from rlhfkit.bench import trl_peer
 
     if not a.hf:
