@@ -80,9 +80,9 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true", help="load the policy with transformers' class instead")
     a = ap.parse_args()
 
+    from rlhfkit.bench import trl_peer
     from rlhfkit.models import factory
     from rlhfkit.rl import common
-    from rlhfkit.bench import trl_peer
 
     if not a.hf:
         factory.load_causal_lm = load_lite
