@@ -123,7 +123,8 @@ def test_partial_record_keeps_the_most_work_per_byte_first(gpt2, tiny_tokenizer)
 def saved_bytes(model, ro, rows):
     """Bytes autograd keeps from a replay's forward of `rows` for the backward, not counting the record
     itself (the rollout keeps it anyway) or the weights."""
-    skip = {ro.record.flat.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip = {ro.record.flat.untyped_storage().data_ptr()}
+    skip |= {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
     def pack(t):
