@@ -11,8 +11,9 @@ decodes through HF's forward (rollout.HFDecoder).
 Both decoders share one shape: `start()` runs the prompts once (U unique prompts, each then repeated
 `repeat` times for a group of samples, so a prompt's prefill is computed once per group), and `step()`
 feeds one token per row and returns the next logits. The cache is preallocated and time-major, (layers,
-prompt + max_new, keys / values, B, kv_heads, head_dim), written in place. Left padding: pad keys are masked, positions count real
-tokens only (as HF does), and a pad query attends to itself so no row of the softmax is empty.
+prompt + max_new, keys / values, B, kv_heads, head_dim), written in place. Left padding: pad keys are
+masked, positions count real tokens only (as HF does), and a pad query attends to itself so no row of the
+softmax is empty.
 
 Equivalence with HF's forward is tested (tests/test_rollout.py); the logits agree to float rounding.
 
@@ -26,9 +27,9 @@ the FLOPs of a training step, are not. A layer whose linear outputs are all reco
 (`_lean_block`, GPT-2 and Llama): its forward only adds the recorded output projections to the residual
 stream, and the backward recomputes the norms, the attention and the activation where it needs them, so
 the activations kept between forward and backward are the residual stream's (about a fifth of the
-per-op replay's in tests/test_replay.py). The gradients are those of the decoder's forward, equal to those of
-a fresh forward to float rounding (tests/test_replay.py). It costs memory: every linear output of the whole
-batch is kept until the update (`rollout.replay_max_mb` caps it).
+per-op replay's in tests/test_replay.py). The gradients are those of the decoder's forward, equal to
+those of a fresh forward to float rounding (tests/test_replay.py). It costs memory: every linear output of
+the whole batch is kept until the update (`rollout.replay_max_mb` caps it).
 """
 from __future__ import annotations
 
