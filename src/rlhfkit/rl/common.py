@@ -88,15 +88,18 @@ def load_prompts(dcfg: Any, tok: Any) -> PromptSet:
 # Models
 # ---------------------------------------------------------------------------------------------------
 def use_fast_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap GPT-2's Python tanh-GELU (six elementwise kernels, each output kept for backward) for torch's
-    fused F.gelu(approximate='tanh'): the same function, equal to float rounding (~1e-6), one kernel
-    forward and one backward. The saved config is unchanged."""
+    """Swap GPT-2's tanh-GELU modules (transformers' Python NewGELUActivation: six elementwise kernels,
+    each output kept for backward; or its GELUTanh: torch's fused but slow kernel) for ours
+    (models/activations.py: one fast kernel forward and one backward, torch's where ours cannot be
+    built). The same function, equal to float rounding (~1e-6). The saved config is unchanged."""
     from transformers.activations import GELUTanh, NewGELUActivation
+
+    from rlhfkit.models.activations import GELUTanh as FastGELUTanh
 
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(mod, child_name, GELUTanh())
+            if type(child) in (NewGELUActivation, GELUTanh):
+                setattr(mod, child_name, FastGELUTanh())
     return model
 
 

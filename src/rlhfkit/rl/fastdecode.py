@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.models.activations import gelu, gelu_tanh_backward, gelu_tanh_forward
+
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
@@ -126,11 +128,15 @@ class _GeluSavedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         h, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = F.gelu(h, approximate=ctx.approximate)
+        tanh = ctx.approximate == "tanh"
+        g = gelu_tanh_forward(h) if tanh else F.gelu(h, approximate=ctx.approximate)
         dg, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2]))
         del g
         if need[0]:  # in place: dg becomes dh
-            torch.ops.aten.gelu_backward.grad_input(dg, h, approximate=ctx.approximate, grad_input=dg)
+            if tanh:
+                gelu_tanh_backward(dg, h, out=dg)
+            else:
+                torch.ops.aten.gelu_backward.grad_input(dg, h, approximate=ctx.approximate, grad_input=dg)
         return dg, dw, db, None, None, None
 
 
@@ -529,7 +535,7 @@ class GPT2Decoder(_Base):
             if fused is not None:
                 h = fused(h, mlp.c_fc.weight, mlp.c_fc.bias, self.gelu)
             else:
-                h = F.gelu(lin(i, 2, h, mlp.c_fc.weight, mlp.c_fc.bias), approximate=self.gelu)
+                h = gelu(lin(i, 2, h, mlp.c_fc.weight, mlp.c_fc.bias), self.gelu)
             x = x + lin(i, 3, h, mlp.c_proj.weight, mlp.c_proj.bias)
         return x
 

@@ -1,0 +1,151 @@
+"""Our tanh-GELU kernel (models/activations.py): the function and its derivative against float64, the
+autograd wiring, the fallback to torch's, and where the models use it."""
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.models import activations as act
+
+C = math.sqrt(2 / math.pi)
+
+
+def gelu64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gelu(x) and gelu'(x) in float64 from the tanh formula (the hand-derived derivative)."""
+    x = x.double()
+    t = torch.tanh(C * (x + 0.044715 * x ** 3))
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * C * (1 + 3 * 0.044715 * x * x)
+
+
+def scaled_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max(|ref|, 1): relative for large values, absolute near 0."""
+    return float(((a.double() - ref).abs() / ref.abs().clamp(min=1)).max())
+
+
+def inputs(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.cat([torch.randn(n, generator=g) * 3, torch.linspace(-12, 12, 1001),
+                      torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e4, -1e4])])
+
+
+def test_the_kernel_is_built_where_a_compiler_is():
+    """On Linux with a C compiler and torch's libgomp (this machine and CI), the kernel must be in use:
+    a silent fallback would hide a broken build."""
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None:
+        pytest.skip("no C compiler here: the fallback is tested below")
+    assert act.native_status().startswith("on"), act.native_status()
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 70001])  # below, at and across the kernel's blocks
+def test_forward_and_backward_match_float64(n):
+    x = inputs(n)
+    f, d = gelu64(x)
+    y = act.gelu_tanh_forward(x)
+    dy = torch.linspace(-2, 2, x.numel())
+    dx = act.gelu_tanh_backward(dy, x)
+    assert y.dtype == dx.dtype == torch.float32 and y.shape == dx.shape == x.shape
+    assert scaled_err(y, f) < 3e-7
+    assert scaled_err(dx, dy.double() * d) < 5e-7
+    # the same function as torch's, to float rounding (torch's own backward is off by up to 2e-6: it
+    # gives 0 at x = -5.06, where dy gelu'(x) = 2.0e-6)
+    assert scaled_err(y, F.gelu(x, approximate="tanh").double()) < 5e-7
+    assert scaled_err(dx, torch.ops.aten.gelu_backward(dy, x, approximate="tanh").double()) < 4e-6
+
+
+def test_hand_values():
+    # gelu(0) = 0, gelu'(0) = 1/2; far out it is x (x > 0) or 0 (x < 0), with slope 1 or 0
+    x = torch.tensor([0.0, 1.0, 30.0, -30.0])
+    y = act.gelu_tanh_forward(x)
+    dx = act.gelu_tanh_backward(torch.ones(4), x)
+    u = C * (1 + 0.044715)
+    assert y.tolist() == pytest.approx([0.0, 0.5 * (1 + math.tanh(u)), 30.0, 0.0], abs=1e-7)
+    assert dx.tolist() == pytest.approx([0.5, float(gelu64(torch.tensor([1.0]))[1]), 1.0, 0.0], abs=1e-6)
+
+
+def test_nan_and_inf_propagate():
+    x = torch.tensor([float("nan"), float("inf"), 1.0])
+    y = act.gelu_tanh_forward(x)
+    assert math.isnan(y[0]) and y[1] == float("inf") and y[2] == pytest.approx(0.841192, abs=1e-6)
+    assert math.isnan(act.gelu_tanh_backward(torch.ones(3), x)[0])
+
+
+def test_backward_in_place_and_strided_inputs():
+    x = torch.randn(64, 300)[:, ::3]  # not contiguous
+    dy = torch.randn(64, 100)
+    expect = act.gelu_tanh_backward(dy, x.contiguous())
+    out = dy.clone()
+    got = act.gelu_tanh_backward(out, x, out=out)  # in place, as replay's backward does it
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    torch.testing.assert_close(act.gelu_tanh_forward(x), act.gelu_tanh_forward(x.contiguous()), rtol=0, atol=0)
+
+
+def test_autograd_gradients_equal_torchs():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 33, 64, generator=g) * 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    w = torch.randn(8, 33, 64, generator=g)
+    (act.gelu(x, "tanh") * w).sum().backward()
+    (F.gelu(x_ref, approximate="tanh") * w).sum().backward()
+    assert scaled_err(x.grad, w.double() * gelu64(x.detach())[1]) < 2e-6
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+    # gradients of gradients are not ours: gelu() says so rather than returning wrong ones
+    y = act.gelu(x, "tanh").sum()
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_other_dtypes_and_the_exact_gelu_are_torchs():
+    x = torch.randn(100, dtype=torch.float64)
+    assert torch.equal(act.gelu(x, "tanh"), F.gelu(x, approximate="tanh"))
+    xf = torch.randn(100)
+    assert torch.equal(act.gelu(xf, "none"), F.gelu(xf))
+    xb = xf.bfloat16()
+    assert torch.equal(act.gelu_tanh_forward(xb), F.gelu(xb, approximate="tanh"))
+
+
+def test_switched_off_it_is_torchs(monkeypatch):
+    monkeypatch.setattr(act, "_state", {})
+    monkeypatch.setenv("RLHFKIT_NATIVE", "0")
+    assert act.native_status() == "off (RLHFKIT_NATIVE=0)"
+    x = torch.randn(5000)
+    assert torch.equal(act.gelu(x, "tanh"), F.gelu(x, approximate="tanh"))
+    dy = torch.randn(5000)
+    assert torch.equal(act.gelu_tanh_backward(dy, x), torch.ops.aten.gelu_backward(dy, x, approximate="tanh"))
+
+
+def test_a_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(act, "_state", {})
+    monkeypatch.setenv("RLHFKIT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("built on Linux only")
+    assert act.native_status() == "off (no C compiler: 'no-such-compiler-here' not found; set CC)"
+    x = torch.randn(100)
+    assert torch.equal(act.gelu(x, "tanh"), F.gelu(x, approximate="tanh"))
+
+
+def test_gpt2_models_get_our_module_and_the_same_outputs():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhfkit.rl.common import use_fast_activations
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, activation_function="gelu_new",
+                     resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    ref = GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg)
+    model.load_state_dict(ref.state_dict())
+    use_fast_activations(model)
+    assert sum(isinstance(m, act.GELUTanh) for m in model.modules()) == 2
+    ids = torch.randint(0, 64, (3, 20))
+    out, out_ref = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=2e-5)
+    out.square().mean().backward()
+    out_ref.square().mean().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
