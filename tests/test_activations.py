@@ -1,5 +1,6 @@
-"""Our tanh-GELU kernel (models/activations.py): the function and its derivative against float64, the
-autograd wiring, the fallback to torch's, and where the models use it."""
+"""Our CPU kernels (models/native.py, models/activations.py): the tanh-GELU and its derivative against
+float64, on contiguous and strided inputs; the decode-step epilogues against torch's ops; the autograd
+wiring, the fallback to torch's, and where the models use them."""
 import math
 import shutil
 import sys
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.models import activations as act
+from rlhfkit.models import native
 
 C = math.sqrt(2 / math.pi)
 
@@ -53,6 +55,57 @@ def test_forward_and_backward_match_float64(n):
     # gives 0 at x = -5.06, where dy gelu'(x) = 2.0e-6)
     assert scaled_err(y, F.gelu(x, approximate="tanh").double()) < 5e-7
     assert scaled_err(dx, torch.ops.aten.gelu_backward(dy, x, approximate="tanh").double()) < 4e-6
+
+
+def test_strided_inputs_are_read_in_place_with_the_same_values():
+    """A micro-batch's rows of a time-major (T, B, F) record, as (N, n, F) views: the strided kernels
+    give exactly the contiguous kernel's values, in a contiguous result (and into `out`)."""
+    torch.manual_seed(0)
+    rec = torch.randn(7, 12, 300) * 4
+    views = [rec[:, 4:9].transpose(0, 1),               # (5, 7, 300), strides (300, 3600, 1)
+             rec[:, torch.tensor([1, 3])].transpose(0, 1),  # gathered rows (a copy already)
+             rec[2, :, 10:250],                           # 2-D, rows of 240 at stride 300
+             rec[3, 5]]                                   # 1-D
+    for x in views:
+        dy = torch.randn(x.shape)
+        y, dx = act.gelu_tanh_forward(x), act.gelu_tanh_backward(dy, x)
+        assert y.is_contiguous() and dx.is_contiguous() and y.shape == dx.shape == x.shape
+        assert torch.equal(y, act.gelu_tanh_forward(x.contiguous()))
+        assert torch.equal(dx, act.gelu_tanh_backward(dy, x.contiguous()))
+        out = dy.clone()
+        assert act.gelu_tanh_backward(out, x, out=out) is out and torch.equal(out, dx)
+    x = rec[:, :, ::2]  # no contiguous rows: copied first, same values
+    assert native.rows_of(x) is None
+    assert torch.equal(act.gelu_tanh_forward(x), act.gelu_tanh_forward(x.contiguous()))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_decode_epilogues_match_torch(on, monkeypatch):
+    """bias_gelu_tanh_, bias_kv_ and bias_residual_ (ours, and torch's where ours are off) against the
+    ops they replace: addmm's bias, the GELU, the KV-cache copies, the residual add."""
+    if not on:
+        monkeypatch.setattr(native, "_state", {})
+        monkeypatch.setenv("RLHFKIT_NATIVE", "0")
+    torch.manual_seed(1)
+    x, w, b = torch.randn(64, 32), torch.randn(32, 96), torch.randn(96)
+    full = torch.addmm(b, x, w)
+
+    y = x @ w
+    g = native.bias_gelu_tanh_(y, b)
+    torch.testing.assert_close(y, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g, F.gelu(full, approximate="tanh"), rtol=0, atol=2e-5)
+
+    y = x @ w
+    cache = torch.zeros(2, 64, 4, 8)  # keys, values: (rows, heads, head_dim) blocks, as the KV cache's
+    native.bias_kv_(y, b, 32, cache[0], cache[1])
+    torch.testing.assert_close(y, full, rtol=0, atol=1e-5)
+    assert torch.equal(cache[0].view(64, 32), y[:, 32:64]) and torch.equal(cache[1].view(64, 32), y[:, 64:])
+
+    y, res = x @ w, torch.randn(64, 96)
+    expect = res + full
+    native.bias_residual_(y, b, res)
+    torch.testing.assert_close(y, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res, expect, rtol=0, atol=2e-5)
 
 
 def test_hand_values():
@@ -109,7 +162,7 @@ def test_other_dtypes_and_the_exact_gelu_are_torchs():
 
 
 def test_switched_off_it_is_torchs(monkeypatch):
-    monkeypatch.setattr(act, "_state", {})
+    monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("RLHFKIT_NATIVE", "0")
     assert act.native_status() == "off (RLHFKIT_NATIVE=0)"
     x = torch.randn(5000)
@@ -119,7 +172,7 @@ def test_switched_off_it_is_torchs(monkeypatch):
 
 
 def test_a_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
-    monkeypatch.setattr(act, "_state", {})
+    monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("RLHFKIT_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-here")
     if not sys.platform.startswith("linux"):

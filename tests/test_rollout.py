@@ -2,6 +2,8 @@
 streaming, and the training-side log-probabilities match the sampling-time ones."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -56,6 +58,34 @@ def test_fast_decoder_matches_hf_forward(which, request, tiny_tokenizer):
         ref = model(input_ids=full, attention_mask=fmask, position_ids=pos).logits[:, ids.size(1) - 1:]
     assert torch.allclose(fast, ref, atol=1e-4), (fast - ref).abs().max()
     assert torch.allclose(hf_cached, ref, atol=1e-4), (hf_cached - ref).abs().max()
+
+
+def test_gpt2_decode_step_with_our_epilogues_equals_the_plain_ops(tiny_gpt2, tiny_tokenizer, monkeypatch):
+    """Where our kernels are built, GPT-2's decode step multiplies without biases and fuses bias, KV-cache
+    writes, GELU and residual adds (GPT2Decoder._step_blocks); its logits are the per-op path's."""
+    from rlhfkit.models.native import native_status
+
+    if not native_status().startswith("on"):
+        pytest.skip(f"our kernels are {native_status()}")
+    model = copy.deepcopy(tiny_gpt2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # GPT-2 starts with zero biases: make them count
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    ids, mask = left_pad(prompts_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    extra = torch.randint(5, 500, (ids.size(0) * 3, 7))
+    real, calls = fastdecode.GPT2Decoder._step_blocks, []
+    monkeypatch.setattr(fastdecode.GPT2Decoder, "_step_blocks", lambda self, x: calls.append(1) or real(self, x))
+    out = {}
+    with torch.no_grad():
+        for native in (True, False):
+            if not native:
+                monkeypatch.setattr(fastdecode, "native_ok", lambda *t: False)
+            dec = fastdecode.make_fast_decoder(model)
+            first = dec.start(ids, mask, 3, max_new=7)
+            out[native] = torch.stack([first] + [dec.step(extra[:, t]) for t in range(6)], 1)
+    assert len(calls) == 6  # the native steps only
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-5)
 
 
 def test_fast_and_hf_backends_sample_the_same(tiny_model, tiny_tokenizer):

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.models.activations import gelu, gelu_tanh_backward, gelu_tanh_forward
+from rlhfkit.models.native import bias_gelu_tanh_, bias_kv_, bias_residual_, native_ok
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -388,9 +389,13 @@ class _Base:
         query per row, SDPA's CPU kernel first copies the strided keys and values, and the step costs
         about a third more (B=64, 4 heads, 48 slots). The rep = H / Hkv query heads that share a key head
         (GQA) are one (rep, hd) block against that head's keys."""
+        self.KV[i, self.t, 0].copy_(k[:, :, 0])
+        self.KV[i, self.t, 1].copy_(v[:, :, 0])
+        return self._attend_cached(i, q)
+
+    def _attend_cached(self, i: int, q: torch.Tensor) -> torch.Tensor:
+        """q (B, H, 1, hd) against layer i's keys and values in slots 0..t (this step's written)."""
         t = self.t
-        self.KV[i, t, 0].copy_(k[:, :, 0])
-        self.KV[i, t, 1].copy_(v[:, :, 0])
         B, H, _, hd = q.shape
         keys = self.KV[i, :t + 1, 0].view(t + 1, B * self.Hkv, hd).transpose(0, 1)  # (B*Hkv, t+1, hd) views
         vals = self.KV[i, :t + 1, 1].view(t + 1, B * self.Hkv, hd).transpose(0, 1)
@@ -583,10 +588,35 @@ class GPT2Decoder(_Base):
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self._begin_step()
-        x = self._forward(tokens[:, None], self.next_pos[:, None], self._attend_step, self._lin)[:, 0]
+        if self.gelu == "tanh" and native_ok(self.weight_like):
+            x = self._step_blocks(self.tr.wte(tokens) + self.tr.wpe(self.next_pos))
+        else:
+            x = self._forward(tokens[:, None], self.next_pos[:, None], self._attend_step, self._lin)[:, 0]
         self.t += 1
         self.next_pos = self.next_pos + 1
         return self._head(self._final_norm(x))
+
+    def _step_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """One decode step's blocks on x (B, D) (updated in place), with our kernels' epilogues: each linear
+        layer multiplies without its bias (into the record where it keeps that layer), then one pass adds
+        the bias and does what comes next: the KV-cache writes, the GELU, the residual add. The same values
+        as _blocks to float rounding (tests/test_rollout.py), in about half the small ops."""
+        B, D = x.shape
+        rec = self.rec
+
+        def mm(i: int, j: int, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            out = None if rec is None else rec.out(i, j)
+            return torch.mm(h, weight) if out is None else torch.mm(h, weight, out=out)
+
+        for i, blk in enumerate(self.tr.h):
+            a, mlp = blk.attn, blk.mlp
+            qkv = mm(i, 0, F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps), a.c_attn.weight)
+            bias_kv_(qkv, a.c_attn.bias, D, self.KV[i, self.t, 0], self.KV[i, self.t, 1])
+            o = self._attend_cached(i, qkv[:, :D].view(B, 1, self.H, self.hd).transpose(1, 2))
+            bias_residual_(mm(i, 1, o.reshape(B, D), a.c_proj.weight), a.c_proj.bias, x)
+            y = mm(i, 2, F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps), mlp.c_fc.weight)
+            bias_residual_(mm(i, 3, bias_gelu_tanh_(y, mlp.c_fc.bias), mlp.c_proj.weight), mlp.c_proj.bias, x)
+        return x
 
 
 class LlamaDecoder(_Base):

@@ -1,0 +1,179 @@
+"""Our float32 CPU kernels (csrc/kernels.c): built at first use, loaded with ctypes, torch's where not.
+
+The kernels are plain C, compiled at first use with the machine's C compiler (`cc`, or $CC) for this CPU
+(-march=native) and cached under the data directory ($RLHFKIT_DATA_DIR/native, keyed by the source, the
+flags and the CPU), then loaded with ctypes. Built with -fopenmp and loaded after torch, the library links
+torch's own OpenMP runtime, so its loops run on torch's threads (torch.set_num_threads applies) and never
+fight them for the cores. Where any of that is missing (no compiler, not Linux, another OpenMP runtime, a
+failed build) or RLHFKIT_NATIVE=0, every caller takes torch's ops instead: same results to float
+rounding, slower. `native_status()` says which is in use and why.
+
+Users: models/activations.py (the tanh-GELU) and rl/fastdecode.py (a decode step's bias epilogues,
+below).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
+_BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+_X86_FLAGS = ["-mprefer-vector-width=512"]  # AVX-512 machines: gcc would otherwise use 256-bit vectors
+_state: dict = {}  # "lib": the loaded library or None, "status": why
+_FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_tanh_strided",
+              "rlhfkit_gelu_tanh_backward_strided", "rlhfkit_bias_gelu_tanh", "rlhfkit_bias_kv",
+              "rlhfkit_bias_residual")
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on (-march=native): the machine and its CPU model and flags."""
+    sig = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            sig += sorted({line.strip() for line in f if line.startswith(("model name", "flags", "Features"))})
+    except OSError:
+        pass
+    return "\n".join(sig)
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f
+                    if any(k in line for k in ("libgomp", "libiomp", "libomp")) and "/" in line}
+    except OSError:
+        return set()
+
+
+def _build(out: Path, cc: str) -> str:
+    """Compile the kernels into `out` (atomically: concurrent first uses race harmlessly); returns ''
+    or the compiler's complaint."""
+    err = ""
+    for flags in (_BASE_FLAGS + _X86_FLAGS, _BASE_FLAGS):  # the second for compilers without the first's
+        tmp = ""
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            r = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120,
+                               check=False)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return ""
+            lines = (r.stderr or r.stdout).strip().splitlines()
+            err = lines[-1] if lines else f"{cc} exited with {r.returncode}"
+        except (OSError, subprocess.SubprocessError) as e:  # a read-only cache, a hung compiler
+            err = str(e)
+        finally:
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
+    return err
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("RLHFKIT_NATIVE", "1") == "0":
+        return None, "off (RLHFKIT_NATIVE=0)"
+    if not sys.platform.startswith("linux"):
+        return None, f"off (built on Linux only, this is {sys.platform})"
+    before = _openmp_runtimes()  # torch's (it is imported): the kernel must share it
+    if not before or any("libgomp" not in p for p in before):
+        return None, f"off (torch's OpenMP runtime is not GNU's libgomp: {sorted(before) or 'none'})"
+    from rlhfkit.data.sources import data_dir
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_BASE_FLAGS + _X86_FLAGS).encode() + _cpu_signature().encode())
+    path = data_dir() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        cc = os.environ.get("CC") or "cc"
+        if shutil.which(cc) is None:
+            return None, f"off (no C compiler: {cc!r} not found; set CC)"
+        err = _build(path, cc)
+        if err:
+            return None, f"off (compiling {_SOURCE.name} failed: {err})"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"off (loading {path} failed: {e})"
+    if _openmp_runtimes() != before:  # it brought its own OpenMP, whose threads would fight torch's
+        return None, f"off (loading it added an OpenMP runtime: {sorted(_openmp_runtimes() - before)})"
+    for name in _FUNCTIONS:
+        getattr(lib, name).restype = None
+    return lib, f"on ({path})"
+
+
+def lib() -> ctypes.CDLL | None:
+    if "lib" not in _state:
+        _state["lib"], _state["status"] = _load()
+    return _state["lib"]
+
+
+def native_status() -> str:
+    """'on (path)' if our kernels are in use, else 'off (why)'."""
+    lib()
+    return _state["status"]
+
+
+def native_ok(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and lib() is not None
+
+
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def rows_of(t: torch.Tensor) -> tuple[int, int, int, int, int] | None:
+    """(d0, d1, n, s0, s1) when t is a (d0, d1, n) view (or fewer dims) with contiguous rows of n: what
+    the kernels' strided variants read in place; None if t needs a copy first."""
+    if t.dim() > 3 or t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    shape, strides = [1] * (3 - t.dim()) + list(t.shape), [0] * (3 - t.dim()) + list(t.stride())
+    return shape[0], shape[1], shape[2], strides[0], strides[1]
+
+
+def _i64(*v: int) -> list[ctypes.c_int64]:
+    return [ctypes.c_int64(x) for x in v]
+
+
+# Decode-step epilogues: y is a contiguous (rows, n) product written without its bias b; each adds b in place.
+def _epilogue_ok(y: torch.Tensor, b: torch.Tensor, *more: torch.Tensor) -> bool:
+    return (native_ok(y, b, *more) and y.dim() == 2 and b.dim() == 1 and b.numel() == y.size(1)
+            and all(t.is_contiguous() for t in (y, b, *more)))
+
+
+def bias_gelu_tanh_(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y += b in place; returns gelu_tanh(y) (new)."""
+    if not _epilogue_ok(y, b):
+        y.add_(b)
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    g = torch.empty_like(y)
+    lib().rlhfkit_bias_gelu_tanh(ptr(y), ptr(b), ptr(g), *_i64(*y.shape))
+    return g
+
+
+def bias_kv_(y: torch.Tensor, b: torch.Tensor, off: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """y += b in place, then k = y[:, off:off + m] and v = y[:, off + m:off + 2m] (k, v: (rows, m))."""
+    m = k.numel() // max(y.size(0), 1)
+    if not _epilogue_ok(y, b, k, v) or k.shape != v.shape or k.numel() != y.size(0) * m or off + 2 * m > y.size(1):
+        y.add_(b)
+        k.view(y.size(0), -1).copy_(y[:, off:off + m])
+        v.view(y.size(0), -1).copy_(y[:, off + m:off + 2 * m])
+        return
+    lib().rlhfkit_bias_kv(ptr(y), ptr(b), *_i64(y.size(0), y.size(1), off, m), ptr(k), ptr(v))
+
+
+def bias_residual_(y: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
+    """y += b, then x += y, both in place (x: the residual stream, y's shape)."""
+    if not _epilogue_ok(y, b, x) or x.shape != y.shape:
+        x.add_(y.add_(b))
+        return
+    lib().rlhfkit_bias_residual(ptr(y), ptr(b), ptr(x), *_i64(*y.shape))
