@@ -600,7 +600,8 @@ class GPT2Decoder(_Base):
         """One decode step's blocks on x (B, D) (updated in place), with our kernels' epilogues: each linear
         layer multiplies without its bias (into the record where it keeps that layer), then one pass adds
         the bias and does what comes next: the KV-cache writes, the GELU, the residual add. The same values
-        as _blocks to float rounding (tests/test_rollout.py), in about half the small ops."""
+        as _blocks to float rounding (tests/test_rollout.py), with fewer and cheaper small ops (about 0.2 ms
+        of a 3.3 ms step on the trl-peer shapes: bench/kernels.py)."""
         B, D = x.shape
         rec = self.rec
 
