@@ -312,3 +312,25 @@ def test_reward_model_labeler_maps_the_rounds_scores_onto_the_scale(store):
     got = {r["completion"].count("w"): r["rating"] for r in records(store, "len")["ratings"]}
     assert [got[n] for n in range(1, 21)] == sorted(got.values())       # monotonic in the score
     assert got[1] == 1 and got[10] == 3 and got[20] == 5                # 1 + 9/18 * 4 = 3
+
+
+def test_opening_waits_while_another_connection_holds_a_new_database(tmp_path):
+    """Two processes opening the same new SQLite database at once (a loop and an annotator's server): the
+    second one's switch to WAL needs an exclusive lock, which SQLite refuses at once, busy handler or not.
+    Store waits for it instead of failing with "database is locked"."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "feedback.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # a write lock, as the first opener holds while it creates the tables
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    t0 = time.monotonic()
+    store = Store(str(path))
+    waited = time.monotonic() - t0
+    release.join()
+    other.close()
+    assert waited >= 0.4  # it did wait for the other connection
+    aid = store.add_annotator("alice", "pw-alice-123")
+    assert store.add_annotator("bob", "pw-bob-12345") != aid

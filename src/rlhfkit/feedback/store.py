@@ -1045,15 +1045,33 @@ def _str_or_none(v: Any) -> str | None:
     return None if v is None else str(v)[:200]
 
 
+def _journal_wal(cur: Any, wait_s: float = 60.0) -> None:
+    """PRAGMA journal_mode=WAL, retried while another connection holds the database: switching modes
+    needs an exclusive lock, and SQLite answers "database is locked" at once, without its busy handler,
+    when waiting could deadlock (e.g. another process creating the same new database)."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_setup(engine: Any) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
         dbapi_conn.isolation_level = None          # we issue BEGIN ourselves (below)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")     # readers never block the writer
+        cur.execute("PRAGMA busy_timeout=60000")   # first: what follows may wait for other connections
+        _journal_wal(cur)                          # readers never block the writer
         cur.execute("PRAGMA synchronous=NORMAL")   # durable at checkpoints; safe with WAL
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=60000")
         cur.close()
 
     @event.listens_for(engine, "begin")
