@@ -11,12 +11,10 @@ micro-batch's rows of a time-major record) and writes a contiguous result. Where
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.models.native import lib, native_ok, native_status, ptr, rows_of
+from rlhfkit.models.native import i64, lib, native_ok, native_status, ptr, rows_of
 
 __all__ = ["GELUTanh", "gelu", "gelu_tanh_backward", "gelu_tanh_forward", "native_status"]
 
@@ -27,13 +25,13 @@ def gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if x.is_contiguous():
         y = torch.empty_like(x)
-        lib().rlhfkit_gelu_tanh(ptr(x), ptr(y), ctypes.c_int64(x.numel()))
+        lib().rlhfkit_gelu_tanh(ptr(x), ptr(y), *i64(x.numel()))
         return y
     rows = rows_of(x)
     if rows is None:
         return gelu_tanh_forward(x.contiguous())
     y = torch.empty(x.shape, dtype=x.dtype)
-    lib().rlhfkit_gelu_tanh_strided(ptr(x), *[ctypes.c_int64(v) for v in rows], ptr(y))
+    lib().rlhfkit_gelu_tanh_strided(ptr(x), *i64(*rows), ptr(y))
     return y
 
 
@@ -49,9 +47,9 @@ def gelu_tanh_backward(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor | No
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype)
     if rows is None:
-        lib().rlhfkit_gelu_tanh_backward(ptr(dy), ptr(x), ptr(out), ctypes.c_int64(x.numel()))
+        lib().rlhfkit_gelu_tanh_backward(ptr(dy), ptr(x), ptr(out), *i64(x.numel()))
     else:
-        lib().rlhfkit_gelu_tanh_backward_strided(ptr(dy), ptr(x), *[ctypes.c_int64(v) for v in rows], ptr(out))
+        lib().rlhfkit_gelu_tanh_backward_strided(ptr(dy), ptr(x), *i64(*rows), ptr(out))
     return out
 
 

@@ -140,7 +140,8 @@ def rows_of(t: torch.Tensor) -> tuple[int, int, int, int, int] | None:
     return shape[0], shape[1], shape[2], strides[0], strides[1]
 
 
-def _i64(*v: int) -> list[ctypes.c_int64]:
+def i64(*v: int) -> list[ctypes.c_int64]:
+    """The kernels' int64_t arguments."""
     return [ctypes.c_int64(x) for x in v]
 
 
@@ -156,7 +157,7 @@ def bias_gelu_tanh_(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y.add_(b)
         return torch.nn.functional.gelu(y, approximate="tanh")
     g = torch.empty_like(y)
-    lib().rlhfkit_bias_gelu_tanh(ptr(y), ptr(b), ptr(g), *_i64(*y.shape))
+    lib().rlhfkit_bias_gelu_tanh(ptr(y), ptr(b), ptr(g), *i64(*y.shape))
     return g
 
 
@@ -168,7 +169,7 @@ def bias_kv_(y: torch.Tensor, b: torch.Tensor, off: int, k: torch.Tensor, v: tor
         k.view(y.size(0), -1).copy_(y[:, off:off + m])
         v.view(y.size(0), -1).copy_(y[:, off + m:off + 2 * m])
         return
-    lib().rlhfkit_bias_kv(ptr(y), ptr(b), *_i64(y.size(0), y.size(1), off, m), ptr(k), ptr(v))
+    lib().rlhfkit_bias_kv(ptr(y), ptr(b), *i64(y.size(0), y.size(1), off, m), ptr(k), ptr(v))
 
 
 def bias_residual_(y: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
@@ -176,4 +177,4 @@ def bias_residual_(y: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
     if not _epilogue_ok(y, b, x) or x.shape != y.shape:
         x.add_(y.add_(b))
         return
-    lib().rlhfkit_bias_residual(ptr(y), ptr(b), ptr(x), *_i64(*y.shape))
+    lib().rlhfkit_bias_residual(ptr(y), ptr(b), ptr(x), *i64(*y.shape))
