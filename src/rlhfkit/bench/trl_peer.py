@@ -35,8 +35,10 @@ from typing import Any
 ALGOS = ("grpo", "rloo", "ppo")
 # Our micro-batch per trainer (--micro-batch 0): the largest of 16 and 32 whose peak RSS stays at about
 # 0.5x TRL's or below, with the full replay record (docs/benchmarks.md). PPO has more room: TRL's PPO keeps a
-# value model and a reference beside the policy.
-MICRO_BATCH = {"grpo": 16, "rloo": 16, "ppo": 32}
+# value model and a reference beside the policy. GRPO fits 32 with our caching CPU allocator only (glibc's
+# heap fragments: 626-633 MB against 601-604), RLOO does not (636 MB).
+MICRO_BATCH = {"grpo": 32, "rloo": 16, "ppo": 32}
+MICRO_BATCH_SYSTEM_ALLOCATOR = {"grpo": 16, "rloo": 16, "ppo": 32}
 ARTIFACT_KEYS = ("corpus_sha256", "tokenizer_sha256", "prompts_sha256", "policy_init_sha256")
 
 
@@ -74,7 +76,7 @@ def load_avg() -> list[float]:
 # Our worker: one trainer, one fresh process
 # ---------------------------------------------------------------------------------------------------
 def workload_config(algo: str, workdir: Path, steps: int, run_dir: Path, threads: int,
-                    micro_batch: int = 16, replay_mb: float | None = None) -> Any:
+                    micro_batch: int = 16, replay_mb: float | None = None, cpu_allocator: str = "auto") -> Any:
     """Our config for the harness workload (steps = warm-up + timed)."""
     from rlhfkit import config as C
 
@@ -101,21 +103,23 @@ def workload_config(algo: str, workdir: Path, steps: int, run_dir: Path, threads
     cfg.log.log_every, cfg.log.eval_every, cfg.log.save_every = 1, 0, 0
     cfg.log.tensorboard = cfg.log.progress = False
     cfg.run.seed, cfg.run.threads, cfg.run.resume = 0, threads, False
+    cfg.run.cpu_allocator = cpu_allocator
     C.check_config(cfg)
     return cfg
 
 
 def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: int,
-               replay_mb: float | None = None) -> dict[str, Any]:
+               replay_mb: float | None = None, cpu_allocator: str = "auto") -> dict[str, Any]:
     rss_start = rss_mb()
     import torch
 
     import rlhfkit
     from rlhfkit.config import to_dict
+    from rlhfkit.models import cpu_alloc
 
     train = importlib.import_module(f"rlhfkit.rl.{algo}").train
     run_dir = workdir / f"ours_{algo}"
-    cfg = workload_config(algo, workdir, steps + 1, run_dir, threads, micro_batch, replay_mb)
+    cfg = workload_config(algo, workdir, steps + 1, run_dir, threads, micro_batch, replay_mb, cpu_allocator)
     marks: list[dict[str, float]] = []
 
     def on_step(step: int, m: dict) -> None:
@@ -157,6 +161,9 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
         "rss_start_mb": round(rss_start, 1), "peak_rss_after_warmup_mb": round(marks[0]["peak"], 1),
         "peak_rss_at_last_step_mb": round(timed[-1]["peak"], 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         "train_call_s": round(t1 - t0, 3),
+        "cpu_allocator": cpu_alloc.status(),
+        "cpu_allocator_mb": {k: round(v / 2**20, 1) for k, v in cpu_alloc.stats().items()
+                             if k in ("peak_live", "peak_mapped", "pooled")},
         "config": json.loads(json.dumps(to_dict(cfg)).replace(str(workdir), "<workdir>")),
     }
 
@@ -232,7 +239,9 @@ def run_ours(algo: str, args, workdir: Path) -> dict[str, Any]:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "rlhfkit.bench.trl_peer", "--worker", algo, "--steps", str(args.steps),
            "--workdir", str(workdir), "--worker-out", str(out), "--threads", str(args.threads),
-           "--micro-batch", str(args.micro_batch or MICRO_BATCH[algo]), "--replay-mb", str(args.replay_mb)]
+           "--micro-batch", str(args.micro_batch or (MICRO_BATCH_SYSTEM_ALLOCATOR if args.cpu_allocator == "system"
+                                                     else MICRO_BATCH)[algo]),
+           "--replay-mb", str(args.replay_mb), "--cpu-allocator", args.cpu_allocator]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rc = _run(cmd, workdir / f"ours_{algo}.log", env)
     if out.exists():
@@ -298,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = torch's default (both sides)")
     ap.add_argument("--micro-batch", type=int, default=0,
                     help="our side: completions per forward/backward micro-batch (the gradient is the same; "
-                         "smaller bounds activation memory); 0 = per trainer: GRPO 16, RLOO 16, PPO 32")
+                         "smaller bounds activation memory); 0 = per trainer: GRPO 32 (16 with --cpu-allocator "
+                         "system), RLOO 16, PPO 32")
+    ap.add_argument("--cpu-allocator", default="auto", choices=("auto", "caching", "system"),
+                    help="our side: run.cpu_allocator (caching = ours, which keeps peak RSS down; system = torch's "
+                         "default, glibc's heap; auto = caching where it can be built)")
     ap.add_argument("--replay-mb", type=float, default=1024.0,
                     help="our side: rollout.replay_max_mb, the memory a rollout may keep of its own forward so "
                          "that the training forward skips those matmuls (0 = off). This workload's records "
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         if a.threads:
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
-        res = run_worker(a.worker, a.steps, Path(a.workdir), a.threads, a.micro_batch, a.replay_mb)
+        res = run_worker(a.worker, a.steps, Path(a.workdir), a.threads, a.micro_batch, a.replay_mb, a.cpu_allocator)
         Path(a.worker_out).write_text(json.dumps(res))
         return 0
 

@@ -55,18 +55,18 @@ def _openmp_runtimes() -> set[str]:
         return set()
 
 
-def _build(out: Path, cc: str) -> str:
-    """Compile the kernels into `out` (atomically: concurrent first uses race harmlessly); returns ''
-    or the compiler's complaint."""
+def _build(out: Path, cc: str, source: Path, flag_sets: list[list[str]], libs: list[str]) -> str:
+    """Compile `source` into `out` with the first of `flag_sets` that works (atomically: concurrent first
+    uses race harmlessly); returns '' or the compiler's complaint."""
     err = ""
-    for flags in (_BASE_FLAGS + _X86_FLAGS, _BASE_FLAGS):  # the second for compilers without the first's
+    for flags in flag_sets:  # the later ones for compilers without the first's
         tmp = ""
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
             os.close(fd)
-            r = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120,
-                               check=False)
+            r = subprocess.run([cc, *flags, str(source), "-o", tmp, *libs], capture_output=True, text=True,
+                               timeout=120, check=False)
             if r.returncode == 0:
                 os.replace(tmp, out)
                 return ""
@@ -80,6 +80,27 @@ def _build(out: Path, cc: str) -> str:
     return err
 
 
+def built_library(source: Path, compiler_env: str, compiler: str, flag_sets: list[list[str]],
+                  key: str, libs: list[str] = ()) -> tuple[Path | None, str]:
+    """The shared library built from `source`, cached under the data directory by a hash of the source,
+    the flags and `key` (what else the build depends on). Builds it if missing, with $`compiler_env`
+    or `compiler`. Returns (path, '') or (None, why not)."""
+    if not sys.platform.startswith("linux"):
+        return None, f"built on Linux only, this is {sys.platform}"
+    from rlhfkit.data.sources import data_dir
+
+    text = source.read_bytes()
+    digest = hashlib.sha256(text + " ".join(flag_sets[0] + list(libs)).encode() + key.encode()).hexdigest()
+    path = data_dir() / "native" / f"{source.stem}-{digest[:16]}.so"
+    if path.exists():
+        return path, ""
+    cc = os.environ.get(compiler_env) or compiler
+    if shutil.which(cc) is None:
+        return None, f"no compiler: {cc!r} not found; set {compiler_env}"
+    err = _build(path, cc, source, flag_sets, list(libs))
+    return (None, f"compiling {source.name} failed: {err}") if err else (path, "")
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("RLHFKIT_NATIVE", "1") == "0":
         return None, "off (RLHFKIT_NATIVE=0)"
@@ -88,18 +109,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     before = _openmp_runtimes()  # torch's (it is imported): the kernel must share it
     if not before or any("libgomp" not in p for p in before):
         return None, f"off (torch's OpenMP runtime is not GNU's libgomp: {sorted(before) or 'none'})"
-    from rlhfkit.data.sources import data_dir
-
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_BASE_FLAGS + _X86_FLAGS).encode() + _cpu_signature().encode())
-    path = data_dir() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        cc = os.environ.get("CC") or "cc"
-        if shutil.which(cc) is None:
-            return None, f"off (no C compiler: {cc!r} not found; set CC)"
-        err = _build(path, cc)
-        if err:
-            return None, f"off (compiling {_SOURCE.name} failed: {err})"
+    path, why = built_library(_SOURCE, "CC", "cc", [_BASE_FLAGS + _X86_FLAGS, _BASE_FLAGS], _cpu_signature())
+    if path is None:
+        return None, f"off ({why.replace('no compiler', 'no C compiler')})"
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

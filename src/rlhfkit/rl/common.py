@@ -181,7 +181,9 @@ def sequence_rewards(dist: Any, reward_fn: Any, ro: Any, cfg: Any, policy: torch
 # Processes (see the module docstring)
 # ---------------------------------------------------------------------------------------------------
 def rl_dist(cfg: Any):
-    """The Dist of an RL stage; the step's prompts must split evenly over the processes."""
+    """The Dist of an RL stage (the step's prompts must split evenly over the processes), with the CPU
+    allocator that run.cpu_allocator asks for in place."""
+    from rlhfkit.models import cpu_alloc
     from rlhfkit.utils.distributed import Dist
 
     dist = Dist(cfg.run.device)
@@ -189,6 +191,7 @@ def rl_dist(cfg: Any):
     if U % dist.world:
         raise ConfigError(f"rollout.prompts_per_step={U} does not split over {dist.world} processes (each "
                           "process samples whole groups of the same number of prompts)")
+    cpu_alloc.use(cfg.run.cpu_allocator, dist.device)
     return dist
 
 
