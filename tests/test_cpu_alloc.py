@@ -98,13 +98,13 @@ def test_a_forked_child_allocates_and_frees(alloc):
     x = torch.ones(MB)
     pid = os.fork()
     if pid == 0:  # the child: the pool and its lock were copied; both must work
+        code = 2  # if anything raises
         try:
             y = torch.ones(MB) * 2
-            ok = (y.sum().item() == 2 * MB) and (x.sum().item() == MB)
+            code = 0 if (y.sum().item() == 2 * MB) and (x.sum().item() == MB) else 1
             del y
-            os._exit(0 if ok else 1)
-        except BaseException:
-            os._exit(2)
+        finally:
+            os._exit(code)  # never back into pytest
     _, code = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(code) == 0
     del x
@@ -141,7 +141,8 @@ def test_falls_back_with_a_reason(monkeypatch, tmp_path):
         cpu_alloc.use("caching", torch.device("cpu"))
 
 
-def test_grpo_updates_are_the_same_through_our_allocator(tmp_path, tiny_tokenizer, tiny_model_cfg, monkeypatch):
+def test_grpo_updates_are_the_same_through_our_allocator(tmp_path, tiny_tokenizer, tiny_model_cfg, monkeypatch,
+                                                         capsys):
     """Two GRPO steps on the tiny policy with torch's allocator, then with ours serving every tensor of
     4 KiB or more: the same rewards, losses and weights, bit for bit."""
     if not cpu_alloc.install():
@@ -162,6 +163,8 @@ def test_grpo_updates_are_the_same_through_our_allocator(tmp_path, tiny_tokenize
         train(rl_cfg(GRPOConfig, policy, prompts, run, **{"optim.max_steps": 2, "kl.coef": 0.05,
                                                            "optim.batch_size": 8, "run.cpu_allocator": mode}))
         used = cpu_alloc.stats()["hits"] - before["hits"]
+        header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("grpo:"))
+        assert header.endswith("CPU allocator: ours (caching)" if mode == "caching" else "CPU allocator: torch's")
         assert (used > 1000) if mode == "caching" else (used == 0), (mode, used)
         runs[mode] = (read_jsonl(run / "metrics.jsonl"), load_file(str(run / "final" / "model.safetensors")))
     cpu_alloc.install()

@@ -32,6 +32,7 @@ POOL_CAP = 128 << 20   # freed bytes kept for reuse at most
 SLACK_PERCENT = 50     # a pooled block serves requests up to this much smaller than its size class
 MODES = ("auto", "caching", "system")
 _state: dict = {}      # "lib", "status"
+NOT_IN_USE = "off (not in use: run.cpu_allocator is system, or no run asked for it)"
 _STATS = ("live", "peak_live", "pooled", "mapped", "peak_mapped", "hits", "misses", "enabled")
 
 
@@ -75,7 +76,7 @@ def status() -> str:
         return _state["status"]
     if stats()["enabled"]:
         return f"on ({_state['path']})"
-    return "off (not installed: run.cpu_allocator is system, or no run asked for it)"
+    return NOT_IN_USE
 
 
 def install(threshold: int | None = None, cap: int | None = None, slack: int | None = None,

@@ -191,8 +191,20 @@ def rl_dist(cfg: Any):
     if U % dist.world:
         raise ConfigError(f"rollout.prompts_per_step={U} does not split over {dist.world} processes (each "
                           "process samples whole groups of the same number of prompts)")
-    cpu_alloc.use(cfg.run.cpu_allocator, dist.device)
+    dist.cpu_allocator = cpu_alloc.use(cfg.run.cpu_allocator, dist.device)
     return dist
+
+
+def allocator_note(dist: Any) -> str:
+    """The run header's word on run.cpu_allocator (CPU runs only)."""
+    if dist.device.type != "cpu":
+        return ""
+    from rlhfkit.models.cpu_alloc import NOT_IN_USE
+
+    status = getattr(dist, "cpu_allocator", "")
+    if status.startswith("on"):
+        return "; CPU allocator: ours (caching)"
+    return "; CPU allocator: torch's" + ("" if status == NOT_IN_USE else f" (ours is {status})")
 
 
 def step_uniforms(seed: int, step: int, n_rows: int, n_tokens: int) -> torch.Tensor:

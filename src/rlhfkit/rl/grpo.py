@@ -31,7 +31,7 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import group_advantages
-from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_prompts, micro_batches, mine,
+from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, global_rows, load_prompts, micro_batches, mine,
                                policy_and_reference, reference_logprobs, rl_dist, rollout_scores,
                                samples_table, should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
@@ -85,7 +85,7 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
                           is_main=dist.is_main)
     logger.write(f"grpo: {count_params(policy) / 1e6:.2f}M params ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
                  f"trained), {len(prompts.ids)} prompts, {U} prompts x {G} samples per step, reward "
-                 f"{cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}"
+                 f"{cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}{allocator_note(dist)}"
                  + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step, history = step, []
 

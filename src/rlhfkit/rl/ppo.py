@@ -43,7 +43,7 @@ from rlhfkit.models.factory import (apply_lora, count_params, decay_param_groups
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import gae, token_rewards, whiten
-from rlhfkit.rl.common import (check_finite, finish_run, global_rows, load_policy, load_prompts,
+from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, global_rows, load_policy, load_prompts,
                                micro_batches, mine, policy_and_reference, reference_logprobs, rl_dist,
                                rollout_scores, samples_table, should_stop, step_uniforms,
                                use_fast_activations)
@@ -121,7 +121,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
     logger.write(f"ppo: {count_params(policy) / 1e6:.2f}M policy + {count_params(critic) / 1e6:.2f}M critic params, "
                  f"{len(prompts.ids)} prompts, {B} completions per rollout, {cfg.epochs} epoch(s) x "
                  f"{cfg.mini_batches} mini-batch(es), reward {cfg.reward.spec}, KL coef {kl_ctl.value}, "
-                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained params, {dist.world} process(es) on {device}" + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
+                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained params, {dist.world} process(es) on {device}{allocator_note(dist)}" + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step, history = step, []
 
     def checkpoint() -> None:

@@ -26,7 +26,7 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import group_advantages, normalize
-from rlhfkit.rl.common import (check_finite, finish_run, load_prompts, micro_batches, mine, policy_and_reference,
+from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, load_prompts, micro_batches, mine, policy_and_reference,
                                rl_dist, samples_table, sequence_rewards, should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import sequence_policy_loss
@@ -78,7 +78,7 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="rloo",
                           is_main=dist.is_main)
     logger.write(f"rloo: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "
-                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}"
+                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}{allocator_note(dist)}"
                  + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step, history = step, []
 
