@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.native import built_library
+from rlhfkit.models.native import built_library, open_library
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_alloc.cpp"
 THRESHOLD = 256 << 10  # requests from this size on are ours
@@ -52,13 +52,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                               libs=[f"-L{torch_dir / 'lib'}", "-lc10"])
     if path is None:
         return None, f"off ({why.replace('no compiler', 'no C++ compiler')})"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"off (loading {path} failed: {e})"
+    lib, err = open_library(path, ("rlhfkit_alloc_disable", "rlhfkit_alloc_trim", "rlhfkit_alloc_stats",
+                                   "rlhfkit_alloc_reset_peaks"))
+    if lib is None:
+        return None, f"off ({err})"
     lib.rlhfkit_alloc_install.restype = ctypes.c_int
-    for name in ("rlhfkit_alloc_disable", "rlhfkit_alloc_trim", "rlhfkit_alloc_stats", "rlhfkit_alloc_reset_peaks"):
-        getattr(lib, name).restype = None
     _state["path"] = path
     return lib, f"built ({path})"
 

@@ -101,6 +101,18 @@ def built_library(source: Path, compiler_env: str, compiler: str, flag_sets: lis
     return (None, f"compiling {source.name} failed: {err}") if err else (path, "")
 
 
+def open_library(path: Path, void_functions: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
+    """The library at `path` with its `void_functions` declared as returning nothing; (None, why) if it
+    does not load."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"loading {path} failed: {e}"
+    for name in void_functions:
+        getattr(lib, name).restype = None
+    return lib, ""
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("RLHFKIT_NATIVE", "1") == "0":
         return None, "off (RLHFKIT_NATIVE=0)"
@@ -112,14 +124,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     path, why = built_library(_SOURCE, "CC", "cc", [_BASE_FLAGS + _X86_FLAGS, _BASE_FLAGS], _cpu_signature())
     if path is None:
         return None, f"off ({why.replace('no compiler', 'no C compiler')})"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"off (loading {path} failed: {e})"
+    lib, err = open_library(path, _FUNCTIONS)
+    if lib is None:
+        return None, f"off ({err})"
     if _openmp_runtimes() != before:  # it brought its own OpenMP, whose threads would fight torch's
         return None, f"off (loading it added an OpenMP runtime: {sorted(_openmp_runtimes() - before)})"
-    for name in _FUNCTIONS:
-        getattr(lib, name).restype = None
     return lib, f"on ({path})"
 
 
