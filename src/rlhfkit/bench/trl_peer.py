@@ -38,7 +38,7 @@ ALGOS = ("grpo", "rloo", "ppo")
 # value model and a reference beside the policy. GRPO fits 32 with our caching CPU allocator only (glibc's
 # heap fragments: 626-633 MB against 601-604), RLOO does not (636 MB).
 MICRO_BATCH = {"grpo": 32, "rloo": 16, "ppo": 32}
-MICRO_BATCH_SYSTEM_ALLOCATOR = {"grpo": 16, "rloo": 16, "ppo": 32}
+MICRO_BATCH_SYSTEM_ALLOCATOR = {**MICRO_BATCH, "grpo": 16}
 ARTIFACT_KEYS = ("corpus_sha256", "tokenizer_sha256", "prompts_sha256", "policy_init_sha256")
 
 

@@ -52,8 +52,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                               libs=[f"-L{torch_dir / 'lib'}", "-lc10"])
     if path is None:
         return None, f"off ({why.replace('no compiler', 'no C++ compiler')})"
-    lib, err = open_library(path, ("rlhfkit_alloc_disable", "rlhfkit_alloc_trim", "rlhfkit_alloc_stats",
-                                   "rlhfkit_alloc_reset_peaks"))
+    lib, err = open_library(path, ("rlhfkit_alloc_disable", "rlhfkit_alloc_trim", "rlhfkit_alloc_stats"))
     if lib is None:
         return None, f"off ({err})"
     lib.rlhfkit_alloc_install.restype = ctypes.c_int
@@ -107,11 +106,6 @@ def trim(keep: int = 0) -> None:
         _lib().rlhfkit_alloc_trim(ctypes.c_int64(keep))
 
 
-def reset_peaks() -> None:
-    if _lib() is not None:
-        _lib().rlhfkit_alloc_reset_peaks()
-
-
 def stats() -> dict[str, int]:
     """Bytes live / pooled / mapped (and their peaks), pool hits and misses, and whether it is on; all 0
     where it was never installed."""
@@ -126,7 +120,8 @@ def use(mode: str, device: torch.device) -> str:
     if mode not in MODES:
         raise ConfigError(f"run.cpu_allocator={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "system" or (mode == "auto" and device.type != "cpu"):
-        uninstall()
-    elif not install() and mode == "caching":
+        uninstall()  # nothing to build for a run that does not use it
+        return NOT_IN_USE
+    if not install() and mode == "caching":
         raise ConfigError(f"run.cpu_allocator=caching, but our CPU allocator is {status()}; use auto or system")
     return status()

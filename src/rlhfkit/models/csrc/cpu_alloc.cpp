@@ -236,12 +236,4 @@ void rlhfkit_alloc_stats(int64_t* out) {
   out[5] = a.hits, out[6] = a.misses, out[7] = a.enabled && c10::GetCPUAllocator() == g_alloc;
 }
 
-/* Restarts the peak counters at the current values. */
-void rlhfkit_alloc_reset_peaks(void) {
-  if (g_alloc == nullptr) return;
-  std::lock_guard<std::mutex> g(g_alloc->mu);
-  g_alloc->peak_live = g_alloc->live;
-  g_alloc->peak_mapped = g_alloc->mapped;
-}
-
 }  // extern "C"
