@@ -161,7 +161,7 @@ class RunConfig:
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
     cpu_allocator: Literal["auto", "caching", "system"] = opt(
         "auto", "allocator of large CPU tensors in the RL stages: caching = ours (each block of 256 KiB or more "
-                "mapped on its own, freed ones pooled up to 128 MB; lower peak RSS than glibc's heap at the "
+                "mapped on its own, freed ones pooled up to 256 MB; lower peak RSS than glibc's heap at the "
                 "same speed; built at first use with c++), system = torch's default, auto = caching on CPU "
                 "where it can be built, else system")
     resume: bool = opt(True, "continue from the newest checkpoint in run_dir if there is one")

@@ -4,9 +4,11 @@ An RL step frees and re-allocates the same few hundred large blocks (each micro-
 gradients and logits) with sizes that change a little from step to step. glibc's heap fragments under
 that: on `rlhfkit bench trl-peer`'s GRPO at micro-batch 32 it holds 275 MB while at most 196 MB are in
 use. This allocator gives every block of 256 KiB or more its own mapping, keeps freed ones in a pool of at
-most 128 MB (reused by size class, the most recently freed first) and unmaps the rest, so RSS is what is
+most 256 MB (reused by size class, the most recently freed first) and unmaps the rest, so RSS is what is
 in use plus at most the pool. Measured on that workload: peak RSS 601-604 MB against 626-633 MB, at the
-same speed (docs/benchmarks.md, "Fifth pass").
+same speed (docs/benchmarks.md, "Fifth pass"). The cap is 256 MB because PPO's step cycles through more
+than 128 MB of freed blocks: with 128 MB it mapped about 93 new blocks a step and ran 8% slower
+("Sixth pass"); GRPO and RLOO never fill 128 MB.
 
 It is C++ against torch's own headers, compiled at first use with `c++` (or $CXX, about 1 s), cached
 under the data directory like our kernels (models/native.py), and installed process-wide with
@@ -28,7 +30,7 @@ from rlhfkit.models.native import built_library, open_library
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_alloc.cpp"
 THRESHOLD = 256 << 10  # requests from this size on are ours
-POOL_CAP = 128 << 20   # freed bytes kept for reuse at most
+POOL_CAP = 256 << 20   # freed bytes kept for reuse at most
 SLACK_PERCENT = 50     # a pooled block serves requests up to this much smaller than its size class
 MODES = ("auto", "caching", "system")
 _state: dict = {}      # "lib", "status"

@@ -55,7 +55,7 @@ class CachingCPUAllocator final : public c10::Allocator {
  public:
   c10::Allocator* base = nullptr;  // torch's default CPU allocator
   bool enabled = true;
-  size_t threshold = 256 << 10, cap = 128 << 20, slack = 50;
+  size_t threshold = 256 << 10, cap = 256 << 20, slack = 50;
   bool huge = true;
   std::mutex mu;
   std::multimap<size_t, Block*> pool;        // pooled (free) blocks by size
