@@ -268,3 +268,67 @@ def test_no_grad_logprobs_take_our_forward_and_match_hf(which, n, request, tiny_
     assert torch.allclose(lp_fast, lp_hf.detach(), atol=1e-5)
     assert torch.allclose(ent_fast, ent_hf, atol=1e-5)
     assert torch.allclose(lp_fast, ro.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gqa_llama"])
+def test_reference_prompt_cache_skips_seen_prompts_and_gives_the_same_logprobs(which, request, tiny_tokenizer,
+                                                                             monkeypatch):
+    """A frozen model with a PromptCache: a prompt seen before (in any batch, with any padding) skips the
+    prompt pass and the log-probs are those without the cache; new weights empty it; the cap holds."""
+    from rlhfkit.rl.common import reference_logprobs
+
+    model = request.getfixturevalue(which).requires_grad_(False)
+    tok = tiny_tokenizer
+    ro = generate(model, tok, prompts_ids(tok), SamplingParams(max_new_tokens=6), n=2)
+    assert not bool(ro.prompt_mask.all())  # left padding: cached entries are re-padded per batch
+    with torch.no_grad():
+        want = reference_logprobs(model, model, ro, 1.0, 8)
+    rows = []  # how many prompts each prompt pass runs
+    real = fastdecode.GPT2Decoder._forward if which == "tiny_gpt2" else fastdecode.LlamaDecoder._forward
+    owner = fastdecode.GPT2Decoder if which == "tiny_gpt2" else fastdecode.LlamaDecoder
+    ids_width = ro.prompt_ids.size(1)
+    monkeypatch.setattr(owner, "_forward", lambda self, ids, *a: (
+        rows.append(ids.size(0)) if ids.size(1) == ids_width else None) or real(self, ids, *a))
+    cache = fastdecode.cache_prompts(model, 64)
+    with torch.no_grad():
+        first = reference_logprobs(model, model, ro, 1.0, 4)  # micro-batches of 2 prompts x 2 samples
+        assert (cache.hits, cache.misses) == (0, 4) and rows == [2, 2]
+        # Another split, and a rollout whose prompts are a subset in another order (different padding).
+        again = reference_logprobs(model, model, ro, 1.0, 8)
+        sub = generate(model, tok, prompts_ids(tok)[2:0:-1], SamplingParams(max_new_tokens=6), n=1)
+        sub_cached = reference_logprobs(model, model, sub, 1.0, 8)
+    assert (cache.hits, cache.misses) == (6, 4) and rows == [2, 2]  # no prompt pass after the first
+    assert sub.prompt_ids.size(1) < ro.prompt_ids.size(1)
+    for got in (first, again):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    fastdecode.cache_prompts(model, 0)
+    with torch.no_grad():
+        sub_plain = reference_logprobs(model, model, sub, 1.0, 8)
+    assert torch.allclose(sub_cached, sub_plain, atol=1e-5), (sub_cached - sub_plain).abs().max()
+
+    # Changed weights: every entry is dropped, and the log-probs are the new model's.
+    cache = fastdecode.cache_prompts(model, 64)
+    with torch.no_grad():
+        reference_logprobs(model, model, ro, 1.0, 8)
+        for p in model.parameters():
+            p.mul_(1.1)
+        fastdecode.cache_prompts(model, 0)
+        plain_new = reference_logprobs(model, model, ro, 1.0, 8)
+        fastdecode._CACHES[model] = cache
+        cached_new = reference_logprobs(model, model, ro, 1.0, 8)
+    assert cache.misses == 8 and cache.hits == 0
+    assert torch.allclose(cached_new, plain_new, atol=1e-5)
+
+    # The cap: entries beyond it are dropped, least recently used first.
+    sizes = [sum(t.numel() * t.element_size() for t in e) for e in cache.entries.values()]
+    small = fastdecode.cache_prompts(model, (sizes[2] + sizes[3]) / 2**20)
+    with torch.no_grad():
+        reference_logprobs(model, model, ro, 1.0, 8)
+    assert len(small.entries) == 2 and small.bytes <= small.max_bytes
+    assert list(small.entries) == [tuple(p) for p in prompts_ids(tok)[2:]]  # the last two prompts stay
+    # A hit makes an entry the most recently used: prompt 2 (seen again) outlives prompt 3 when 0 comes in.
+    with torch.no_grad():
+        for i in (2, 0):
+            reference_logprobs(model, model, generate(model, tok, [prompts_ids(tok)[i]], SamplingParams(
+                max_new_tokens=3)), 1.0, 8)
+    assert list(small.entries) == [tuple(prompts_ids(tok)[i]) for i in (2, 0)]

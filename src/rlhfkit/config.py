@@ -488,9 +488,12 @@ class KLConfig:
                              "for; 0 = fixed coefficient")
     horizon: int = opt(10000, "adaptive coefficient: completions over which the coefficient may change "
                               "by a factor of about e^0.2")
+    ref_cache_mb: float = opt(64.0, "memory for the reference model's prompt cache: each prompt's keys and "
+                                    "values, kept so that a prompt seen again (next epoch) skips the reference's "
+                                    "prompt positions; exact up to float rounding; 0 = off")
 
     def check(self) -> None:
-        _non_negative(self, "coef", "target")
+        _non_negative(self, "coef", "target", "ref_cache_mb")
         _positive(self, "horizon")
         if self.target and not self.coef:
             raise ConfigError(f"{here('target')} needs {here('coef')} > 0 (the initial coefficient)")

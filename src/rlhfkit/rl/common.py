@@ -114,12 +114,14 @@ def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = T
     return model
 
 
-def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device
+def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device, ref_cache_mb: float = 0.0
                          ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable policy (with LoRA adapters if model.lora_r > 0, gradient checkpointing if asked) and
-    the frozen reference it is penalised against. With LoRA the reference is the policy itself with its
-    adapters disabled (`reference_logprobs`): the frozen base weights are shared, not copied."""
+    the frozen reference it is penalised against, with a prompt cache of up to ref_cache_mb
+    (fastdecode.PromptCache). With LoRA the reference is the policy itself with its adapters disabled
+    (`reference_logprobs`): the frozen base weights are shared, not copied, and there is no cache."""
     from rlhfkit.models.factory import apply_lora, enable_gradient_checkpointing
+    from rlhfkit.rl.fastdecode import cache_prompts
 
     policy = load_policy(mcfg.name_or_path, mcfg.dtype, device)
     if mcfg.gradient_checkpointing:
@@ -128,6 +130,8 @@ def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device
         policy = apply_lora(policy, mcfg).train()
         return policy, None
     ref = load_policy(mcfg.name_or_path, mcfg.dtype, device, trainable=False) if kl_coef else None
+    if ref is not None:
+        cache_prompts(ref, ref_cache_mb)
     return policy, ref
 
 

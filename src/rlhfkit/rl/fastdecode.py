@@ -33,6 +33,9 @@ the whole batch is kept until the update (`rollout.replay_max_mb` caps it).
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 
@@ -426,16 +429,16 @@ class _Base:
         return _linear(h[None], self.lm_head.weight, self.lm_head.bias, False, out)[0]
 
     # Replay -----------------------------------------------------------------------------------------
-    def replay(self, ro, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
+    def replay(self, ro, rec: Record, cache: PromptCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward of rollout `ro` from record `rec` (see the module docstring). The
-        completions run time-major, (C - 1, B), the layout the decoder recorded them in."""
+        completions run time-major, (C - 1, B), the layout the decoder recorded them in. `cache`: a plain
+        forward (nothing recorded, no gradients) takes the prompts' half from it where it has them."""
         G, comp = ro.group_size, ro.completion_ids
         B, C = comp.shape
         n = C - 1
         u_ids, u_mask = ro.prompt_ids[::G], ro.prompt_mask[::G]
         P = u_ids.size(1)
         pmask = self._prompt_masks(u_mask, G, n)
-        kv = []
 
         plain = isinstance(rec, _NoRecord) and not torch.is_grad_enabled()
 
@@ -452,20 +455,26 @@ class _Base:
                 lin.out = lambda i, j: part[i][j].view(*shape, part[i][j].size(-1))
             return lin
 
-        def prompt_attention(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=pmask, is_causal=pmask is None,
-                                                  enable_gqa=self.gqa)
+        def prompt_pass(ids, pos, pm, lin):
+            """The prompts' forward: each layer's keys and values (each unique prompt's once: the completions'
+            attention repeats them) and the final-normed last position (N, 1, D)."""
+            kv = []
 
-        def attend_prompt(i, q, k, v):
-            kv.append((k, v))  # each unique prompt's keys once: the completions' attention repeats them
-            return prompt_attention(q, k, v)
+            def prompt_attention(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=pm, is_causal=pm is None,
+                                                      enable_gqa=self.gqa)
 
-        def prompt_lean(i, q, k, v, rope=None):
-            # The completions attend to the prompt's keys as attention sees them (rotated, for Llama).
-            kv.append((k if rope is None else rope(k), v))
-            return prompt_attention, (q, k, v)
+            def attend_prompt(i, q, k, v):
+                kv.append((k, v))
+                return prompt_attention(q, k, v)
 
-        attend_prompt.lean = prompt_lean
+            def prompt_lean(i, q, k, v, rope=None):
+                # The completions attend to the prompt's keys as attention sees them (rotated, for Llama).
+                kv.append((k if rope is None else rope(k), v))
+                return prompt_attention, (q, k, v)
+
+            attend_prompt.lean = prompt_lean
+            return kv, self._final_norm(self._forward(ids, pos, attend_prompt, lin)[:, -1:])
 
         # Completion queries see every (real) prompt key and the completion keys up to their own.
         cmask = torch.ones(n, P + n, dtype=torch.bool, device=comp.device)
@@ -488,7 +497,12 @@ class _Base:
 
         W, b = self.lm_head.weight, self.lm_head.bias
         U = u_ids.size(0)
-        h_first = self._final_norm(self._forward(u_ids, self.pos, attend_prompt, saved(rec.prompt, (U, P)))[:, -1:])
+        lin_prompt = saved(rec.prompt, (U, P))
+        if cache is not None and plain:
+            kv, h_first = cache.lookup(self.model, u_ids, u_mask, lambda r: prompt_pass(
+                u_ids[r], self.pos[r], None if pmask is None else pmask[r], lin_prompt))
+        else:
+            kv, h_first = prompt_pass(u_ids, self.pos, pmask, lin_prompt)
         if n == 0:
             first = head_logits(h_first, rec.first, W, b)
             return (first.repeat_interleave(G, 0) if G > 1 else first), first[:, :0]
@@ -513,7 +527,7 @@ class GPT2Decoder(_Base):
     def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
         super().__init__(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head)
-        self.tr, self.lm_head, self.H, self.D = model.transformer, model.lm_head, cfg.n_head, cfg.n_embd
+        self.model, self.tr, self.lm_head, self.H, self.D = model, model.transformer, model.lm_head, cfg.n_head, cfg.n_embd
         self.gelu = _GELU[cfg.activation_function]
         self.gqa = False
         self.widths = [3 * self.D, self.D, cfg.n_inner or 4 * self.D, self.D]
@@ -627,7 +641,8 @@ class LlamaDecoder(_Base):
         cfg = model.config
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         super().__init__(cfg.num_hidden_layers, cfg.num_key_value_heads, hd)
-        self.m, self.lm_head, self.H, self.D = model.model, model.lm_head, cfg.num_attention_heads, cfg.hidden_size
+        self.model, self.m, self.lm_head = model, model.model, model.lm_head
+        self.H, self.D = cfg.num_attention_heads, cfg.hidden_size
         self.gqa = self.Hkv != self.H
         I = cfg.intermediate_size
         self.widths = [self.H * hd, self.Hkv * hd, self.Hkv * hd, self.D, I, I, self.D]
@@ -756,6 +771,90 @@ class _NoRecord:
 def forward_logits(model: torch.nn.Module, ro) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, 1, V) and (B, C - 1, V) of rollout `ro`'s completion tokens by our own forward (replay
     with nothing recorded): each group's prompt runs once and the completions run time-major, with no HF
-    call overhead. For supported(model) models without dropout (dropout_free)."""
+    call overhead; the prompts' half comes from the model's PromptCache where it has one (cache_prompts).
+    For supported(model) models without dropout (dropout_free)."""
     dec = make_fast_decoder(model)
-    return dec.replay(ro, _NoRecord(dec.L, len(dec.widths)))
+    return dec.replay(ro, _NoRecord(dec.L, len(dec.widths)), _CACHES.get(model))
+
+
+class PromptCache:
+    """The prompt half of a frozen model's forward, per prompt: every layer's keys and values at the
+    prompt's real tokens and the final-normed hidden state of its last token. A reference model sees the
+    same prompts again whenever the prompt set is smaller than the steps times the prompts per step
+    (every epoch after the first; on `rlhfkit bench trl-peer`'s PPO, whose 64 prompts are all drawn at
+    every step, from the second step on), and those prompts' positions, about a third of its forward
+    there, need not run again.
+
+    Exact up to float rounding: with left padding a prompt's real tokens are computed independently of
+    its padding (positions count real tokens, pad keys are masked), so an entry serves any batch; the
+    products may round differently in a batch of another size (tests/test_rollout.py). Entries are
+    dropped, least recently used first, beyond `max_mb`, and all of them if the model's weights change
+    (parameter versions, as Record.usable)."""
+
+    def __init__(self, max_mb: float) -> None:
+        self.max_bytes = int(max_mb * 2**20)
+        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.bytes, self.hits, self.misses, self.versions = 0, 0, 0, None
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def lookup(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, compute
+               ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Keys and values per layer ((N, Hkv, P, hd) each, zeros at pad slots) and the hidden states
+        (N, 1, D) of prompts `ids` (N, P) left-padded by `mask`; compute(rows) runs the prompt pass
+        (replay's prompt_pass: its kv list and hidden states) for the rows it lacks."""
+        versions = _versions(model)
+        if versions != self.versions:
+            self.clear()
+            self.versions = versions
+        N, P = ids.shape
+        lengths = mask.long().sum(-1).tolist()
+        keys = [tuple(ids[r, P - n:].tolist()) for r, n in enumerate(lengths)]
+        got = [self.entries.get(k) for k in keys]
+        missing = [r for r, e in enumerate(got) if e is None]
+        self.hits += N - len(missing)
+        self.misses += len(missing)
+        if missing:
+            kv, h = compute(torch.tensor(missing, device=ids.device))
+            for j, r in enumerate(missing):
+                n = lengths[r]
+                kvr = torch.stack([torch.stack((k[j, :, P - n:], v[j, :, P - n:])) for k, v in kv])
+                got[r] = (kvr, h[j].clone())  # (L, 2, Hkv, n, hd), (1, D)
+                self._put(keys[r], got[r])
+        for k in keys:
+            if k in self.entries:
+                self.entries.move_to_end(k)
+        kvs, hs = zip(*got)
+        h = torch.stack(hs)
+        if all(n == P for n in lengths):
+            full = torch.stack(kvs, 2)  # (L, 2, N, Hkv, P, hd)
+        else:
+            full = kvs[0].new_zeros(kvs[0].shape[:2] + (N,) + kvs[0].shape[2:3] + (P,) + kvs[0].shape[4:])
+            for r, (e, n) in enumerate(zip(kvs, lengths)):
+                full[:, :, r, :, P - n:] = e
+        return [(full[i, 0], full[i, 1]) for i in range(full.size(0))], h
+
+    def _put(self, key: tuple[int, ...], entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in entry)
+        if size > self.max_bytes:
+            return
+        self.entries[key] = entry
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old)
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cache_prompts(model: torch.nn.Module, max_mb: float) -> PromptCache | None:
+    """Give a frozen model's plain forwards (forward_logits: a reference's log-probs) a PromptCache of
+    up to max_mb; None (and no cache) where max_mb is 0 or our forward does not run the model."""
+    if max_mb <= 0 or not supported(model):
+        _CACHES.pop(model, None)
+        return None
+    cache = _CACHES[model] = PromptCache(max_mb)
+    return cache

@@ -94,7 +94,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
 
     seed_everything(cfg.run.seed)
     lora = bool(cfg.model.lora_r)
-    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device)
+    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, cfg.kl.ref_cache_mb)
     critic = load_critic(cfg, device, str(ckpt / "critic") if ckpt and not lora else "")
     trainable = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
     wd = cfg.optim.weight_decay

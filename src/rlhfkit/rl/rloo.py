@@ -58,7 +58,7 @@ def train(cfg: RLOOConfig, on_step: Callable[[int, dict], None] | None = None) -
     order = EpochSampler(len(prompts.ids), cfg.run.seed)
 
     seed_everything(cfg.run.seed)
-    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device)
+    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, cfg.kl.ref_cache_mb)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
