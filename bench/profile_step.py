@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -44,25 +42,13 @@ def matmul_rates(threads: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("algo", choices=("grpo", "rloo", "ppo"))
-    ap.add_argument("--micro-batch", type=int, default=0, help="0 = the bench's default for the trainer")
-    ap.add_argument("--steps", type=int, default=8, help="steps in all (warm-up included)")
-    ap.add_argument("--skip", type=int, default=3, help="steps run before the profiler starts")
+    from rlhfkit.bench.trl_peer import add_script_args, script_config
+
+    add_script_args(ap, 8, "steps run before the profiler starts")
     ap.add_argument("--top", type=int, default=30, help="ops to print")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "rlhfkit_trl_peer"),
-                    help="trl-peer's artifacts (its --workdir)")
     args = ap.parse_args()
-    if args.steps <= args.skip:
-        ap.error("--steps must be larger than --skip")
-
-    from rlhfkit.bench.trl_peer import MICRO_BATCH, workload_config
-
-    wd = Path(args.workdir)
-    if not (wd / "policy_init").is_dir():
-        ap.error(f"{wd} has no trl-peer artifacts: run `rlhfkit bench trl-peer --sides ours --trainers "
-                 f"{args.algo} --steps 1 --workdir {wd}` once first")
-    mb = args.micro_batch or MICRO_BATCH[args.algo]
-    cfg = workload_config(args.algo, wd, args.steps, wd / f"profile_{args.algo}", args.threads, mb)
+    cfg = script_config(ap, args, args.algo, f"profile_{args.algo}")
+    mb = cfg.optim.batch_size
     train = importlib.import_module(f"rlhfkit.rl.{args.algo}").train
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     state = {"n": 0, "t": 0.0, "gen": 0.0}

@@ -108,6 +108,30 @@ def workload_config(algo: str, workdir: Path, steps: int, run_dir: Path, threads
     return cfg
 
 
+def add_script_args(ap: Any, steps: int, skip_help: str) -> None:
+    """The options of the scripts in bench/ that run our side of this workload in-process (profile_step.py,
+    ppo_phases.py): --steps, --skip, --micro-batch, --threads, --workdir."""
+    import tempfile
+
+    ap.add_argument("--steps", type=int, default=steps, help="steps in all (warm-up included)")
+    ap.add_argument("--skip", type=int, default=3, help=skip_help)
+    ap.add_argument("--micro-batch", type=int, default=0, help="0 = the bench's default for the trainer")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "rlhfkit_trl_peer"),
+                    help="trl-peer's artifacts (its --workdir)")
+
+
+def script_config(ap: Any, args: Any, algo: str, run_name: str) -> Any:
+    """workload_config for such a script's parsed `args` (ap.error if --workdir has no artifacts yet)."""
+    if args.steps <= args.skip:
+        ap.error("--steps must be larger than --skip")
+    wd = Path(args.workdir)
+    if not (wd / "policy_init").is_dir():
+        ap.error(f"{wd} has no trl-peer artifacts: run `rlhfkit bench trl-peer --sides ours --trainers "
+                 f"{algo} --steps 1 --workdir {wd}` once first")
+    return workload_config(algo, wd, args.steps, wd / run_name, args.threads, args.micro_batch or MICRO_BATCH[algo])
+
+
 def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: int,
                replay_mb: float | None = None, cpu_allocator: str = "auto") -> dict[str, Any]:
     rss_start = rss_mb()
