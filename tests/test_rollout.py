@@ -287,8 +287,8 @@ def test_reference_prompt_cache_skips_seen_prompts_and_gives_the_same_logprobs(w
     real = fastdecode.GPT2Decoder._forward if which == "tiny_gpt2" else fastdecode.LlamaDecoder._forward
     owner = fastdecode.GPT2Decoder if which == "tiny_gpt2" else fastdecode.LlamaDecoder
     ids_width = ro.prompt_ids.size(1)
-    monkeypatch.setattr(owner, "_forward", lambda self, ids, *a: (
-        rows.append(ids.size(0)) if ids.size(1) == ids_width else None) or real(self, ids, *a))
+    monkeypatch.setattr(owner, "_forward", lambda self, ids, *a, **k: (
+        rows.append(ids.size(0)) if ids.size(1) == ids_width else None) or real(self, ids, *a, **k))
     cache = fastdecode.cache_prompts(model, 64)
     with torch.no_grad():
         first = reference_logprobs(model, model, ro, 1.0, 4)  # micro-batches of 2 prompts x 2 samples
@@ -332,3 +332,45 @@ def test_reference_prompt_cache_skips_seen_prompts_and_gives_the_same_logprobs(w
             reference_logprobs(model, model, generate(model, tok, [prompts_ids(tok)[i]], SamplingParams(
                 max_new_tokens=3)), 1.0, 8)
     assert list(small.entries) == [tuple(prompts_ids(tok)[i]) for i in (2, 0)]
+
+
+def test_gpt2_critic_runs_our_blocks_with_the_gradients_of_its_own_forward(tiny_gpt2, tiny_tokenizer,
+                                                                           monkeypatch):
+    """completion_values of a GPT-2 critic in training (no dropout) takes fastdecode.backbone_hidden, which
+    skips the last block's work at the prompt positions: values and every parameter's gradient equal those
+    of the critic's own (HF) forward, with left padding."""
+    from rlhfkit.models.heads import ScalarHeadModel
+    from rlhfkit.rl.rollout import completion_values
+
+    from transformers import GPT2LMHeadModel
+
+    cfg = copy.deepcopy(tiny_gpt2.config)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0  # training mode without dropout
+    body = GPT2LMHeadModel(cfg)
+    body.load_state_dict(tiny_gpt2.state_dict())
+    torch.manual_seed(0)
+    critic = ScalarHeadModel.from_causal_lm(body, init_std=0.5).train()
+    calls, real, supported = [], fastdecode.backbone_hidden, fastdecode.backbone_supported
+    monkeypatch.setattr(fastdecode, "backbone_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def values_and_grads(ro, weights):
+        critic.zero_grad()
+        v = completion_values(critic, ro)
+        (v * weights).sum().backward()
+        return v.detach(), {n: p.grad.clone() for n, p in critic.named_parameters()}
+
+    for prompts in (prompts_ids(tiny_tokenizer), prompts_ids(tiny_tokenizer)[1:2] * 3):  # padded, then not
+        ro = generate(tiny_gpt2, tiny_tokenizer, prompts, SamplingParams(max_new_tokens=6), n=1)
+        assert bool(ro.prompt_mask.all()) == (len(set(map(tuple, prompts))) == 1)
+        weights = torch.randn(ro.completion_ids.shape)
+        monkeypatch.setattr(fastdecode, "backbone_supported", supported)
+        ours, ours_g = values_and_grads(ro, weights)
+        assert len(calls) == 1
+        monkeypatch.setattr(fastdecode, "backbone_supported", lambda b: False)
+        hf, hf_g = values_and_grads(ro, weights)
+        assert len(calls) == 1
+        calls.clear()
+        assert torch.allclose(ours, hf, atol=1e-5), (ours - hf).abs().max()
+        for n, g in hf_g.items():  # float rounding, relative to the tensor's scale (sums of large terms)
+            err = (ours_g[n] - g).abs().max()
+            assert err <= 1e-5 * g.abs().max() + 1e-6, (n, err, g.abs().max())

@@ -45,15 +45,19 @@ from rlhfkit.models.native import bias_gelu_tanh_, bias_kv_, bias_residual_, nat
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
+def _gpt2_ok(cfg) -> bool:
+    return (cfg.activation_function in _GELU and getattr(cfg, "scale_attn_weights", True)
+            and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+            and not getattr(cfg, "reorder_and_upcast_attn", False)
+            and not getattr(cfg, "add_cross_attention", False))
+
+
 def supported(model: torch.nn.Module) -> bool:
     """True if `model` is a plain GPT-2 or Llama causal LM whose forward we reproduce exactly."""
     cfg = getattr(model, "config", None)
     name = type(model).__name__
     if name == "GPT2LMHeadModel":
-        return (cfg.activation_function in _GELU and getattr(cfg, "scale_attn_weights", True)
-                and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
-                and not getattr(cfg, "reorder_and_upcast_attn", False)
-                and not getattr(cfg, "add_cross_attention", False))
+        return _gpt2_ok(cfg)
     if name == "LlamaForCausalLM":
         return (cfg.hidden_act == "silu" and getattr(cfg, "pretraining_tp", 1) == 1
                 and not getattr(cfg, "mlp_bias", False))
@@ -186,6 +190,18 @@ class _PreSavedLinears(torch.autograd.Function):
         grads = iter(torch.autograd.grad(h, wanted, dh) if wanted and dh is not None else ())
         in_grads = [next(grads, None) if t.requires_grad else None for t in ins]
         return (None, None, None, *in_grads, *layer_grads)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      gqa: bool) -> torch.Tensor:
+    """Causal self-attention of a prompt pass: q (N, H, m, hd) are the last m of the n positions of k, v
+    (m < n where only the last positions go on: `keep` of _blocks); mask (N, 1, n, n) the causal mask
+    with the padding (_prompt_masks), None without padding."""
+    m, n = q.size(2), k.size(2)
+    if m < n:  # query rows n - m .. n - 1 of the causal mask (SDPA's is_causal aligns them to the top)
+        mask = (torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if mask is None else mask)[..., n - m:, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and m == n,
+                                          enable_gqa=gqa)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
@@ -447,7 +463,8 @@ class _Base:
                 y = part[i][j]
                 if y is None:  # not recorded
                     return _linear(x, weight, bias, self.conv1d)
-                return _SavedLinear.apply(x, weight, bias, y.view(*shape, y.size(-1)), self.conv1d)
+                y = y.view(*shape, y.size(-1))[:, shape[1] - x.size(1):]  # the last positions (keep) only
+                return _SavedLinear.apply(x, weight, bias, y, self.conv1d)
             if plain and self.conv1d and _fused_gelu_ok(self.weight_like):
                 lin.gelu = _fused_linear_gelu  # a plain no-grad forward: GPT-2's MLP input + GELU in one op
             elif torch.is_grad_enabled() and self.lean:
@@ -461,8 +478,7 @@ class _Base:
             kv = []
 
             def prompt_attention(q, k, v):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=pm, is_causal=pm is None,
-                                                      enable_gqa=self.gqa)
+                return _causal_attention(q, k, v, pm, self.gqa)
 
             def attend_prompt(i, q, k, v):
                 kv.append((k, v))
@@ -474,7 +490,8 @@ class _Base:
                 return prompt_attention, (q, k, v)
 
             attend_prompt.lean = prompt_lean
-            return kv, self._final_norm(self._forward(ids, pos, attend_prompt, lin)[:, -1:])
+            # Only the last position goes on past the last layer's keys and values (keep=1).
+            return kv, self._final_norm(self._forward(ids, pos, attend_prompt, lin, keep=1)[:, -1:])
 
         # Completion queries see every (real) prompt key and the completion keys up to their own.
         cmask = torch.ones(n, P + n, dtype=torch.bool, device=comp.device)
@@ -525,29 +542,38 @@ class GPT2Decoder(_Base):
     conv1d = True
 
     def __init__(self, model: torch.nn.Module) -> None:
+        """model: a GPT2LMHeadModel, or a bare GPT2Model (a critic's backbone: no LM head)."""
         cfg = model.config
         super().__init__(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head)
-        self.model, self.tr, self.lm_head, self.H, self.D = model, model.transformer, model.lm_head, cfg.n_head, cfg.n_embd
+        self.model, self.H, self.D = model, cfg.n_head, cfg.n_embd
+        self.tr, self.lm_head = getattr(model, "transformer", model), getattr(model, "lm_head", None)
         self.gelu = _GELU[cfg.activation_function]
         self.gqa = False
         self.widths = [3 * self.D, self.D, cfg.n_inner or 4 * self.D, self.D]
         self.fan_in = [self.D, self.D, self.D, self.widths[2]]
-        self.vocab, self.weight_like = self.lm_head.weight.size(0), self.tr.wte.weight
+        self.vocab = None if self.lm_head is None else self.lm_head.weight.size(0)
+        self.weight_like = self.tr.wte.weight
 
-    def _blocks(self, x: torch.Tensor, attend, lin) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, attend, lin, keep: int = 0) -> torch.Tensor:
         """x (N, n, D) through every block; attend(i, q, k, v) does the attention of layer i and
-        lin(i, j, x (N, n, in), weight, bias) -> (N, n, out) its j-th linear layer."""
+        lin(i, j, x (N, n, in), weight, bias) -> (N, n, out) its j-th linear layer. keep > 0: only the last
+        `keep` positions are wanted, so the last block computes every position's keys and values but the
+        rest of the block (queries, output projection, MLP) at those positions only, and returns
+        (N, keep, D): the same values, without the work whose results nothing reads."""
         N, n, D = x.shape
         lean = getattr(lin, "lean", None)  # replay with gradients: layers whose every linear was recorded
         for i, blk in enumerate(self.tr.h):
             a, mlp = blk.attn, blk.mlp
+            cut = keep if keep and i == self.L - 1 else 0
             if lean is not None and lean(i):
-                x = self._lean_block(i, blk, x, attend, lin.out)
+                x = self._lean_block(i, blk, x, attend, lin.out, cut)
                 continue
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
             qkv = lin(i, 0, h, a.c_attn.weight, a.c_attn.bias)
             q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
-            o = attend(i, q, k, v).transpose(1, 2).reshape(N, n, D)
+            if cut:
+                q, x = q[:, :, n - cut:], x[:, n - cut:]
+            o = attend(i, q, k, v).transpose(1, 2).reshape(N, x.size(1), D)
             x = x + lin(i, 1, o, a.c_proj.weight, a.c_proj.bias)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
             fused = getattr(lin, "gelu", None)
@@ -558,30 +584,35 @@ class GPT2Decoder(_Base):
             x = x + lin(i, 3, h, mlp.c_proj.weight, mlp.c_proj.bias)
         return x
 
-    def _lean_block(self, i: int, blk: torch.nn.Module, x: torch.Tensor, attend, out) -> torch.Tensor:
+    def _lean_block(self, i: int, blk: torch.nn.Module, x: torch.Tensor, attend, out, cut: int = 0) -> torch.Tensor:
         """Block i of a replay from a record of all four of its linear layers' outputs (out(i, j), (N, n, F)):
         nothing is multiplied, normalised or activated in the forward, which only adds the recorded outputs
         to the residual stream; the backward recomputes the norms, the attention and the GELU where it
         needs them (_NormSavedLinear, _PreSavedLinears, _GeluSavedLinear). The gradients are those of
-        _blocks; the activation memory is the residual stream's only, so larger micro-batches fit."""
+        _blocks; the activation memory is the residual stream's only, so larger micro-batches fit. cut > 0:
+        the last `cut` positions only past the keys and values (_blocks' keep)."""
         N, n, D = x.shape
+        m = cut or n
         a, mlp, ln1, ln2 = blk.attn, blk.mlp, blk.ln_1, blk.ln_2
         qkv = _NormSavedLinear.apply(x, ln1.weight, ln1.bias, a.c_attn.weight, a.c_attn.bias, out(i, 0),
                                      ln1.eps, True)
         q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
-        fn, inputs = attend.lean(i, q, k, v)
+        fn, inputs = attend.lean(i, q[:, :, n - m:], k, v)
 
         def attn(*t: torch.Tensor) -> torch.Tensor:
-            return fn(*t).transpose(1, 2).reshape(N, n, D)
+            return fn(*t).transpose(1, 2).reshape(N, m, D)
 
-        x = x + _PreSavedLinears.apply(attn, len(inputs), True, *inputs,
-                                       a.c_proj.weight, a.c_proj.bias, out(i, 1))
-        h = _NormSavedLinear.apply(x, ln2.weight, ln2.bias, mlp.c_fc.weight, mlp.c_fc.bias, out(i, 2),
+        def last(t: torch.Tensor) -> torch.Tensor:
+            return t[:, n - m:]
+
+        x = last(x) + _PreSavedLinears.apply(attn, len(inputs), True, *inputs,
+                                             a.c_proj.weight, a.c_proj.bias, last(out(i, 1)))
+        h = _NormSavedLinear.apply(x, ln2.weight, ln2.bias, mlp.c_fc.weight, mlp.c_fc.bias, last(out(i, 2)),
                                    ln2.eps, True)
-        return x + _GeluSavedLinear.apply(h, mlp.c_proj.weight, mlp.c_proj.bias, out(i, 3), self.gelu, True)
+        return x + _GeluSavedLinear.apply(h, mlp.c_proj.weight, mlp.c_proj.bias, last(out(i, 3)), self.gelu, True)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin) -> torch.Tensor:
-        return self._blocks(self.tr.wte(ids) + self.tr.wpe(pos), attend, lin)
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin, keep: int = 0) -> torch.Tensor:
+        return self._blocks(self.tr.wte(ids) + self.tr.wpe(pos), attend, lin, keep)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         f = self.tr.ln_f
@@ -649,7 +680,8 @@ class LlamaDecoder(_Base):
         self.fan_in = [self.D, self.D, self.D, self.H * hd, self.D, self.D, I]
         self.vocab, self.weight_like = self.lm_head.weight.size(0), self.m.embed_tokens.weight
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend, lin, keep: int = 0) -> torch.Tensor:
+        """As GPT2Decoder._blocks; `keep` is accepted but every position is computed (callers slice)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         x = self.m.embed_tokens(ids)
@@ -735,6 +767,31 @@ class LlamaDecoder(_Base):
         self.t += 1
         self.next_pos = self.next_pos + 1
         return self._head(self._final_norm(x))
+
+
+def backbone_supported(backbone: torch.nn.Module) -> bool:
+    """True if `backbone` (a critic's or reward model's, under a scalar head) is a plain GPT-2 body that
+    `backbone_hidden` runs: no dropout now, no gradient checkpointing, no adapters."""
+    return (type(backbone).__name__ == "GPT2Model" and _gpt2_ok(backbone.config) and dropout_free(backbone)
+            and not getattr(backbone, "gradient_checkpointing", False))
+
+
+def backbone_hidden(backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """The final-normed hidden states (N, keep, D) of the last `keep` positions of ids (N, T), left-padded
+    by mask, through a GPT-2 body (backbone_supported), with gradients: what backbone(ids, mask,
+    position_ids).last_hidden_state[:, -keep:] gives, to float rounding, without the last block's work at
+    the earlier positions (_blocks' keep). The critic's pass (rollout.completion_values), where only the
+    completion positions have values that are used."""
+    dec = GPT2Decoder(backbone)
+    pmask = dec._prompt_masks(mask, 1, 0)  # positions count real tokens; pad keys masked (the decoders' rules)
+
+    def attend(i, q, k, v):
+        return _causal_attention(q, k, v, pmask, False)
+
+    def lin(i, j, x, weight, bias):
+        return _linear(x, weight, bias, True)
+
+    return dec._final_norm(dec._forward(ids, dec.pos, attend, lin, keep=keep))
 
 
 def make_fast_decoder(model: torch.nn.Module):
