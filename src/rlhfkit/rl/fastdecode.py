@@ -436,8 +436,15 @@ class _Base:
             self.rec.n = self.rec.s + 1
 
     def _lin(self, i: int, j: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The j-th linear layer of block i on x (N, n, in); written into the record if it keeps this one."""
-        return _linear(x, weight, bias, self.conv1d, None if self.rec is None else self.rec.out(i, j))
+        """The j-th linear layer of block i on x (N, n, in); written into the record if it keeps this one
+        (at the last positions of each prompt's rows if the prefill keeps only those: _blocks' keep)."""
+        out = None if self.rec is None else self.rec.out(i, j)
+        N, n, _ = x.shape
+        if out is not None and out.size(0) != N * n:
+            y = _linear(x, weight, bias, self.conv1d)
+            out.view(N, -1, out.size(-1))[:, -n:].copy_(y)
+            return y
+        return _linear(x, weight, bias, self.conv1d, out)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of h (B, D), into the record if it keeps the LM head's."""
@@ -625,9 +632,12 @@ class GPT2Decoder(_Base):
 
         def attend(i, q, k, v):
             self._store_prompt_kv(i, k, v, repeat)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=pmask, is_causal=pmask is None)
+            return _causal_attention(q, k, v, pmask, False)
 
-        x = self._forward(ids, self.pos, attend, self._lin)[:, -1]  # (U, D): the last prompt position
+        # (U, D): the last prompt position, the only one the last block computes past its keys and values.
+        # The record's last-block outputs at the other prompt positions stay unwritten: replay keeps the
+        # last position there too.
+        x = self._forward(ids, self.pos, attend, self._lin, keep=1)[:, -1]
         logits = self._head(self._final_norm(x))                   # predicts the first token
         return logits.repeat_interleave(repeat, 0) if repeat > 1 else logits
 
