@@ -490,7 +490,9 @@ class KLConfig:
                               "by a factor of about e^0.2")
     ref_cache_mb: float = opt(64.0, "memory for the reference model's prompt cache: each prompt's keys and "
                                     "values, kept so that a prompt seen again (next epoch) skips the reference's "
-                                    "prompt positions; exact up to float rounding; 0 = off")
+                                    "prompt positions; exact up to float rounding; 0 = off, the default of GRPO, "
+                                    "RLOO and REINFORCE (their groups run each prompt once per group already, so "
+                                    "it saves them little for its memory)")
 
     def check(self) -> None:
         _non_negative(self, "coef", "target", "ref_cache_mb")
@@ -530,7 +532,7 @@ class GRPOConfig:
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
     reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
     kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (added to the loss per token)",
-                           coef=0.0, estimator="k3")
+                           coef=0.0, estimator="k3", ref_cache_mb=0.0)
     optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
     log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
     run: RunConfig = section(RunConfig, "seed, device and run control")
@@ -564,7 +566,7 @@ class RLOOConfig:
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
     reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
     kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
-                                     "over the completion)")
+                                     "over the completion)", ref_cache_mb=0.0)
     optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
     log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
     run: RunConfig = section(RunConfig, "seed, device and run control")
@@ -589,7 +591,7 @@ class REINFORCEConfig:
                                      samples_per_prompt=2)
     reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
     kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
-                                     "over the completion)")
+                                     "over the completion)", ref_cache_mb=0.0)
     optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
     log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
     run: RunConfig = section(RunConfig, "seed, device and run control")
