@@ -75,6 +75,8 @@ def test_ppo_logs_every_metric_and_samples(setup, tmp_path):
     assert rows[0]["rollout/score_mean"] < rows[0]["rollout/reward_mean"]
     samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 3] and samples[0]["text"].startswith("| prompt | completion")
+    # The reference's prompt cache: steps 1 and 2 draw the 16 prompts once each, step 3 starts the next epoch.
+    assert [r["perf/ref_cache_hit_frac"] for r in rows] == [0.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("algo,cls", [("ppo", PPOConfig), ("grpo", GRPOConfig)])

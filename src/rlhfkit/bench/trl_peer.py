@@ -150,7 +150,8 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
         t = os.times()
         marks.append({"t": time.perf_counter(), "rss": rss_mb(), "peak": peak_rss_mb(), "cpu": t.user + t.system,
                       "steal": steal_s(), "reward": m["rollout/reward_mean"], "tokens": m["rollout/tokens"],
-                      "samples": m["perf/samples_per_s"] * m["perf/s_per_step"], "gen_s": m["perf/gen_s"]})
+                      "samples": m["perf/samples_per_s"] * m["perf/s_per_step"], "gen_s": m["perf/gen_s"],
+                      "ref_cache": m.get("perf/ref_cache_hit_frac")})
 
     t0 = time.perf_counter()
     train(cfg, on_step=on_step)
@@ -185,6 +186,7 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
         "rss_start_mb": round(rss_start, 1), "peak_rss_after_warmup_mb": round(marks[0]["peak"], 1),
         "peak_rss_at_last_step_mb": round(timed[-1]["peak"], 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         "train_call_s": round(t1 - t0, 3),
+        "ref_cache_hit_frac_per_step": [m["ref_cache"] for m in marks] if marks[0]["ref_cache"] is not None else None,
         "cpu_allocator": cpu_alloc.status(),
         "cpu_allocator_mb": {k: round(v / 2**20, 1) for k, v in cpu_alloc.stats().items()
                              if k in ("peak_live", "peak_mapped", "pooled")},

@@ -135,6 +135,15 @@ def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device, ref_ca
     return policy, ref
 
 
+def ref_cache_metrics(ref: torch.nn.Module | None) -> dict[str, float]:
+    """`perf/ref_cache_hit_frac`, the share of this step's prompts the reference found in its prompt
+    cache (kl.ref_cache_mb), where it has one; else nothing."""
+    from rlhfkit.rl.fastdecode import prompt_cache
+
+    cache = None if ref is None else prompt_cache(ref)
+    return {} if cache is None else {"perf/ref_cache_hit_frac": cache.hit_frac()}
+
+
 def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro: Any, temperature: float,
                        batch_size: int) -> torch.Tensor:
     """Log-probs (B, C) of the rollout's completions under the reference: the reference model, or (LoRA) the

@@ -862,6 +862,13 @@ class PromptCache:
         self.max_bytes = int(max_mb * 2**20)
         self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.bytes, self.hits, self.misses, self.versions = 0, 0, 0, None
+        self._seen = (0, 0)  # hits and misses at the last hit_frac()
+
+    def hit_frac(self) -> float:
+        """The fraction of prompts looked up since the last call that were in the cache (0 if none were)."""
+        hits, misses = self.hits - self._seen[0], self.misses - self._seen[1]
+        self._seen = (self.hits, self.misses)
+        return hits / (hits + misses) if hits + misses else 0.0
 
     def clear(self) -> None:
         self.entries.clear()
@@ -915,6 +922,11 @@ class PromptCache:
 
 
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prompt_cache(model: torch.nn.Module) -> PromptCache | None:
+    """The PromptCache that cache_prompts gave `model`, if any."""
+    return _CACHES.get(model)
 
 
 def cache_prompts(model: torch.nn.Module, max_mb: float) -> PromptCache | None:

@@ -44,8 +44,8 @@ from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import gae, token_rewards, whiten
 from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, global_rows, load_policy, load_prompts,
-                               micro_batches, mine, policy_and_reference, reference_logprobs, rl_dist,
-                               rollout_scores, samples_table, should_stop, step_uniforms,
+                               micro_batches, mine, policy_and_reference, ref_cache_metrics, reference_logprobs,
+                               rl_dist, rollout_scores, samples_table, should_stop, step_uniforms,
                                use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
@@ -267,6 +267,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 "kl/mean": seq_kl, "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0], "perf/s_per_step": dt, "perf/gen_s": t_gen,
                 "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": B / dt, "perf/peak_rss_mb": peak_rss_mb(),
+                **ref_cache_metrics(ref),
             }
             history.append(metrics["rollout/reward_mean"])
             logger.advance(1, reward=metrics["rollout/reward_mean"])

@@ -20,8 +20,9 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import normalize
-from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, load_prompts, micro_batches, mine, policy_and_reference,
-                               rl_dist, samples_table, sequence_rewards, should_stop, step_uniforms)
+from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, load_prompts, micro_batches, mine,
+                               policy_and_reference, ref_cache_metrics, rl_dist, samples_table, sequence_rewards,
+                               should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import reinforce_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
@@ -137,6 +138,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
                 "kl/mean": float(all_kl.mean()), "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0], "perf/s_per_step": dt, "perf/gen_s": t_gen,
                 "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": B / dt, "perf/peak_rss_mb": peak_rss_mb(),
+                **ref_cache_metrics(ref),
             }
             history.append(metrics["rollout/reward_mean"])
             logger.advance(1, reward=metrics["rollout/reward_mean"])
