@@ -49,7 +49,10 @@ class ScalarHeadModel(nn.Module):
                 "llama", "gpt2", "mistral", "qwen2"):
             # Left padding: positions must count real tokens only, as in generation.
             kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        h = self.backbone(input_ids=input_ids, **kw).last_hidden_state  # (B, T, H)
+        return self.values(self.backbone(input_ids=input_ids, **kw).last_hidden_state)
+
+    def values(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on the backbone's hidden states: (B, T, H) -> (B, T) float32."""
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -476,16 +476,16 @@ def completion_values(critic: torch.nn.Module, ro: Rollout) -> torch.Tensor:
     """The critic's value before each completion token: V(prompt + completion[:t]), (B, C). A GPT-2 critic
     (fastdecode.backbone_supported) runs through our blocks, which skip the last block's work at the
     prompt positions whose values are not used; any other through its own forward."""
+    from rlhfkit.models.heads import ScalarHeadModel
     from rlhfkit.rl import fastdecode
 
     P, C = ro.prompt_ids.size(1), ro.completion_ids.size(1)
     rest = ro.completion_ids[:, :-1]  # the value after the last token is never used: it is not fed
     ids = torch.cat([ro.prompt_ids, rest], 1)
     mask = torch.cat([ro.prompt_mask, torch.ones_like(rest)], 1)
-    backbone, head = getattr(critic, "backbone", None), getattr(critic, "head", None)
-    if backbone is not None and isinstance(head, torch.nn.Linear) and fastdecode.backbone_supported(backbone):
-        h = fastdecode.backbone_hidden(backbone, ids, mask, keep=C)  # positions P - 1 .. P + C - 2
-        return head(h.to(head.weight.dtype)).squeeze(-1).float() * ro.completion_mask
+    if isinstance(critic, ScalarHeadModel) and fastdecode.backbone_supported(critic.backbone):
+        h = fastdecode.backbone_hidden(critic.backbone, ids, mask, keep=C)  # positions P - 1 .. P + C - 2
+        return critic.values(h) * ro.completion_mask
     values = critic(ids, mask)  # (B, P + C - 1): ScalarHeadModel handles left-padding positions
     return values[:, P - 1:] * ro.completion_mask
 
