@@ -60,9 +60,13 @@ def test_fast_decoder_matches_hf_forward(which, request, tiny_tokenizer):
     assert torch.allclose(hf_cached, ref, atol=1e-4), (hf_cached - ref).abs().max()
 
 
-def test_gpt2_decode_step_with_our_epilogues_equals_the_plain_ops(tiny_gpt2, tiny_tokenizer, monkeypatch):
-    """Where our kernels are built, GPT-2's decode step multiplies without biases and fuses bias, KV-cache
-    writes, GELU and residual adds (GPT2Decoder._step_blocks); its logits are the per-op path's."""
+@pytest.mark.parametrize("budget_mb", [0, 0.05, 100])  # no record, some layers' outputs, all and the logits
+def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(budget_mb, tiny_gpt2, tiny_tokenizer,
+                                                                             monkeypatch):
+    """Where our kernels are built, GPT-2's decode step is one call of ours (GPT2Decoder._c_step: blocks,
+    attention over the cache and LM head in C around torch's sgemm). Without it, the step multiplies without
+    biases and fuses bias, KV-cache writes, GELU and residual adds (_step_blocks); without our kernels it
+    takes torch's ops. All three give the same logits, KV cache and recorded layer outputs."""
     from rlhfkit.models.native import native_status
 
     if not native_status().startswith("on"):
@@ -72,20 +76,37 @@ def test_gpt2_decode_step_with_our_epilogues_equals_the_plain_ops(tiny_gpt2, tin
         for name, p in model.named_parameters():  # GPT-2 starts with zero biases: make them count
             if name.endswith(".bias"):
                 p.normal_(0, 0.5)
-    ids, mask = left_pad(prompts_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id)
-    extra = torch.randint(5, 500, (ids.size(0) * 3, 7))
-    real, calls = fastdecode.GPT2Decoder._step_blocks, []
-    monkeypatch.setattr(fastdecode.GPT2Decoder, "_step_blocks", lambda self, x: calls.append(1) or real(self, x))
-    out = {}
-    with torch.no_grad():
-        for native in (True, False):
-            if not native:
-                monkeypatch.setattr(fastdecode, "native_ok", lambda *t: False)
-            dec = fastdecode.make_fast_decoder(model)
-            first = dec.start(ids, mask, 3, max_new=7)
-            out[native] = torch.stack([first] + [dec.step(extra[:, t]) for t in range(6)], 1)
-    assert len(calls) == 6  # the native steps only
-    torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-5)
+    ids, mask = left_pad(prompts_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id)  # ragged: masked keys
+    U, P, G, n = ids.size(0), ids.size(1), 3, 7
+    extra = torch.randint(5, 500, (U * G, n))
+    calls = {"c": 0, "blocks": 0}
+    for name, key in (("_c_step", "c"), ("_step_blocks", "blocks")):
+        real = getattr(fastdecode.GPT2Decoder, name)
+        monkeypatch.setattr(fastdecode.GPT2Decoder, name,
+                            lambda self, x, real=real, key=key: calls.__setitem__(key, calls[key] + 1) or real(self, x))
+    out, kv, recs = {}, {}, {}
+    for mode in ("c", "blocks", "plain"):
+        if mode == "plain":
+            monkeypatch.setattr(fastdecode, "native_ok", lambda *t: False)
+        dec = fastdecode.make_fast_decoder(model)
+        rec = dec.record(model, U, G, P, n, budget_mb) if budget_mb else None
+        with torch.no_grad():
+            first = dec.start(ids, mask, G, max_new=n)
+            assert (dec.cstep is not None) == (mode != "plain")
+            if mode == "blocks":
+                dec.cstep = None
+            out[mode] = torch.stack([first] + [dec.step(extra[:, t]) for t in range(n - 1)], 1)
+        kv[mode] = dec.KV[:, :P + n - 1]  # the last slot is never written
+        recs[mode] = [] if rec is None else [t for layer in rec.comp for t in layer if t is not None] + (
+            [rec.logits] if rec.logits is not None else [])
+    assert calls == {"c": n - 1, "blocks": n - 1}
+    if budget_mb == 0.05:
+        assert 0 < len(recs["c"]) < 8  # some layers recorded, the others through scratch buffers
+    for mode in ("blocks", "plain"):
+        torch.testing.assert_close(out["c"], out[mode], rtol=0, atol=1e-5)
+        torch.testing.assert_close(kv["c"], kv[mode], rtol=0, atol=1e-5)
+        for x, y in zip(recs["c"], recs[mode], strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
 def test_fast_and_hf_backends_sample_the_same(tiny_model, tiny_tokenizer):
@@ -166,6 +187,35 @@ def test_sample_next_stats_are_the_normaliser_and_entropy_of_the_logprobs(kw):
     assert torch.allclose(log_z, torch.logsumexp(logits / t, -1), atol=1e-5)
     assert torch.allclose(lp, logits.gather(-1, tok[:, None])[:, 0] / t - log_z, atol=1e-5)
     assert torch.allclose(ent, -(logp.exp() * logp).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_plain_sampling_in_one_pass_of_ours_equals_torchs_ops(temperature, monkeypatch):
+    """Plain sampling (no top-k / top-p) runs in one pass of ours (native.sample_rows) where our kernels are
+    built: the same tokens at the same uniforms, and the log-probs, log Z and entropies to float rounding
+    (both within 5e-5 of float64 values of up to about 70)."""
+    from rlhfkit.models import native
+    from rlhfkit.rl import rollout
+
+    if not native.native_status().startswith("on"):
+        pytest.skip(f"our kernels are {native.native_status()}")
+    torch.manual_seed(0)
+    logits = torch.randn(400, 2048) * 3
+    logits[:100] *= 4  # peaked rows: most of the mass on a few tokens
+    u = torch.rand(400, 5)[:, 2:3]  # a column of the rollout's uniforms: strided
+    u[0], u[1] = 0.0, 0.9999999  # the ends of the CDF
+    ours = sample_next(logits, temperature, u=u, stats=True)
+    assert native.sample_rows(logits, temperature, u) is not None
+    monkeypatch.setattr(rollout, "sample_rows", lambda *a: None)
+    theirs = sample_next(logits, temperature, u=u, stats=True)
+    assert torch.equal(ours[0], theirs[0])
+    x = logits.double() / temperature  # float64: the values both approximate, logits up to about 70 here
+    log_z = torch.logsumexp(x, -1)
+    logp = torch.log_softmax(x, -1)
+    exact = (x.gather(-1, ours[0][:, None])[:, 0] - log_z, log_z, -(logp.exp() * logp).sum(-1))
+    for a, b, c in zip(ours[1:], theirs[1:], exact):
+        torch.testing.assert_close(a.double(), c, rtol=0, atol=5e-5)
+        torch.testing.assert_close(b.double(), c, rtol=0, atol=5e-5)
 
 
 def test_stop_strings_eos_and_streaming(tiny_model, tiny_tokenizer):

@@ -8,8 +8,9 @@ fight them for the cores. Where any of that is missing (no compiler, not Linux, 
 failed build) or RLHFKIT_NATIVE=0, every caller takes torch's ops instead: same results to float
 rounding, slower. `native_status()` says which is in use and why.
 
-Users: models/activations.py (the tanh-GELU) and rl/fastdecode.py (a decode step's bias epilogues,
-below).
+Users: models/activations.py (the tanh-GELU), rl/fastdecode.py (a decode step's bias epilogues, and
+GPT-2's whole decode step in one call, whose matmuls call the BLAS sgemm torch itself calls:
+`sgemm_address`) and rl/rollout.py (plain sampling in one pass: `sample_rows`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ _X86_FLAGS = ["-mprefer-vector-width=512"]  # AVX-512 machines: gcc would otherw
 _state: dict = {}  # "lib": the loaded library or None, "status": why
 _FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_tanh_strided",
               "rlhfkit_gelu_tanh_backward_strided", "rlhfkit_bias_gelu_tanh", "rlhfkit_bias_kv",
-              "rlhfkit_bias_residual")
+              "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows")
 
 
 def _cpu_signature() -> str:
@@ -121,7 +122,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     before = _openmp_runtimes()  # torch's (it is imported): the kernel must share it
     if not before or any("libgomp" not in p for p in before):
         return None, f"off (torch's OpenMP runtime is not GNU's libgomp: {sorted(before) or 'none'})"
-    path, why = built_library(_SOURCE, "CC", "cc", [_BASE_FLAGS + _X86_FLAGS, _BASE_FLAGS], _cpu_signature())
+    path, why = built_library(_SOURCE, "CC", "cc", [_BASE_FLAGS + _X86_FLAGS, _BASE_FLAGS], _cpu_signature(),
+                              ["-lm"])
     if path is None:
         return None, f"off ({why.replace('no compiler', 'no C compiler')})"
     lib, err = open_library(path, _FUNCTIONS)
@@ -199,3 +201,50 @@ def bias_residual_(y: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
         x.add_(y.add_(b))
         return
     lib().rlhfkit_bias_residual(ptr(y), ptr(b), ptr(x), *i64(*y.shape))
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Plain sampling of one token per row of logits (B, V) at uniforms u (B, 1), in one pass of ours:
+    (tokens, log-probs, log Z, entropies), each (B,), as rollout.sample_next computes them with torch's
+    ops; None where the kernels do not apply (then the caller takes torch's)."""
+    if (not native_ok(logits, u) or logits.dim() != 2 or not logits.is_contiguous() or u.dim() != 2
+            or u.shape != (logits.size(0), 1)):
+        return None
+    B, V = logits.shape
+    tok = torch.empty(B, dtype=torch.int64)
+    lp, logz, ent = logits.new_empty(B), logits.new_empty(B), logits.new_empty(B)
+    lib().rlhfkit_sample_rows(ptr(logits), *i64(B, V), ctypes.c_float(temperature), ptr(u), *i64(u.stride(0)),
+                              ptr(tok), ptr(lp), ptr(logz), ptr(ent))
+    return tok, lp, logz, ent
+
+
+# A whole GPT-2 decode step (rlhfkit_gpt2_step): its arguments, as the C structs lay them out.
+class Gpt2Layer(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b",
+                                                 "ln2_w", "ln2_b", "fc_w", "fc_b", "mproj_w", "mproj_b")] + [
+        ("eps1", ctypes.c_double), ("eps2", ctypes.c_double), ("rec", ctypes.c_void_p * 4)]
+
+
+class Gpt2Step(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("B", "D", "H", "hd", "F", "V", "T", "L")] + [
+        ("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p), ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p),
+        ("eps_f", ctypes.c_double), ("head_w", ctypes.c_void_p), ("head_b", ctypes.c_void_p),
+        ("KV", ctypes.c_void_p), ("key_ok", ctypes.c_void_p),
+        ("x", ctypes.c_void_p), ("h", ctypes.c_void_p), ("o", ctypes.c_void_p), ("g", ctypes.c_void_p),
+        ("scores", ctypes.c_void_p), ("scr", ctypes.c_void_p * 4), ("sgemm", ctypes.c_void_p),
+        ("layer", ctypes.POINTER(Gpt2Layer))]
+
+
+def sgemm_address() -> int | None:
+    """The address of the BLAS sgemm_ that torch's CPU matmuls call (MKL's, exported by libtorch_cpu on
+    x86 builds), or None where torch has none we can find."""
+    if "sgemm" not in _state:
+        _state["sgemm"] = None
+        path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+        try:
+            fn = ctypes.CDLL(str(path)).sgemm_
+            _state["sgemm"] = ctypes.cast(fn, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            pass
+    return _state["sgemm"]

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from rlhfkit.models.native import sample_rows
 from rlhfkit.models.ops import gather_logprobs, logprobs_and_entropy, logprobs_given_logz
 
 
@@ -102,8 +103,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         if not stats:
             return tok, lp
         return tok, lp, log_z, log_z - _expected(torch.softmax(logits, -1), logits)
+    plain = not (top_k and top_k < logits.size(-1)) and top_p >= 1.0
+    if plain:  # our one-pass kernel where it applies
+        u = torch.rand(logits.size(0), 1, device=logits.device) if u is None else u
+        out = sample_rows(logits, temperature, u)
+        if out is not None:
+            return out if stats else out[:2]
     scaled = logits / temperature if temperature != 1.0 else logits
-    if not (top_k and top_k < scaled.size(-1)) and top_p >= 1.0:
+    if plain:
         # Plain sampling, one exp pass: unnormalised weights, their running sum, and log Z from its total.
         peak = scaled.amax(-1, keepdim=True)
         w = (scaled - peak).exp_()  # (B, V)

@@ -150,3 +150,218 @@ void rlhfkit_bias_residual(float *y, const float *b, float *x, int64_t rows, int
             xr[i] += yr[i];
     }
 }
+
+/* A whole GPT-2 decode step in one call (rl/fastdecode.py, GPT2Decoder._c_step): the embeddings, every
+   block and the final norm, then the LM head, for one new token per row. The matmuls are the BLAS sgemm
+   that torch's own mm calls (its address is handed in: `sgemm`), the rest is ours: layer norms, the bias
+   epilogues above, and the attention of one query per row over the KV cache (scores, softmax and the
+   weighted sum of values in one pass per row and head). What it saves is per-op work, not arithmetic:
+   about 70 torch calls per step from Python, each a few microseconds of dispatch and a parallel region. */
+
+typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+
+struct gpt2_layer {
+    const float *ln1_w, *ln1_b, *attn_w, *attn_b, *proj_w, *proj_b; /* Conv1D weights: (in, out) */
+    const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mproj_w, *mproj_b;
+    double eps1, eps2;
+    float *rec[4]; /* the record's (n, B, width_j) outputs of this layer's linears, or NULL */
+};
+
+struct gpt2_step {
+    int64_t B, D, H, hd, F, V, T, L; /* rows, width, heads, head width, MLP width, vocab, cache slots, layers */
+    const float *wte, *wpe, *lnf_w, *lnf_b;
+    double eps_f;
+    const float *head_w, *head_b;    /* (V, D) and (V,) or NULL */
+    float *KV;                       /* (L, T, 2, B, H, hd) */
+    const unsigned char *key_ok;     /* (B, T): keys a row may attend to; NULL: all */
+    float *x, *h, *o, *g, *scores;   /* scratch: (B, D) x3, (B, F), (B * H, T) */
+    float *scr[4];                   /* scratch outputs of unrecorded linears: (B, width_j) */
+    sgemm_fn sgemm;
+    const struct gpt2_layer *layer;  /* L of them */
+};
+
+/* c (rows, n) = a (rows, k) @ w (k, n), all row-major: column-major sgemm of the transposes. */
+static void mm_rows(sgemm_fn sgemm, const float *a, const float *w, float *c, int64_t rows, int64_t k, int64_t n) {
+    int m_ = (int)n, n_ = (int)rows, k_ = (int)k;
+    float one = 1.0f, zero = 0.0f;
+    sgemm("N", "N", &m_, &n_, &k_, &one, w, &m_, a, &k_, &zero, c, &m_);
+}
+
+static void layer_norm_rows(const float *x, const float *w, const float *b, double eps, float *y, int64_t rows,
+                            int64_t n) {
+#pragma omp parallel for schedule(static) if (rows * n > BLOCK)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; i++)
+            sum += xr[i];
+        float mean = sum / (float)n;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < n; i++)
+            sq += (xr[i] - mean) * (xr[i] - mean);
+        float rstd = 1.0f / __builtin_sqrtf(sq / (float)n + (float)eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++)
+            yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
+/* o[b, h] = softmax(q[b, h] . K[0..t] / sqrt(hd)) V[0..t] for every row b and head h; q rows of qkv
+   (B, 3D) (biased), K and V this layer's time-major cache blocks. */
+static void attend_cached(const struct gpt2_step *a, const float *qkv, const float *K, const float *Vv,
+                          int64_t t) {
+    const int64_t B = a->B, H = a->H, hd = a->hd, D = a->D, T = a->T, slot = 2 * B * H * hd;
+    const float scale = 1.0f / __builtin_sqrtf((float)hd);
+#pragma omp parallel for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H;
+        const float *q = qkv + b * 3 * D + h * hd;
+        const unsigned char *ok = a->key_ok ? a->key_ok + b * T : NULL;
+        float *s = a->scores + bh * T, peak = -__builtin_inff();
+        for (int64_t j = 0; j <= t; j++) {
+            if (ok && !ok[j]) {
+                s[j] = -__builtin_inff();
+                continue;
+            }
+            const float *k = K + j * slot + bh * hd;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < hd; d++)
+                dot += q[d] * k[d];
+            s[j] = dot * scale;
+            peak = s[j] > peak ? s[j] : peak;
+        }
+        float *o = a->o + b * D + h * hd, total = 0.0f;
+        for (int64_t d = 0; d < hd; d++)
+            o[d] = 0.0f;
+        for (int64_t j = 0; j <= t; j++) {
+            if (ok && !ok[j])
+                continue;
+            float p = exp_clamped(s[j] - peak);
+            const float *v = Vv + j * slot + bh * hd;
+            total += p;
+#pragma omp simd
+            for (int64_t d = 0; d < hd; d++)
+                o[d] += p * v[d];
+        }
+        float inv = 1.0f / total;
+        for (int64_t d = 0; d < hd; d++)
+            o[d] *= inv;
+    }
+}
+
+/* One step: tokens (B,) at positions pos (B,) into cache slot t; the record's step s (if s >= 0 its
+   buffers get this step's outputs); logits (B, V) out. */
+void rlhfkit_gpt2_step(const struct gpt2_step *a, const int64_t *tokens, const int64_t *pos, int64_t t,
+                       int64_t s, float *logits) {
+    const int64_t B = a->B, D = a->D, F = a->F, T = a->T;
+    const int64_t width[4] = {3 * D, D, F, D};
+    float *x = a->x;
+#pragma omp parallel for schedule(static) if (B * D > BLOCK)
+    for (int64_t b = 0; b < B; b++) {
+        const float *e = a->wte + tokens[b] * D, *p = a->wpe + pos[b] * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++)
+            x[b * D + i] = e[i] + p[i];
+    }
+    for (int64_t i = 0; i < a->L; i++) {
+        const struct gpt2_layer *l = a->layer + i;
+        float *out[4];
+        for (int j = 0; j < 4; j++)
+            out[j] = (l->rec[j] && s >= 0) ? l->rec[j] + s * B * width[j] : a->scr[j];
+        float *K = a->KV + (i * T) * 2 * B * D, *Vv = K + B * D; /* slot 0 of layer i */
+        layer_norm_rows(x, l->ln1_w, l->ln1_b, l->eps1, a->h, B, D);
+        mm_rows(a->sgemm, a->h, l->attn_w, out[0], B, D, 3 * D);
+        rlhfkit_bias_kv(out[0], l->attn_b, B, 3 * D, D, D, K + t * 2 * B * D, Vv + t * 2 * B * D);
+        attend_cached(a, out[0], K, Vv, t);
+        mm_rows(a->sgemm, a->o, l->proj_w, out[1], B, D, D);
+        rlhfkit_bias_residual(out[1], l->proj_b, x, B, D);
+        layer_norm_rows(x, l->ln2_w, l->ln2_b, l->eps2, a->h, B, D);
+        mm_rows(a->sgemm, a->h, l->fc_w, out[2], B, D, F);
+        rlhfkit_bias_gelu_tanh(out[2], l->fc_b, a->g, B, F);
+        mm_rows(a->sgemm, a->g, l->mproj_w, out[3], B, F, D);
+        rlhfkit_bias_residual(out[3], l->mproj_b, x, B, D);
+    }
+    layer_norm_rows(x, a->lnf_w, a->lnf_b, a->eps_f, a->h, B, D);
+    /* logits (B, V) = h (B, D) @ head_w (V, D)^T: column-major logits^T = head_w^T-as-stored @ h^T */
+    int m_ = (int)a->V, n_ = (int)B, k_ = (int)D;
+    float one = 1.0f, zero = 0.0f;
+    a->sgemm("T", "N", &m_, &n_, &k_, &one, a->head_w, &k_, a->h, &k_, &zero, logits, &m_);
+    if (a->head_b)
+        for (int64_t b = 0; b < B; b++)
+            add_bias(logits + b * a->V, a->head_b, a->V);
+}
+
+/* Plain sampling (no top-k / top-p) of one token per row of logits (B, V), by inverting the CDF of
+   softmax(logits / temperature) at u[b] (in [0, 1)), as rollout.sample_next does with torch's ops: the
+   token is the first index whose running sum of the unnormalised weights exceeds u[b] times their total,
+   the running sum accumulated in double and compared as a float (torch's cumsum and searchsorted), by
+   blocks of 16 first. u[b] is at u + b * u_stride. Out, each (B,): the tokens, their log-probabilities,
+   log Z and the entropy. `divide` is a constant in each call below, so the compiler makes a copy of the
+   row loop without the division for temperature 1. */
+#define SCALED(x) (divide ? (x) / temperature : (x))
+
+/* The first index whose running sum exceeds target, or -1 (then *end is the whole row's sum). */
+static inline int64_t cdf_search(const float *x, int64_t V, float temperature, int divide, float peak,
+                                 float target, double *end) {
+    double run = 0.0;
+    int64_t i = 0;
+    for (; i + 16 <= V; i += 16) {
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t j = i; j < i + 16; j++)
+            part += exp_clamped(SCALED(x[j]) - peak);
+        if ((float)(run + part) > target)
+            break;
+        run += part;
+    }
+    for (; i < V; i++) {
+        run += (double)exp_clamped(SCALED(x[i]) - peak);
+        if ((float)run > target)
+            return i;
+    }
+    *end = run;
+    return -1;
+}
+
+static inline void sample_row(const float *x, int64_t V, float temperature, int divide, float u,
+                              int64_t *tok, float *lp, float *logz, float *entropy) {
+    float peak = -__builtin_inff();
+#pragma omp simd reduction(max : peak)
+    for (int64_t i = 0; i < V; i++)
+        peak = SCALED(x[i]) > peak ? SCALED(x[i]) : peak;
+    float total = 0.0f;
+    double wsum = 0.0; /* of w * logit, for the entropy (a difference of close numbers) */
+#pragma omp simd reduction(+ : total, wsum)
+    for (int64_t i = 0; i < V; i++) {
+        float w = exp_clamped(SCALED(x[i]) - peak);
+        total += w;
+        wsum += (double)(w * SCALED(x[i]));
+    }
+    double end = 0.0;
+    int64_t k = cdf_search(x, V, temperature, divide, peak, u * total, &end);
+    if (k < 0) /* u within rounding of 1 and this total above the running sum's: search against that */
+        k = cdf_search(x, V, temperature, divide, peak, u * (float)end, &end);
+    k = k < 0 ? V - 1 : k; /* as torch's clamp of searchsorted's V */
+    float lz = peak + __builtin_logf(total);
+    *tok = k;
+    *lp = SCALED(x[k]) - lz;
+    *logz = lz;
+    *entropy = lz - (float)(wsum / total);
+}
+
+void rlhfkit_sample_rows(const float *logits, int64_t B, int64_t V, float temperature, const float *u,
+                         int64_t u_stride, int64_t *tok, float *lp, float *logz, float *entropy) {
+#pragma omp parallel for schedule(static) if (B * V > 4 * BLOCK)
+    for (int64_t b = 0; b < B; b++) {
+        const float *x = logits + b * V;
+        if (temperature == 1.0f)
+            sample_row(x, V, temperature, 0, u[b * u_stride], tok + b, lp + b, logz + b, entropy + b);
+        else
+            sample_row(x, V, temperature, 1, u[b * u_stride], tok + b, lp + b, logz + b, entropy + b);
+    }
+}
