@@ -6,9 +6,12 @@
    (64, 1024) and a GRPO micro-batch's (1504, 1024) up-projection outputs.
 2. The same on a micro-batch's rows of a time-major record, a (16, 31, 1024) strided view: ours read in
    place, against copying the view to a contiguous tensor first (what the lean backward did before).
-3. One decode step of a random GPT-2 of the benchmark's shape (4 layers, 256 dims, 4 heads, 2,048-token
-   vocabulary; 64 rows, 16 prompt tokens, then 31 steps): GPT2Decoder with our bias epilogues against the
-   same decoder on torch's ops (addmm, copy_ into the KV cache, GELU, residual add).
+3. A rollout's decoding on a random GPT-2 of the benchmark's shape (4 layers, 256 dims, 4 heads, 2,048-token
+   vocabulary; 64 rows, 16 prompt tokens, then 31 steps), three ways: each step one call of ours
+   (GPT2Decoder._c_step), the per-op step with our bias epilogues (_step_blocks), and torch's ops (addmm,
+   copy_ into the KV cache, GELU, residual add).
+4. Plain sampling of 64 rows over the 2,048-token vocabulary with the statistics a rollout keeps (log Z,
+   entropy): ours in one pass (native.sample_rows) against rollout.sample_next's torch ops.
 
 Each figure is the median over `--repeats` rounds (the variants alternate within a round) after a warm-up.
 """
@@ -94,20 +97,40 @@ def main() -> None:
     toks = torch.randint(5, 2048, (64,))
     real = fastdecode.native_ok
 
-    def rollout(native: bool) -> None:
-        fastdecode.native_ok = real if native else (lambda *t: False)
+    def rollout(way: str) -> None:
+        fastdecode.native_ok = real if way != "torch" else (lambda *t: False)
         try:
             dec = fastdecode.make_fast_decoder(model)
             with torch.no_grad():
                 dec.start(ids, mask, 4, max_new=32)
+                if way == "epilogues":
+                    dec.cstep = None
                 for _ in range(31):
                     dec.step(toks)
         finally:
             fastdecode.native_ok = real
 
-    r = compare({"ours": lambda: rollout(True), "torch": lambda: rollout(False)}, args.repeats, 3)
-    print(f"GPT-2 prefill + 31 decode steps, 64 rows: with our epilogues {r['ours'] / 1e3:.1f} ms, "
-          f"torch's ops {r['torch'] / 1e3:.1f} ms ({(r['torch'] - r['ours']) / 31:.0f} us per step saved)")
+    r = compare({w: lambda w=w: rollout(w) for w in ("one_call", "epilogues", "torch")}, args.repeats, 3)
+    print(f"GPT-2 prefill + 31 decode steps, 64 rows: one call a step {r['one_call'] / 1e3:.1f} ms, "
+          f"per op with our epilogues {r['epilogues'] / 1e3:.1f} ms, torch's ops {r['torch'] / 1e3:.1f} ms "
+          f"({(r['epilogues'] - r['one_call']) / 31:.0f} and {(r['torch'] - r['one_call']) / 31:.0f} us per step "
+          "saved)")
+
+    from rlhfkit.models.native import sample_rows
+    from rlhfkit.rl import rollout as ro
+
+    logits, u = torch.randn(64, 2048) * 3, torch.rand(64, 1)
+
+    def torchs() -> None:
+        ro.sample_rows = lambda *a: None
+        try:
+            ro.sample_next(logits, 1.0, u=u, stats=True)
+        finally:
+            ro.sample_rows = sample_rows
+
+    r = compare({"ours": lambda: sample_rows(logits, 1.0, u), "torch": torchs}, args.repeats, 50)
+    print(f"Sampling 64 rows of 2,048 logits with log Z and entropy: ours {r['ours']:.0f} us, "
+          f"torch's ops {r['torch']:.0f} us ({r['torch'] / r['ours']:.1f}x)")
 
 
 if __name__ == "__main__":
