@@ -311,13 +311,18 @@ def test_no_grad_logprobs_take_our_forward_and_match_hf(which, n, request, tiny_
     with torch.no_grad():
         lp_fast, ent_fast = completion_logprobs(model, ro, with_entropy=True)
     assert calls == [1]
-    if which == "tiny_gpt2" and fastdecode._fused_gelu_ok(lp_fast):  # GPT-2's GELU inside oneDNN's matmul
+    if which == "tiny_gpt2" and fastdecode._fused_gelu_ok(lp_fast):  # GPT-2's matmul + GELU fused
         assert len(fused) == 2 * model.config.n_layer  # every layer, prompt and completion passes
     lp_hf, ent_hf = completion_logprobs(model, ro, with_entropy=True)  # with gradients: HF's forward
     assert calls == [1]
     assert torch.allclose(lp_fast, lp_hf.detach(), atol=1e-5)
     assert torch.allclose(ent_fast, ent_hf, atol=1e-5)
     assert torch.allclose(lp_fast, ro.logprobs, atol=1e-5)
+    if which == "tiny_gpt2":  # the fusion without our kernels: oneDNN's linear with the GELU inside
+        monkeypatch.setattr(fastdecode, "native_ok", lambda *t: False)
+        with torch.no_grad():
+            lp_onednn, _ = completion_logprobs(model, ro, with_entropy=True)
+        assert torch.allclose(lp_onednn, lp_hf.detach(), atol=1e-5)
 
 
 @pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gqa_llama"])
