@@ -109,6 +109,29 @@ def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(bud
             torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
+def test_the_one_call_step_checks_the_sgemm_it_calls():
+    """The decode step calls torch's BLAS sgemm_ only once it has multiplied small matrices right; a
+    function that writes nothing (or anything else) is refused, and the decoder then steps per op."""
+    import ctypes
+    from pathlib import Path
+
+    from rlhfkit.models import native
+
+    if not native.native_status().startswith("on"):
+        pytest.skip(f"our kernels are {native.native_status()}")
+    noop = ctypes.CFUNCTYPE(None)(lambda: None)  # called with sgemm's arguments, ignores them
+    assert not native.sgemm_works(ctypes.cast(noop, ctypes.c_void_p).value)
+    address = native.sgemm_address()
+    if address is None:
+        pytest.skip("this torch exports no sgemm_")
+    assert native.sgemm_works(address)
+    # Sizes go as 64-bit integers: an ILP64 sgemm (64-bit sizes; MKL exports one as sgemm_64_) reads them
+    # right too.
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    if hasattr(lib, "sgemm_64_"):
+        assert native.sgemm_works(ctypes.cast(lib.sgemm_64_, ctypes.c_void_p).value)
+
+
 def test_fast_and_hf_backends_sample_the_same(tiny_model, tiny_tokenizer):
     params = SamplingParams(max_new_tokens=12, temperature=1.0)
     out = {}

@@ -32,7 +32,8 @@ _X86_FLAGS = ["-mprefer-vector-width=512"]  # AVX-512 machines: gcc would otherw
 _state: dict = {}  # "lib": the loaded library or None, "status": why
 _FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_tanh_strided",
               "rlhfkit_gelu_tanh_backward_strided", "rlhfkit_bias_gelu_tanh", "rlhfkit_bias_kv",
-              "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows")
+              "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows",
+              "rlhfkit_mm_rows")
 
 
 def _cpu_signature() -> str:
@@ -236,15 +237,31 @@ class Gpt2Step(ctypes.Structure):
         ("layer", ctypes.POINTER(Gpt2Layer))]
 
 
+def sgemm_works(address: int) -> bool:
+    """True if the function at `address`, called as a BLAS sgemm_ by our kernels, multiplies two small
+    matrices (plain and with the second transposed) as torch.mm does."""
+    if lib() is None or sys.byteorder != "little":
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(3, 5, generator=g), torch.randn(5, 7, generator=g)
+    for wt, weight in ((0, w), (1, w.t().contiguous())):
+        c = torch.full((3, 7), float("nan"))
+        lib().rlhfkit_mm_rows(ctypes.c_void_p(address), ptr(a), ptr(weight), ptr(c), *i64(3, 5, 7), ctypes.c_int(wt))
+        if not torch.allclose(c, a @ w, atol=1e-5):
+            return False
+    return True
+
+
 def sgemm_address() -> int | None:
     """The address of the BLAS sgemm_ that torch's CPU matmuls call (MKL's, exported by libtorch_cpu on
-    x86 builds), or None where torch has none we can find."""
+    x86 builds) once `sgemm_works`; None where torch has none we can find, it does not work, or our
+    kernels are off."""
     if "sgemm" not in _state:
         _state["sgemm"] = None
         path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
         try:
-            fn = ctypes.CDLL(str(path)).sgemm_
-            _state["sgemm"] = ctypes.cast(fn, ctypes.c_void_p).value
+            address = ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
         except (OSError, AttributeError):
-            pass
+            return None
+        _state["sgemm"] = address if sgemm_works(address) else None
     return _state["sgemm"]

@@ -182,11 +182,21 @@ struct gpt2_step {
     const struct gpt2_layer *layer;  /* L of them */
 };
 
-/* c (rows, n) = a (rows, k) @ w (k, n), all row-major: column-major sgemm of the transposes. */
-static void mm_rows(sgemm_fn sgemm, const float *a, const float *w, float *c, int64_t rows, int64_t k, int64_t n) {
-    int m_ = (int)n, n_ = (int)rows, k_ = (int)k;
+/* c (rows, n) = a (rows, k) @ op(w), all row-major, through the column-major sgemm of the transposes:
+   op(w) = w (k, n) if !wt, else w^T for w stored (n, k). The sizes live in 64-bit integers whose addresses
+   go to sgemm as int pointers: an LP64 BLAS reads their low halves and an ILP64 one the whole, the same
+   values either way on a little-endian machine. Also exported (rlhfkit_mm_rows) so that native.py can
+   check the sgemm it found on a small product before any decode step uses it. */
+void rlhfkit_mm_rows(sgemm_fn sgemm, const float *a, const float *w, float *c, int64_t rows, int64_t k, int64_t n,
+                     int wt) {
+    int64_t m_ = n, n_ = rows, k_ = k, ldw = wt ? k : n;
     float one = 1.0f, zero = 0.0f;
-    sgemm("N", "N", &m_, &n_, &k_, &one, w, &m_, a, &k_, &zero, c, &m_);
+    sgemm(wt ? "T" : "N", "N", (const int *)&m_, (const int *)&n_, (const int *)&k_, &one, w, (const int *)&ldw,
+          a, (const int *)&k_, &zero, c, (const int *)&m_);
+}
+
+static void mm_rows(sgemm_fn sgemm, const float *a, const float *w, float *c, int64_t rows, int64_t k, int64_t n) {
+    rlhfkit_mm_rows(sgemm, a, w, c, rows, k, n, 0);
 }
 
 static void layer_norm_rows(const float *x, const float *w, const float *b, double eps, float *y, int64_t rows,
@@ -287,10 +297,7 @@ void rlhfkit_gpt2_step(const struct gpt2_step *a, const int64_t *tokens, const i
         rlhfkit_bias_residual(out[3], l->mproj_b, x, B, D);
     }
     layer_norm_rows(x, a->lnf_w, a->lnf_b, a->eps_f, a->h, B, D);
-    /* logits (B, V) = h (B, D) @ head_w (V, D)^T: column-major logits^T = head_w^T-as-stored @ h^T */
-    int m_ = (int)a->V, n_ = (int)B, k_ = (int)D;
-    float one = 1.0f, zero = 0.0f;
-    a->sgemm("T", "N", &m_, &n_, &k_, &one, a->head_w, &k_, a->h, &k_, &zero, logits, &m_);
+    rlhfkit_mm_rows(a->sgemm, a->h, a->head_w, logits, B, D, a->V, 1); /* logits = h head_w^T */
     if (a->head_b)
         for (int64_t b = 0; b < B; b++)
             add_bias(logits + b * a->V, a->head_b, a->V);
