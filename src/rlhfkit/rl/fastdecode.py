@@ -670,10 +670,8 @@ class GPT2Decoder(_Base):
         layers = (native.Gpt2Layer * self.L)()
         for i, blk in enumerate(self.tr.h):
             a, mlp, lay = blk.attn, blk.mlp, layers[i]
-            for name, t in (("ln1", blk.ln_1), ("ln2", blk.ln_2)):
-                setattr(lay, name + "_w", p(t.weight))
-                setattr(lay, name + "_b", p(t.bias))
-            for name, t in (("attn", a.c_attn), ("proj", a.c_proj), ("fc", mlp.c_fc), ("mproj", mlp.c_proj)):
+            for name, t in (("ln1", blk.ln_1), ("ln2", blk.ln_2), ("attn", a.c_attn), ("proj", a.c_proj),
+                            ("fc", mlp.c_fc), ("mproj", mlp.c_proj)):
                 setattr(lay, name + "_w", p(t.weight))
                 setattr(lay, name + "_b", p(t.bias))
             lay.eps1, lay.eps2 = blk.ln_1.eps, blk.ln_2.eps
@@ -709,7 +707,8 @@ class GPT2Decoder(_Base):
         float rounding (tests/test_rollout.py). About 70 torch calls fewer per token."""
         rec, B = self.rec, tokens.size(0)
         s = -1 if rec is None else rec.s
-        logits = rec.logits[s] if rec is not None and rec.logits is not None else self.KV.new_empty(B, self.vocab)
+        logits = None if rec is None else rec.out_logits()  # where _head writes them
+        logits = self.KV.new_empty(B, self.vocab) if logits is None else logits
         tokens = tokens.to(torch.int64).contiguous()
         native.lib().rlhfkit_gpt2_step(ctypes.byref(self.cstep), native.ptr(tokens), native.ptr(self.next_pos),
                                        ctypes.c_int64(self.t), ctypes.c_int64(s), native.ptr(logits))
