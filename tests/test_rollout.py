@@ -66,7 +66,10 @@ def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(bud
     """Where our kernels are built, GPT-2's decode step is one call of ours (GPT2Decoder._c_step: blocks,
     attention over the cache and LM head in C around torch's sgemm). Without it, the step multiplies without
     biases and fuses bias, KV-cache writes, GELU and residual adds (_step_blocks); without our kernels it
-    takes torch's ops. All three give the same logits, KV cache and recorded layer outputs."""
+    takes torch's ops. All three give the same logits, KV cache and recorded layer outputs. The one-call
+    step runs both ways of splitting its products between threads (its own column split, native.split_cols,
+    and the BLAS's threads) at two threads, where the split and the attention's row tasks are shared out."""
+    from rlhfkit.models import native
     from rlhfkit.models.native import native_status
 
     if not native_status().startswith("on"):
@@ -85,24 +88,33 @@ def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(bud
         monkeypatch.setattr(fastdecode.GPT2Decoder, name,
                             lambda self, x, real=real, key=key: calls.__setitem__(key, calls[key] + 1) or real(self, x))
     out, kv, recs = {}, {}, {}
-    for mode in ("c", "blocks", "plain"):
+    split = native.split_cols()
+    threads = torch.get_num_threads()
+    for mode in ("c", "c_other_split", "blocks", "plain"):
         if mode == "plain":
             monkeypatch.setattr(fastdecode, "native_ok", lambda *t: False)
+        monkeypatch.setattr(native, "split_cols", lambda: 1 - split if mode == "c_other_split" else split)
         dec = fastdecode.make_fast_decoder(model)
         rec = dec.record(model, U, G, P, n, budget_mb) if budget_mb else None
-        with torch.no_grad():
-            first = dec.start(ids, mask, G, max_new=n)
-            assert (dec.cstep is not None) == (mode != "plain")
-            if mode == "blocks":
-                dec.cstep = None
-            out[mode] = torch.stack([first] + [dec.step(extra[:, t]) for t in range(n - 1)], 1)
+        torch.set_num_threads(2 if mode.startswith("c") else threads)
+        try:
+            with torch.no_grad():
+                first = dec.start(ids, mask, G, max_new=n)
+                assert (dec.cstep is not None) == (mode != "plain")
+                if mode == "blocks":
+                    dec.cstep = None
+                else:
+                    assert dec.cstep is None or dec.cstep.split_cols == (1 - split if mode == "c_other_split" else split)
+                out[mode] = torch.stack([first] + [dec.step(extra[:, t]) for t in range(n - 1)], 1)
+        finally:
+            torch.set_num_threads(threads)
         kv[mode] = dec.KV[:, :P + n - 1]  # the last slot is never written
         recs[mode] = [] if rec is None else [t for layer in rec.comp for t in layer if t is not None] + (
             [rec.logits] if rec.logits is not None else [])
-    assert calls == {"c": n - 1, "blocks": n - 1}
+    assert calls == {"c": 2 * (n - 1), "blocks": n - 1}
     if budget_mb == 0.05:
         assert 0 < len(recs["c"]) < 8  # some layers recorded, the others through scratch buffers
-    for mode in ("blocks", "plain"):
+    for mode in ("c_other_split", "blocks", "plain"):
         torch.testing.assert_close(out["c"], out[mode], rtol=0, atol=1e-5)
         torch.testing.assert_close(kv["c"], kv[mode], rtol=0, atol=1e-5)
         for x, y in zip(recs["c"], recs[mode], strict=True):

@@ -234,7 +234,7 @@ class Gpt2Step(ctypes.Structure):
         ("KV", ctypes.c_void_p), ("key_ok", ctypes.c_void_p),
         ("x", ctypes.c_void_p), ("h", ctypes.c_void_p), ("o", ctypes.c_void_p), ("g", ctypes.c_void_p),
         ("scores", ctypes.c_void_p), ("scr", ctypes.c_void_p * 4), ("sgemm", ctypes.c_void_p),
-        ("layer", ctypes.POINTER(Gpt2Layer))]
+        ("split_cols", ctypes.c_int64), ("layer", ctypes.POINTER(Gpt2Layer))]
 
 
 def sgemm_works(address: int) -> bool:
@@ -250,6 +250,15 @@ def sgemm_works(address: int) -> bool:
         if not torch.allclose(c, a @ w, atol=1e-5):
             return False
     return True
+
+
+def split_cols() -> int:
+    """1 where the decode step (rlhfkit_gpt2_step) should split each product's columns between torch's
+    threads itself, each thread calling sgemm on its share (mm_cols in kernels.c): torch's BLAS is MKL,
+    which runs on the calling thread alone inside a parallel region, and at a decode step's 64 rows that
+    beats MKL's own threading (docs/benchmarks.md). 0 elsewhere: a BLAS with threads of its own would start
+    them from each of ours."""
+    return int(torch.backends.mkl.is_available())
 
 
 def sgemm_address() -> int | None:

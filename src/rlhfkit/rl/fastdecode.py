@@ -683,7 +683,8 @@ class GPT2Decoder(_Base):
                                wte=p(self.tr.wte.weight), wpe=p(self.tr.wpe.weight), lnf_w=p(f.weight),
                                lnf_b=p(f.bias), eps_f=f.eps, head_w=p(self.lm_head.weight),
                                head_b=p(self.lm_head.bias), KV=p(self.KV), key_ok=p(self.key_ok), x=p(x), h=p(h),
-                               o=p(o), g=p(g), scores=p(scores), sgemm=sgemm, layer=layers)
+                               o=p(o), g=p(g), scores=p(scores), sgemm=sgemm, split_cols=native.split_cols(),
+                               layer=layers)
         for j, t in enumerate(scr):
             args.scr[j] = p(t)
         self._layers = layers
