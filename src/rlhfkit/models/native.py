@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -33,7 +34,7 @@ _state: dict = {}  # "lib": the loaded library or None, "status": why
 _FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_tanh_strided",
               "rlhfkit_gelu_tanh_backward_strided", "rlhfkit_bias_gelu_tanh", "rlhfkit_bias_kv",
               "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows",
-              "rlhfkit_mm_rows")
+              "rlhfkit_mm_rows", "rlhfkit_sum_squares")
 
 
 def _cpu_signature() -> str:
@@ -202,6 +203,18 @@ def bias_residual_(y: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
         x.add_(y.add_(b))
         return
     lib().rlhfkit_bias_residual(ptr(y), ptr(b), ptr(x), *i64(*y.shape))
+
+
+def grad_norm(tensors: list[torch.Tensor]) -> float | None:
+    """The 2-norm of all of `tensors` together (contiguous CPU float32) in one pass of ours; None where
+    our kernels are off or a tensor is not such (then torch.nn.utils.get_total_norm)."""
+    if not tensors or not native_ok(*tensors) or not all(t.is_contiguous() for t in tensors):
+        return None
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+    out = ctypes.c_double()
+    lib().rlhfkit_sum_squares(ptrs, sizes, ctypes.c_int64(len(tensors)), ctypes.byref(out))
+    return math.sqrt(out.value)
 
 
 def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor

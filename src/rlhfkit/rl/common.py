@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from rlhfkit.errors import ConfigError, DataError, TrainingError
+from rlhfkit.models import native
 from rlhfkit.utils.checkpoint import latest_checkpoint, save_model
 
 
@@ -276,6 +277,33 @@ def samples_table(prompts: list[str], completions: list[str], rewards: torch.Ten
     for p, c, r in list(zip(prompts, completions, rewards.tolist()))[:k]:
         rows.append(f"| {cell(p)} | {cell(c)} | {r:.4g} |")
     return "\n".join(rows)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_(params, max_norm), then optimizer.step(); returns the gradient's norm
+    before clipping. The same update to float rounding, with less work:
+      * the norm is one pass of ours over every gradient (native.grad_norm), where torch takes one norm per
+        tensor and then their norm (torch's get_total_norm where our kernels are off);
+      * with torch's fused Adam / AdamW (make_optimizer's) the clip factor c goes into the step as its
+        grad_scale: the step's own pass divides each gradient by 1 / c, instead of a pass of its own
+        multiplying them by c first."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = native.grad_norm(grads)
+    if norm is None:
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    coef = max_norm / (norm + 1e-6)  # as clip_grad_norm_: no clipping at coef >= 1
+    fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused")
+    if fused and 0.0 < coef < 1.0 and len({g.device for g in grads}) == 1:
+        optimizer.grad_scale = torch.tensor(1.0 / coef, device=grads[0].device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+        return norm
+    if not coef >= 1.0:  # also a NaN norm, which clip_grad_norm_ spreads to every gradient as well
+        torch._foreach_mul_(grads, coef)
+    optimizer.step()
+    return norm
 
 
 def micro_batches(n: int, size: int, group: int = 1) -> list[slice]:

@@ -31,9 +31,9 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import group_advantages
-from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, global_rows, load_prompts, micro_batches,
-                               mine, policy_and_reference, ref_cache_metrics, reference_logprobs, rl_dist,
-                               rollout_scores, samples_table, should_stop, step_uniforms)
+from rlhfkit.rl.common import (allocator_note, check_finite, clip_and_step, finish_run, global_rows, load_prompts,
+                               micro_batches, mine, policy_and_reference, ref_cache_metrics, reference_logprobs,
+                               rl_dist, rollout_scores, samples_table, should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import aggregate, clipped_surrogate, kl_penalty
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
@@ -147,8 +147,7 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
                 check_finite("loss", it_loss, step + 1, run_dir)
                 stats["loss"] += it_loss / cfg.iterations
                 dist.sum_gradients(trainable)  # per-rank losses are over global counts: the sum is the batch's
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
-                optimizer.step()
+                grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             stats.update({k: dist.sum(stats[k]) for k in ("clipfrac", "entropy", "kl")})

@@ -43,9 +43,9 @@ from rlhfkit.models.factory import (apply_lora, count_params, decay_param_groups
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import gae, token_rewards, whiten
-from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, global_rows, load_policy, load_prompts,
-                               micro_batches, mine, policy_and_reference, ref_cache_metrics, reference_logprobs,
-                               rl_dist, rollout_scores, samples_table, should_stop, step_uniforms,
+from rlhfkit.rl.common import (allocator_note, check_finite, clip_and_step, finish_run, global_rows, load_policy,
+                               load_prompts, micro_batches, mine, policy_and_reference, ref_cache_metrics,
+                               reference_logprobs, rl_dist, rollout_scores, samples_table, should_stop, step_uniforms,
                                use_fast_activations)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
@@ -203,8 +203,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 # so the summed gradients are the whole batch's.
                 check_finite("loss", dist.sum(acc["loss/policy"] + acc["loss/value"]), step + 1, run_dir)
                 dist.sum_gradients(trainable)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
-                optimizer.step()
+                grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
                 optimizer.zero_grad(set_to_none=True)
             else:
                 # Several updates per rollout: the old values come from a no-grad pass and the old log-probs
@@ -243,8 +242,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                             acc["value/clipfrac"] += float(vst["vf_clipfrac"]) * w
                         check_finite("loss", dist.sum(acc["loss/policy"] + acc["loss/value"]), step + 1, run_dir)
                         dist.sum_gradients(trainable)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
-                        optimizer.step()
+                        grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
                         optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             acc = {k: dist.sum(v) for k, v in acc.items()}  # every entry is this rank's share of a global mean

@@ -20,8 +20,8 @@ from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.reward import load_reward
 from rlhfkit.rl.advantages import normalize
-from rlhfkit.rl.common import (allocator_note, check_finite, finish_run, load_prompts, micro_batches, mine,
-                               policy_and_reference, ref_cache_metrics, rl_dist, samples_table, sequence_rewards,
+from rlhfkit.rl.common import (allocator_note, check_finite, clip_and_step, finish_run, load_prompts, micro_batches,
+                               mine, policy_and_reference, ref_cache_metrics, rl_dist, samples_table, sequence_rewards,
                                should_stop, step_uniforms)
 from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import reinforce_loss
@@ -118,8 +118,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
             stats = {k: dist.sum(v) for k, v in stats.items()}  # each rank's share of the batch means
             check_finite("loss", stats["loss"], step + 1, run_dir)
             dist.sum_gradients(trainable)  # the losses are over the global B: the sum is the batch's gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
+            grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             kl_ctl.update(float(all_kl.mean()), B)

@@ -415,3 +415,23 @@ void rlhfkit_sample_rows(const float *logits, int64_t B, int64_t V, float temper
             sample_row(x, V, temperature, 1, u[b * u_stride], tok + b, lp + b, logz + b, entropy + b);
     }
 }
+
+/* The sum of squares of n float arrays (ptrs[i], sizes[i] floats), into *out: a gradient's squared norm
+   over every parameter in one parallel pass (torch's clip_grad_norm_ takes a norm per tensor, then
+   their norm). Floats by blocks, the blocks summed in double. */
+void rlhfkit_sum_squares(const float *const *ptrs, const int64_t *sizes, int64_t n, double *out) {
+    double acc = 0.0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : acc)
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = ptrs[i];
+        for (int64_t at = 0; at < sizes[i]; at += BLOCK) {
+            int64_t end = at + BLOCK < sizes[i] ? at + BLOCK : sizes[i];
+            float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+            for (int64_t j = at; j < end; j++)
+                part += x[j] * x[j];
+            acc += (double)part;
+        }
+    }
+    *out = acc;
+}
