@@ -188,3 +188,66 @@ def test_logprobs_given_logz_is_log_softmax_with_its_gradient():
     g1 = torch.autograd.grad((lp * w).sum(), base)[0]
     g2 = torch.autograd.grad((gather_logprobs(logits / 0.7, ids) * w).sum(), base)[0]
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_token_logprobs_in_one_pass_equal_torch_log_softmax():
+    """Without gradients gather_logprobs takes one pass of ours per row (native.token_logprobs): by hand,
+    against torch's log_softmax in float64 on a strided view (as the reference's time-major logits are),
+    peaked rows and a vocabulary that is not a multiple of the vector width; out-of-range ids fall back to
+    torch (which raises), and logits with gradients keep autograd's path."""
+    from rlhfkit.models import native
+    from rlhfkit.models.ops import gather_logprobs
+
+    if not native.native_status().startswith("on"):
+        pytest.skip(f"our kernels are {native.native_status()}")
+    lp = native.token_logprobs(torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[1]]))
+    assert lp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    torch.manual_seed(0)
+    base = torch.randn(7, 5, 2051) * 4
+    base[0, 0, 17] = 80.0  # one token holds nearly all the mass
+    base[1, 2] = -30.0      # a flat row far below zero
+    logits = base.transpose(0, 1)  # (5, 7, 2051), rows contiguous, not the tensor
+    ids = torch.randint(0, 2051, (5, 7))
+    ids[0, 0] = 17
+    ours = native.token_logprobs(logits, ids)
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
+    torch.testing.assert_close(ours.double(), exact, rtol=0, atol=2e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(gather_logprobs(logits, ids), ours, rtol=0, atol=0)
+    bad = ids.clone()
+    bad[1, 1] = 2051
+    assert native.token_logprobs(logits, bad) is None
+    with pytest.raises(RuntimeError):
+        gather_logprobs(logits, bad)
+    x = logits.clone().requires_grad_(True)
+    assert native.token_logprobs(x, ids) is None
+    gather_logprobs(x, ids).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_given_logz_backward_in_one_pass_equals_torch_ops(temperature, monkeypatch):
+    """The logits' gradient of logprobs_given_logz in one pass of ours (native.logz_backward) against the
+    torch ops it replaces, on a strided view of a 2,051-entry vocabulary, with the gradient at the view's
+    own strides (no copy downstream)."""
+    from rlhfkit.models import native
+    from rlhfkit.models.ops import logprobs_given_logz
+
+    if not native.native_status().startswith("on"):
+        pytest.skip(f"our kernels are {native.native_status()}")
+    torch.manual_seed(0)
+    base = (torch.randn(6, 4, 2051) * 3).requires_grad_(True)
+    logits = base.transpose(0, 1)
+    ids = torch.randint(0, 2051, (4, 6))
+    logz = torch.logsumexp(logits.detach() / temperature, -1)
+    w = torch.randn(4, 6)
+    seen = []
+    real = native.logz_backward
+    monkeypatch.setattr(native, "logz_backward", lambda *a: seen.append(1) or real(*a))
+    ours = torch.autograd.grad((logprobs_given_logz(logits, ids, logz, temperature) * w).sum(), base)[0]
+    assert seen
+    direct = real(logits.detach(), ids, logz, w, 1 / temperature)
+    assert direct.stride() == logits.stride()
+    monkeypatch.setattr(native, "logz_backward", lambda *a: None)
+    theirs = torch.autograd.grad((logprobs_given_logz(logits, ids, logz, temperature) * w).sum(), base)[0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

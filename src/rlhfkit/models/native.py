@@ -34,7 +34,8 @@ _state: dict = {}  # "lib": the loaded library or None, "status": why
 _FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_tanh_strided",
               "rlhfkit_gelu_tanh_backward_strided", "rlhfkit_bias_gelu_tanh", "rlhfkit_bias_kv",
               "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows",
-              "rlhfkit_mm_rows", "rlhfkit_sum_squares")
+              "rlhfkit_mm_rows", "rlhfkit_sum_squares",
+              "rlhfkit_token_logprobs", "rlhfkit_logz_backward")
 
 
 def _cpu_signature() -> str:
@@ -203,6 +204,44 @@ def bias_residual_(y: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
         x.add_(y.add_(b))
         return
     lib().rlhfkit_bias_residual(ptr(y), ptr(b), ptr(x), *i64(*y.shape))
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+    """log softmax(logits)[ids] for logits (B, T, V) (a view with contiguous rows of V is read in place) and
+    ids (B, T), in one pass of ours, no autograd; None where our kernels are off or this does not apply
+    (logits that need gradients, not float32, rows not contiguous)."""
+    if logits.requires_grad or not native_ok(logits) or logits.dim() != 3 or ids.shape != logits.shape[:2]:
+        return None
+    rows = rows_of(logits)
+    if rows is None:
+        return None
+    d0, d1, V, s0, s1 = rows
+    ids = ids.to(torch.int64).contiguous()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        return None  # torch's gather raises the error
+    out = torch.empty(ids.shape, dtype=torch.float32)
+    lib().rlhfkit_token_logprobs(ptr(logits), *i64(d0, d1, V, s0, s1), ptr(ids), ptr(out))
+    return out
+
+
+def logz_backward(logits: torch.Tensor, ids: torch.Tensor, logz: torch.Tensor, grad: torch.Tensor,
+                  inv_t: float) -> torch.Tensor | None:
+    """grad / T * (onehot(ids) - exp(logits / T - logz)), the logits' gradient of logprobs_given_logz, in
+    one pass of ours, at the logits' own strides (a view with contiguous rows of V is read in place); None
+    where our kernels are off or this does not apply."""
+    if not native_ok(logits, logz, grad) or logits.dim() != 3 or ids.shape != logits.shape[:2]:
+        return None
+    rows = rows_of(logits)
+    if rows is None:
+        return None
+    d0, d1, V, s0, s1 = rows
+    out = torch.empty_like(logits)
+    if out.stride() != logits.stride():
+        return None
+    ids, logz, grad = ids.to(torch.int64).contiguous(), logz.contiguous(), grad.contiguous()
+    lib().rlhfkit_logz_backward(ptr(logits), *i64(d0, d1, V, s0, s1), ptr(logz), ptr(grad), ptr(ids),
+                                ctypes.c_float(inv_t), ptr(out))
+    return out
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> float | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.models import native
+
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return (x * mask).sum() if dim is None else (x * mask).sum(dim)
@@ -32,8 +34,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids] without materialising the full (B, T, V) log-softmax.
 
-    logits (B, T, V), ids (B, T) -> (B, T) float32.
+    logits (B, T, V), ids (B, T) -> (B, T) float32. Without gradients, one pass of our kernels over each row
+    where they are built (native.token_logprobs), else torch's logsumexp.
     """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        out = native.token_logprobs(logits, ids)
+        if out is not None:
+            return out
     logits = logits.float()
     picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -75,6 +82,9 @@ class _LogprobsGivenLogZ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, ids, logz = ctx.saved_tensors
+        fused = native.logz_backward(logits, ids, logz, grad, ctx.inv_t)  # one pass where our kernels are
+        if fused is not None:
+            return fused, None, None, None
         g = grad.unsqueeze(-1)
         if ctx.inv_t == 1.0:
             dlogits = torch.sub(logits, logz.unsqueeze(-1)).exp_()

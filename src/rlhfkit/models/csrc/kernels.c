@@ -1,11 +1,14 @@
 /* Float32 CPU kernels of our own, built at first use by rlhfkit/models/native.py (with -fopenmp:
    loaded after torch, the OpenMP runtime it links is torch's own, so the loops below run on torch's
-   threads). Two kinds:
+   threads):
    - GPT-2's tanh-GELU and its derivative (models/activations.py), on contiguous arrays or on rows
      of a strided (d0, d1, n) view such as a micro-batch's rows of a time-major record;
    - the epilogues of a decode step's linear layers (rl/fastdecode.py): the bias added in place to
      a product written without it, fused with what reads it next (the GELU, the KV-cache writes, the
-     residual add), one pass instead of torch's two or three small ops.
+     residual add), one pass instead of torch's two or three small ops;
+   - GPT-2's whole decode step in one call, and plain sampling in one pass (further down);
+   - one-pass reductions where torch takes several passes or calls: the gradient norm over every
+     parameter, the log-probabilities of given tokens and their logits' gradient.
 
    The GELU:
 
@@ -434,4 +437,44 @@ void rlhfkit_sum_squares(const float *const *ptrs, const int64_t *sizes, int64_t
         }
     }
     *out = acc;
+}
+
+/* log softmax(x)[id] of each row of a strided (d0, d1, V) view of logits (row (i, j) at i s0 + j s1,
+   its V entries contiguous), ids (d0, d1) contiguous, out (d0, d1): the reference model's log-probs of
+   the sampled tokens, one pass over the vocabulary per row for the maximum and one for the sum (torch's
+   logsumexp takes four: max, subtract, exp, sum). */
+void rlhfkit_token_logprobs(const float *x, int64_t d0, int64_t d1, int64_t V, int64_t s0, int64_t s1,
+                            const int64_t *ids, float *out) {
+#pragma omp parallel for schedule(static) if (d0 * d1 * V > 4 * BLOCK)
+    for (int64_t r = 0; r < d0 * d1; r++) {
+        const float *row = x + (r / d1) * s0 + (r % d1) * s1;
+        float peak = -__builtin_inff();
+#pragma omp simd reduction(max : peak)
+        for (int64_t i = 0; i < V; i++)
+            peak = row[i] > peak ? row[i] : peak;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t i = 0; i < V; i++)
+            total += exp_clamped(row[i] - peak);
+        out[r] = row[ids[r]] - peak - __builtin_logf(total);
+    }
+}
+
+/* The gradient of logits[id] / T - logz with logz = logsumexp(logits / T) known, g its incoming gradient:
+   dlogits = g / T (onehot(id) - exp(logits / T - logz)), rows of a strided (d0, d1, V) view as in
+   rlhfkit_token_logprobs, written at the same strides into out; logz, g and ids (d0, d1) contiguous. One
+   pass (torch's ops take a subtract, an exp, a multiply and a scatter). */
+void rlhfkit_logz_backward(const float *x, int64_t d0, int64_t d1, int64_t V, int64_t s0, int64_t s1,
+                           const float *logz, const float *g, const int64_t *ids, float inv_t, float *out) {
+#pragma omp parallel for schedule(static) if (d0 * d1 * V > 4 * BLOCK)
+    for (int64_t r = 0; r < d0 * d1; r++) {
+        int64_t at = (r / d1) * s0 + (r % d1) * s1;
+        const float *row = x + at;
+        float *o = out + at;
+        const float shift = logz[r], scale = -g[r] * inv_t;
+#pragma omp simd
+        for (int64_t i = 0; i < V; i++)
+            o[i] = scale * exp_clamped(row[i] * inv_t - shift);
+        o[ids[r]] += g[r] * inv_t;
+    }
 }
