@@ -1,7 +1,6 @@
 """rl/common.py's clip_and_step against torch's clip_grad_norm_ + optimizer.step()."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

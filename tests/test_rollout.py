@@ -93,7 +93,8 @@ def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(bud
     for mode in ("c", "c_other_split", "blocks", "plain"):
         if mode == "plain":
             monkeypatch.setattr(fastdecode, "native_ok", lambda *t: False)
-        monkeypatch.setattr(native, "split_cols", lambda: 1 - split if mode == "c_other_split" else split)
+        other = mode == "c_other_split"
+        monkeypatch.setattr(native, "split_cols", lambda other=other: 1 - split if other else split)
         dec = fastdecode.make_fast_decoder(model)
         rec = dec.record(model, U, G, P, n, budget_mb) if budget_mb else None
         torch.set_num_threads(2 if mode.startswith("c") else threads)
@@ -104,7 +105,7 @@ def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(bud
                 if mode == "blocks":
                     dec.cstep = None
                 else:
-                    assert dec.cstep is None or dec.cstep.split_cols == (1 - split if mode == "c_other_split" else split)
+                    assert dec.cstep is None or dec.cstep.split_cols == (1 - split if other else split)
                 out[mode] = torch.stack([first] + [dec.step(extra[:, t]) for t in range(n - 1)], 1)
         finally:
             torch.set_num_threads(threads)
