@@ -206,13 +206,16 @@ def bias_residual_(y: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> None:
     lib().rlhfkit_bias_residual(ptr(y), ptr(b), ptr(x), *i64(*y.shape))
 
 
+def _vocab_rows(logits: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int, int, int] | None:
+    """rows_of(logits) for (B, T, V) logits with (B, T) ids; None otherwise."""
+    return rows_of(logits) if logits.dim() == 3 and ids.shape == logits.shape[:2] else None
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
     """log softmax(logits)[ids] for logits (B, T, V) (a view with contiguous rows of V is read in place) and
     ids (B, T), in one pass of ours, no autograd; None where our kernels are off or this does not apply
     (logits that need gradients, not float32, rows not contiguous)."""
-    if logits.requires_grad or not native_ok(logits) or logits.dim() != 3 or ids.shape != logits.shape[:2]:
-        return None
-    rows = rows_of(logits)
+    rows = None if logits.requires_grad or not native_ok(logits) else _vocab_rows(logits, ids)
     if rows is None:
         return None
     d0, d1, V, s0, s1 = rows
@@ -229,9 +232,7 @@ def logz_backward(logits: torch.Tensor, ids: torch.Tensor, logz: torch.Tensor, g
     """grad / T * (onehot(ids) - exp(logits / T - logz)), the logits' gradient of logprobs_given_logz, in
     one pass of ours, at the logits' own strides (a view with contiguous rows of V is read in place); None
     where our kernels are off or this does not apply."""
-    if not native_ok(logits, logz, grad) or logits.dim() != 3 or ids.shape != logits.shape[:2]:
-        return None
-    rows = rows_of(logits)
+    rows = _vocab_rows(logits, ids) if native_ok(logits, logz, grad) else None
     if rows is None:
         return None
     d0, d1, V, s0, s1 = rows

@@ -37,10 +37,9 @@ def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     logits (B, T, V), ids (B, T) -> (B, T) float32. Without gradients, one pass of our kernels over each row
     where they are built (native.token_logprobs), else torch's logsumexp.
     """
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        out = native.token_logprobs(logits, ids)
-        if out is not None:
-            return out
+    out = native.token_logprobs(logits, ids)  # None for logits that need gradients
+    if out is not None:
+        return out
     logits = logits.float()
     picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)

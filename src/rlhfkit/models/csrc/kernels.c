@@ -192,12 +192,17 @@ struct gpt2_step {
    go to sgemm as int pointers: an LP64 BLAS reads their low halves and an ILP64 one the whole, the same
    values either way on a little-endian machine. Also exported (rlhfkit_mm_rows) so that native.py can
    check the sgemm it found on a small product before any decode step uses it. */
+static void mm_block(sgemm_fn sgemm, const float *a, const float *w, float *c, int64_t rows, int64_t k, int64_t n,
+                     int wt, int64_t lo, int64_t hi) { /* columns lo..hi of c only */
+    int64_t m_ = hi - lo, n_ = rows, k_ = k, ldw = wt ? k : n, ldc = n;
+    float one = 1.0f, zero = 0.0f;
+    sgemm(wt ? "T" : "N", "N", (const int *)&m_, (const int *)&n_, (const int *)&k_, &one, wt ? w + lo * k : w + lo,
+          (const int *)&ldw, a, (const int *)&k_, &zero, c + lo, (const int *)&ldc);
+}
+
 void rlhfkit_mm_rows(sgemm_fn sgemm, const float *a, const float *w, float *c, int64_t rows, int64_t k, int64_t n,
                      int wt) {
-    int64_t m_ = n, n_ = rows, k_ = k, ldw = wt ? k : n;
-    float one = 1.0f, zero = 0.0f;
-    sgemm(wt ? "T" : "N", "N", (const int *)&m_, (const int *)&n_, (const int *)&k_, &one, w, (const int *)&ldw,
-          a, (const int *)&k_, &zero, c, (const int *)&m_);
+    mm_block(sgemm, a, w, c, rows, k, n, wt, 0, n);
 }
 
 /* As rlhfkit_mm_rows, with the columns of c split between torch's threads, each calling sgemm on its
@@ -208,13 +213,8 @@ static void mm_cols(sgemm_fn sgemm, const float *a, const float *w, float *c, in
     {
         int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t lo = (n * t / nt) & ~(int64_t)15, hi = t == nt - 1 ? n : (n * (t + 1) / nt) & ~(int64_t)15;
-        if (hi > lo) {
-            int64_t m_ = hi - lo, n_ = rows, k_ = k, ldw = wt ? k : n, ldc = n;
-            float one = 1.0f, zero = 0.0f;
-            sgemm(wt ? "T" : "N", "N", (const int *)&m_, (const int *)&n_, (const int *)&k_, &one,
-                  wt ? w + lo * k : w + lo, (const int *)&ldw, a, (const int *)&k_, &zero, c + lo,
-                  (const int *)&ldc);
-        }
+        if (hi > lo)
+            mm_block(sgemm, a, w, c, rows, k, n, wt, lo, hi);
     }
 }
 
@@ -253,8 +253,14 @@ static void layer_norm_rows(const float *x, const float *w, const float *b, doub
    reads the whole cache every step; a slot is 2 B D floats from the next, a stride no hardware prefetcher
    follows, so the loops prefetch PREFETCH slots ahead. */
 #define PREFETCH 8
+static inline void prefetch_ahead(const float *row, int64_t j, int64_t t, int64_t slot, int64_t D) {
+    if (j + PREFETCH <= t) /* the same row's D floats PREFETCH slots on */
+        for (int64_t l = 0; l < D; l += 16)
+            __builtin_prefetch(row + PREFETCH * slot + l);
+}
+
 static void attend_cached(const struct gpt2_step *a, const float *qkv, const float *K, const float *Vv,
-                        int64_t t) {
+                          int64_t t) {
     const int64_t B = a->B, H = a->H, hd = a->hd, D = a->D, T = a->T, slot = 2 * B * H * hd;
     const float scale = 1.0f / __builtin_sqrtf((float)hd);
 #pragma omp parallel for schedule(static)
@@ -264,9 +270,7 @@ static void attend_cached(const struct gpt2_step *a, const float *qkv, const flo
         float *s = a->scores + b * H * T;
         for (int64_t j = 0; j <= t; j++) {
             const float *k = K + j * slot + b * D;
-            if (j + PREFETCH <= t)
-                for (int64_t l = 0; l < D; l += 16)
-                    __builtin_prefetch(k + PREFETCH * slot + l);
+            prefetch_ahead(k, j, t, slot, D);
             for (int64_t h = 0; h < H; h++) {
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -292,9 +296,7 @@ static void attend_cached(const struct gpt2_step *a, const float *qkv, const flo
             o[d] = 0.0f;
         for (int64_t j = 0; j <= t; j++) {
             const float *v = Vv + j * slot + b * D;
-            if (j + PREFETCH <= t)
-                for (int64_t l = 0; l < D; l += 16)
-                    __builtin_prefetch(v + PREFETCH * slot + l);
+            prefetch_ahead(v, j, t, slot, D);
             for (int64_t h = 0; h < H; h++) {
                 float p = s[h * T + j];
 #pragma omp simd
