@@ -8,9 +8,10 @@ fight them for the cores. Where any of that is missing (no compiler, not Linux, 
 failed build) or RLHFKIT_NATIVE=0, every caller takes torch's ops instead: same results to float
 rounding, slower. `native_status()` says which is in use and why.
 
-Users: models/activations.py (the tanh-GELU), rl/fastdecode.py (a decode step's bias epilogues, and
+Users: models/activations.py (the tanh-GELU), rl/fastdecode.py (a decode step's bias epilogues,
 GPT-2's whole decode step in one call, whose matmuls call the BLAS sgemm torch itself calls:
-`sgemm_address`) and rl/rollout.py (plain sampling in one pass: `sample_rows`).
+`sgemm_address`, and the training passes' attention: `attention_forward` / `attention_backward`) and
+rl/rollout.py (plain sampling in one pass: `sample_rows`).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ _FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_t
               "rlhfkit_gelu_tanh_backward_strided", "rlhfkit_bias_gelu_tanh", "rlhfkit_bias_kv",
               "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows",
               "rlhfkit_mm_rows", "rlhfkit_sum_squares",
-              "rlhfkit_token_logprobs", "rlhfkit_logz_backward")
+              "rlhfkit_token_logprobs", "rlhfkit_logz_backward", "rlhfkit_attention_forward",
+              "rlhfkit_attention_backward")
 
 
 def _cpu_signature() -> str:
@@ -327,3 +329,59 @@ def sgemm_address() -> int | None:
             return None
         _state["sgemm"] = address if sgemm_works(address) else None
     return _state["sgemm"]
+
+
+# Attention of a training pass (rlhfkit_attention_forward / _backward): its arguments, as kernels.c lays them out.
+class AttnView(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64)]
+
+
+_ATTN_VIEWS = ("q", "k1", "v1", "k2", "v2", "o", "dout", "dq", "dk1", "dv1", "dk2", "dv2")
+
+
+class AttnArgs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("B", "H", "hd", "m", "n1", "n2", "G")] + [
+        ("scale", ctypes.c_float)] + [(n, AttnView) for n in _ATTN_VIEWS] + [
+        ("key_ok", ctypes.c_void_p), ("ok_stride", ctypes.c_int64), ("lse", ctypes.c_void_p)]
+
+
+def attention_ok(q: torch.Tensor, *views: torch.Tensor | None) -> bool:
+    """Our attention kernels apply: CPU float32 (rows, heads, positions, hd) views with contiguous rows of
+    hd, hd a multiple of 16 up to 256."""
+    ts = [q, *(t for t in views if t is not None)]
+    hd = q.size(-1)
+    return (native_ok(*ts) and all(t.dim() == 4 and t.stride(-1) == 1 and t.size(-1) == hd for t in ts)
+            and hd % 16 == 0 and hd <= 256)
+
+
+def _attn_args(q, k2, v2, k1, v1, key_ok, G, scale, lse, **views) -> AttnArgs:
+    B, H, m, hd = q.shape
+    n1 = 0 if k1 is None else k1.size(2)
+    args = AttnArgs(B, H, hd, m, n1, k2.size(2), G, scale)
+    for name, t in dict(q=q, k1=k1, v1=v1, k2=k2, v2=v2, **views).items():
+        if t is not None:
+            setattr(args, name, AttnView(t.data_ptr(), *t.stride()[:3]))
+    if key_ok is not None:
+        args.key_ok, args.ok_stride = key_ok.data_ptr(), key_ok.stride(0)
+    args.lse = lse.data_ptr()
+    return args
+
+
+def attention_forward(q: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, k1: torch.Tensor | None,
+                      v1: torch.Tensor | None, key_ok: torch.Tensor | None, G: int, scale: float,
+                      o: torch.Tensor) -> torch.Tensor:
+    """o (B, H, m, hd, any strides with rows of hd contiguous) = attention of q (B, H, m, hd) over the keys
+    k1 (B / G, H, n1, hd: each G rows' shared prefix, or None) then k2 (B, H, n2, hd) with values v1, v2,
+    causal over k2 (query i is position n2 - m + i), masked by key_ok (B, n1 + n2, bool, rows contiguous;
+    None: all real; a query always sees its own key); returns the log-sum-exp (B, H, m). Callers check
+    attention_ok first."""
+    lse = q.new_empty(q.shape[:3])
+    lib().rlhfkit_attention_forward(ctypes.byref(_attn_args(q, k2, v2, k1, v1, key_ok, G, scale, lse, o=o)))
+    return lse
+
+
+def attention_backward(q, k2, v2, k1, v1, key_ok, G: int, scale: float, o, lse, dout, dq, dk2, dv2, dk1, dv1) -> None:
+    """The gradients of attention_forward written into dq (B, H, m, hd), dk2, dv2 (B, H, n2, hd) and dk1,
+    dv1 (B / G, H, n1, hd: summed over each group's rows), every entry, at their own strides."""
+    lib().rlhfkit_attention_backward(ctypes.byref(_attn_args(
+        q, k2, v2, k1, v1, key_ok, G, scale, lse, o=o, dout=dout, dq=dq, dk1=dk1, dv1=dv1, dk2=dk2, dv2=dv2)))

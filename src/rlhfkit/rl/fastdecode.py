@@ -17,6 +17,12 @@ softmax is empty.
 
 Equivalence with HF's forward is tested (tests/test_rollout.py); the logits agree to float rounding.
 
+Attention of the training passes (GPT-2: the critic's forward, the replay, the reference's): where our
+kernels are built, `_Attention` runs it from the q|k|v projection's output with our forward and backward
+(native.attention_forward / _backward), the prompt's keys a prefix that each group's rows share, so there
+is no repeat or cat of keys, no copy of the output into the projection's layout, and the backward writes
+the projection's gradient whole instead of three zero-filled gradients that autograd stacks.
+
 Replay. A rollout can keep a `Record` of its forward pass: the output of every linear layer and of the LM
 head at every prompt and completion position. While the weights are unchanged (until the first optimizer
 step after the rollout: GRPO / RLOO / REINFORCE with one iteration, PPO's first mini-batch), the training
@@ -26,7 +32,7 @@ instead of multiplying (`_SavedLinear`, whose backward is the ordinary one). Onl
 the FLOPs of a training step, are not. A layer whose linear outputs are all recorded goes further
 (`_lean_block`, GPT-2 and Llama): its forward only adds the recorded output projections to the residual
 stream, and the backward recomputes the norms, the attention and the activation where it needs them, so
-the activations kept between forward and backward are the residual stream's (about a fifth of the
+the activations kept between forward and backward are the residual stream's (about a third of the
 per-op replay's in tests/test_replay.py). The gradients are those of the decoder's forward, equal to
 those of a fresh forward to float rounding (tests/test_replay.py). It costs memory: every linear output of
 the whole batch is kept until the update (`rollout.replay_max_mb` caps it).
@@ -204,6 +210,80 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         mask = (torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if mask is None else mask)[..., n - m:, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and m == n,
                                           enable_gqa=gqa)
+
+
+def _qkv_heads(qkv: torch.Tensor, H: int, time_major: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v (rows, H, positions, hd) as views of GPT-2's q|k|v projection output qkv (rows, positions,
+    3 D), or (positions, rows, 3 D) if time_major."""
+    a, b, width = qkv.shape
+    t = qkv.view(a, b, 3, H, width // (3 * H))
+    return t.permute(2, 1, 3, 0, 4).unbind(0) if time_major else t.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _heads_out(o: torch.Tensor, H: int, time_major: bool) -> torch.Tensor:
+    """The (rows, H, positions, hd) view of an attention output o (rows, positions, D) or, time-major,
+    (positions, rows, D): the layout the output projection reads."""
+    a, b, D = o.shape
+    t = o.view(a, b, H, D // H)
+    return t.permute(1, 2, 0, 3) if time_major else t.transpose(1, 2)
+
+
+class _Attention(torch.autograd.Function):
+    """GPT-2's attention straight from its q|k|v projection output, with our kernels
+    (native.attention_forward / _backward): the queries are the last m positions of qkv, the keys an
+    optional prefix (k1, v1: (U, H, n1, hd), shared by each G consecutive rows: a prompt's, for its
+    completions) followed by qkv's own, causal, with key_ok (rows, n1 + n2) masking pad keys. The output
+    comes in qkv's layout ((rows, m, D), or (m, rows, D) time-major), ready for the output projection, and
+    the backward writes the gradient of qkv whole (the q, k and v parts, in place) instead of three
+    zero-filled gradients that autograd then stacks, and without the cat of prefix and own keys.
+
+    apply(qkv, k1, v1, key_ok, H, m, G, time_major) -> o"""
+
+    @staticmethod
+    def forward(ctx, qkv, k1, v1, key_ok, H, m, G, time_major):
+        q, k2, v2 = _qkv_heads(qkv, H, time_major)
+        q = q[:, :, q.size(2) - m:]
+        a, b, width = qkv.shape
+        o = qkv.new_empty((m, b, width // 3) if time_major else (a, m, width // 3))
+        scale = q.size(-1) ** -0.5
+        lse = native.attention_forward(q, k2, v2, k1, v1, key_ok, G, scale, _heads_out(o, H, time_major))
+        ctx.save_for_backward(qkv, k1, v1, key_ok, o, lse)
+        ctx.args = (H, m, G, time_major, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, k1, v1, key_ok, o, lse = ctx.saved_tensors
+        H, m, G, time_major, scale = ctx.args
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        q, k2, v2 = _qkv_heads(qkv, H, time_major)
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
+        dq, dk2, dv2 = _qkv_heads(dqkv, H, time_major)
+        n = q.size(2)
+        if m < n:  # queries at the last m positions only: the others' query gradient is 0
+            dq[:, :, :n - m].zero_()
+        dk1 = dv1 = None
+        if k1 is not None:
+            dk1, dv1 = torch.empty(k1.shape, dtype=k1.dtype), torch.empty(v1.shape, dtype=v1.dtype)
+        native.attention_backward(q[:, :, n - m:], k2, v2, k1, v1, key_ok, G, scale, _heads_out(o, H, time_major),
+                                  lse, _heads_out(do, H, time_major), dq[:, :, n - m:], dk2, dv2, dk1, dv1)
+        return dqkv, dk1, dv1, None, None, None, None, None
+
+
+def _fused_attention_ok(like: torch.Tensor, hd: int) -> bool:
+    """_Attention applies: our kernels are on, float32 CPU weights, a head width they take."""
+    return native_ok(like) and hd % 16 == 0 and hd <= 256
+
+
+def fused_attention(qkv: torch.Tensor, H: int, m: int, key_ok: torch.Tensor | None = None,
+                    prefix: tuple[torch.Tensor, torch.Tensor] | None = None, G: int = 1,
+                    time_major: bool = False) -> torch.Tensor:
+    """_Attention.apply, with key_ok as bytes with contiguous rows (a bool mask is one)."""
+    if key_ok is not None and (key_ok.dtype != torch.bool or key_ok.stride(-1) != 1):
+        key_ok = key_ok.to(torch.bool).contiguous()
+    k1, v1 = prefix if prefix is not None else (None, None)
+    return _Attention.apply(qkv, k1, v1, key_ok, H, m, G, time_major)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
@@ -485,9 +565,12 @@ class _Base:
                 lin.out = lambda i, j: part[i][j].view(*shape, part[i][j].size(-1))
             return lin
 
-        def prompt_pass(ids, pos, pm, lin):
+        fused = isinstance(self, GPT2Decoder) and _fused_attention_ok(self.weight_like, self.hd)
+
+        def prompt_pass(ids, pos, pm, lin, ok=None):
             """The prompts' forward: each layer's keys and values (each unique prompt's once: the completions'
-            attention repeats them) and the final-normed last position (N, 1, D)."""
+            attention repeats them) and the final-normed last position (N, 1, D). ok: the prompts' key
+            mask (N, P) where they are padded (pm, the same as an attention mask)."""
             kv = []
 
             def prompt_attention(q, k, v):
@@ -503,6 +586,15 @@ class _Base:
                 return prompt_attention, (q, k, v)
 
             attend_prompt.lean = prompt_lean
+            if fused:
+                def prompt_qkv(i, qkv, m):
+                    kv.append(_qkv_heads(qkv, self.H, False)[1:])
+                    return fused_attention(qkv, self.H, m, ok)
+
+                attend_prompt.qkv = prompt_qkv
+                attend_prompt.lean_qkv = lambda i, qkv, m: (
+                    kv.append(_qkv_heads(qkv, self.H, False)[1:]),
+                    (lambda t: fused_attention(t, self.H, m, ok), (qkv,)))[1]
             # Only the last position goes on past the last layer's keys and values (keep=1).
             return kv, self._final_norm(self._forward(ids, pos, attend_prompt, lin, keep=1)[:, -1:])
 
@@ -524,15 +616,24 @@ class _Base:
             return completion_attention(q, k, v, *kv[i])
 
         attend_completion.lean = lambda i, q, k, v, rope=None: (completion_attention, (q, k, v, *kv[i]))
+        if fused:  # the prompts' keys as a prefix shared by each G rows: no repeat, no cat
+            c_ok = None if self.key_ok is None else self.key_ok[:, :P + n]
+
+            def completion_qkv(qkv, kp, vp):
+                return fused_attention(qkv, self.H, n, c_ok, (kp, vp), G, time_major=True)
+
+            attend_completion.qkv = lambda i, qkv, m: completion_qkv(qkv, *kv[i])
+            attend_completion.lean_qkv = lambda i, qkv, m: (completion_qkv, (qkv, *kv[i]))
 
         W, b = self.lm_head.weight, self.lm_head.bias
         U = u_ids.size(0)
         lin_prompt = saved(rec.prompt, (U, P))
         if cache is not None and plain:
             kv, h_first = cache.lookup(self.model, u_ids, u_mask, lambda r: prompt_pass(
-                u_ids[r], self.pos[r], None if pmask is None else pmask[r], lin_prompt))
+                u_ids[r], self.pos[r], None if pmask is None else pmask[r], lin_prompt,
+                None if pmask is None else u_mask[r].bool()))
         else:
-            kv, h_first = prompt_pass(u_ids, self.pos, pmask, lin_prompt)
+            kv, h_first = prompt_pass(u_ids, self.pos, pmask, lin_prompt, None if pmask is None else u_mask.bool())
         if n == 0:
             first = head_logits(h_first, rec.first, W, b)
             return (first.repeat_interleave(G, 0) if G > 1 else first), first[:, :0]
@@ -584,10 +685,14 @@ class GPT2Decoder(_Base):
                 continue
             h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
             qkv = lin(i, 0, h, a.c_attn.weight, a.c_attn.bias)
-            q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
             if cut:
-                q, x = q[:, :, n - cut:], x[:, n - cut:]
-            o = attend(i, q, k, v).transpose(1, 2).reshape(N, x.size(1), D)
+                x = x[:, n - cut:]
+            fused = getattr(attend, "qkv", None)
+            if fused is not None:  # _Attention, on qkv itself
+                o = fused(i, qkv, x.size(1))
+            else:
+                q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
+                o = attend(i, q[:, :, n - x.size(1):], k, v).transpose(1, 2).reshape(N, x.size(1), D)
             x = x + lin(i, 1, o, a.c_proj.weight, a.c_proj.bias)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
             fused = getattr(lin, "gelu", None)
@@ -610,11 +715,15 @@ class GPT2Decoder(_Base):
         a, mlp, ln1, ln2 = blk.attn, blk.mlp, blk.ln_1, blk.ln_2
         qkv = _NormSavedLinear.apply(x, ln1.weight, ln1.bias, a.c_attn.weight, a.c_attn.bias, out(i, 0),
                                      ln1.eps, True)
-        q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
-        fn, inputs = attend.lean(i, q[:, :, n - m:], k, v)
+        fused = getattr(attend, "lean_qkv", None)
+        if fused is not None:  # _Attention: its inputs are qkv itself (and a prefix's keys and values)
+            attn, inputs = fused(i, qkv, m)
+        else:
+            q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
+            fn, inputs = attend.lean(i, q[:, :, n - m:], k, v)
 
-        def attn(*t: torch.Tensor) -> torch.Tensor:
-            return fn(*t).transpose(1, 2).reshape(N, m, D)
+            def attn(*t: torch.Tensor) -> torch.Tensor:
+                return fn(*t).transpose(1, 2).reshape(N, m, D)
 
         def last(t: torch.Tensor) -> torch.Tensor:
             return t[:, n - m:]
@@ -863,6 +972,9 @@ def backbone_hidden(backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
 
     def attend(i, q, k, v):
         return _causal_attention(q, k, v, pmask, False)
+
+    if _fused_attention_ok(dec.weight_like, dec.hd):
+        attend.qkv = lambda i, qkv, m: fused_attention(qkv, dec.H, m, dec.key_ok)
 
     def lin(i, j, x, weight, bias):
         return _linear(x, weight, bias, True)

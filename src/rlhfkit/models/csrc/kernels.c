@@ -8,7 +8,9 @@
      residual add), one pass instead of torch's two or three small ops;
    - GPT-2's whole decode step in one call, and plain sampling in one pass (further down);
    - one-pass reductions where torch takes several passes or calls: the gradient norm over every
-     parameter, the log-probabilities of given tokens and their logits' gradient.
+     parameter, the log-probabilities of given tokens and their logits' gradient;
+   - the attention of a training pass, forward and backward, read from and written into the q|k|v
+     projection's layout (at the end).
 
    The GELU:
 
@@ -20,6 +22,7 @@
    (tests/test_activations.py). */
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* e^y for y clamped to [-40, 40] (so that (1 + e^y)^2 stays a finite float): 2^k e^r with
@@ -478,5 +481,294 @@ void rlhfkit_logz_backward(const float *x, int64_t d0, int64_t d1, int64_t V, in
         for (int64_t i = 0; i < V; i++)
             o[i] = scale * exp_clamped(row[i] * inv_t - shift);
         o[ids[r]] += g[r] * inv_t;
+    }
+}
+
+/* Attention of a training pass (rl/fastdecode.py), forward and backward, for the short sequences of RL
+   fine-tuning (tens to a few hundred positions), where torch's flash-attention kernel spends more time in
+   its block set-up, its zero-filled gradients and the copies around it than in arithmetic.
+
+   Per row b and head h: queries q (m of them) are the last m of the row's own n2 positions; the keys are a
+   prefix of n1 positions shared by the G consecutive rows of a group (a prompt's keys, held once for its G
+   completions; n1 may be 0) followed by the row's own n2 keys. Query i (own position p = n2 - m + i) sees
+   every prefix key, its own keys up to p, each only where key_ok says it is a real token, and always key
+   p itself (a padding query sees itself, so no row is empty: the decoders' masks, _prompt_masks).
+
+   Every tensor is a (rows, heads, positions, hd) view at element strides with contiguous rows of hd, read
+   and written in place: the queries, keys and values are views of the q|k|v projection's output and the
+   gradients are written straight into the projection's gradient, so nothing is copied, stacked or
+   zero-filled around the kernel. A task (row, head; for the backward a group's rows, whose prefix
+   gradient it sums) gathers its keys transposed (hd, keys) and its values into scratch, so that the
+   scores of 4 queries are 4 vector accumulators per 16 keys, and the weighted sums 16 floats of hd at a
+   time. The forward keeps each query's log-sum-exp, from which the backward recomputes the softmax. */
+
+typedef float vec16 __attribute__((vector_size(64)));
+
+static inline vec16 vload(const float *p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+
+struct attn_view {
+    float *p;
+    int64_t sb, sh, st; /* element strides of row, head, position; hd contiguous */
+};
+
+struct attn_args {
+    int64_t B, H, hd, m, n1, n2, G;
+    float scale;
+    struct attn_view q, k1, v1, k2, v2, o, dout, dq, dk1, dv1, dk2, dv2;
+    const unsigned char *key_ok; /* (B, n1 + n2) at ok_stride, or NULL: every key is real */
+    int64_t ok_stride;
+    float *lse; /* (B, H, m) contiguous */
+};
+
+static inline float *at(const struct attn_view *v, int64_t b, int64_t h, int64_t t) {
+    return v->p + b * v->sb + h * v->sh + t * v->st;
+}
+
+/* Key j (prefix first) of row b, head h, from k (or v): the prefix view's or the row's own. */
+static inline float *key_row(const struct attn_args *a, const struct attn_view *pre, const struct attn_view *own,
+                             int64_t b, int64_t h, int64_t j) {
+    return j < a->n1 ? at(pre, b / a->G, h, j) : at(own, b, h, j - a->n1);
+}
+
+/* A task's keys K and values V (nk, hd) copied from their views, the keys transposed into Kt (hd, nkp)
+   and for the backward the values into Vt, with zero columns up to nkp (a multiple of 16); ok[j]: key j
+   is a real token. */
+static void transpose_rows(const float *X, int64_t nk, int64_t hd, int64_t nkp, float *Xt) {
+    for (int64_t d = 0; d < hd; d++) {
+        float *out = Xt + d * nkp;
+#pragma omp simd
+        for (int64_t j = 0; j < nk; j++)
+            out[j] = X[j * hd + d];
+        for (int64_t j = nk; j < nkp; j++) /* the padding columns of the last block of 16 keys */
+            out[j] = 0.0f;
+    }
+}
+
+static void gather_keys(const struct attn_args *a, int64_t b, int64_t h, int64_t nkp, float *Kt, float *V,
+                        float *K, float *Vt, unsigned char *ok) {
+    int64_t nk = a->n1 + a->n2, hd = a->hd;
+    for (int64_t j = 0; j < nk; j++) {
+        memcpy(K + j * hd, key_row(a, &a->k1, &a->k2, b, h, j), hd * sizeof(float));
+        memcpy(V + j * hd, key_row(a, &a->v1, &a->v2, b, h, j), hd * sizeof(float));
+        ok[j] = a->key_ok == NULL ? 1 : a->key_ok[b * a->ok_stride + j];
+    }
+    transpose_rows(K, nk, hd, nkp, Kt);
+    if (Vt != NULL)
+        transpose_rows(V, nk, hd, nkp, Vt);
+}
+
+/* S[r][j] = scale * x_r . Kt[:, j] for the 4 rows x_r (hd each) and keys j < lim (rounded up to 16). */
+static void dots4(const float *const *x, const float *Kt, int64_t nkp, int64_t hd, int64_t lim, float scale,
+                  float *S) {
+    for (int64_t c = 0; c < lim; c += 16) {
+        vec16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (int64_t d = 0; d < hd; d++) {
+            vec16 k = vload(Kt + d * nkp + c);
+            s0 += x[0][d] * k;
+            s1 += x[1][d] * k;
+            s2 += x[2][d] * k;
+            s3 += x[3][d] * k;
+        }
+        vstore(S + c, s0 * scale);
+        vstore(S + nkp + c, s1 * scale);
+        vstore(S + 2 * nkp + c, s2 * scale);
+        vstore(S + 3 * nkp + c, s3 * scale);
+    }
+}
+
+/* out_r (hd) = sum over j < lim of W[r][j] * X[j] (X: (keys, hd)), for 4 rows r. */
+static void mix4(const float *W, int64_t nkp, const float *X, int64_t hd, int64_t lim, float *const *out) {
+    for (int64_t c = 0; c < hd; c += 16) {
+        vec16 o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+        for (int64_t j = 0; j < lim; j++) {
+            vec16 x = vload(X + j * hd + c);
+            o0 += W[j] * x;
+            o1 += W[nkp + j] * x;
+            o2 += W[2 * nkp + j] * x;
+            o3 += W[3 * nkp + j] * x;
+        }
+        vstore(out[0] + c, o0);
+        vstore(out[1] + c, o1);
+        vstore(out[2] + c, o2);
+        vstore(out[3] + c, o3);
+    }
+}
+
+/* The visible keys of query i (global key index limit: keys < n1 + p + 1) turned into the softmax's
+   weights in place in S (0 past the limit and where masked); returns the log-sum-exp. With lse given
+   (the backward), exp(S - lse) instead. */
+static float softmax_row(float *S, const unsigned char *ok, int64_t lim, int64_t nkp,
+                         const float *lse) {
+    float peak = -__builtin_inff();
+    for (int64_t j = 0; j < lim; j++) {
+        int vis = ok[j] || j == lim - 1;
+        S[j] = vis ? S[j] : -__builtin_inff();
+    }
+    for (int64_t j = lim; j < nkp; j++)
+        S[j] = -__builtin_inff();
+    float shift;
+    if (lse != NULL) {
+        shift = *lse;
+    } else {
+#pragma omp simd reduction(max : peak)
+        for (int64_t j = 0; j < lim; j++)
+            peak = S[j] > peak ? S[j] : peak;
+        shift = peak;
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < nkp; j++) {
+        float e = S[j] == -__builtin_inff() ? 0.0f : exp_clamped(S[j] - shift);
+        S[j] = e;
+        total += e;
+    }
+    if (lse != NULL)
+        return *lse;
+    float inv = 1.0f / total;
+#pragma omp simd
+    for (int64_t j = 0; j < nkp; j++)
+        S[j] *= inv;
+    return peak + __builtin_logf(total);
+}
+
+static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* Per thread: keys transposed (hd, nkp), values (nk, hd), 4 rows of weights (4, nkp), a row of hd that
+   takes the outputs of a block's unused query slots and the keys (nk, hd); for the backward also the
+   values transposed (hd, nkp), 4 rows of score gradients and the keys' and values' gradients (nk, hd). */
+static float *task_scratch(int64_t hd, int64_t nk, int64_t nkp, int backward) {
+    int64_t n = hd * nkp + 2 * nk * hd + 4 * nkp + hd;
+    if (backward)
+        n += hd * nkp + 4 * nkp + 2 * nk * hd;
+    return aligned_alloc(64, (size_t)((n * sizeof(float) + 63) & ~(size_t)63));
+}
+
+/* The query block starting at i0: pointers to its up to 4 rows of x (v) and of out (w, or `junk` for the
+   slots past the last query, which repeat the first). Returns how many are real. */
+static int64_t block_rows(const struct attn_args *a, const struct attn_view *v, const struct attn_view *w,
+                          int64_t b, int64_t h, int64_t i0, const float **x, float **out, float *junk) {
+    int64_t rows = a->m - i0 < 4 ? a->m - i0 : 4;
+    for (int64_t r = 0; r < 4; r++) {
+        x[r] = at(v, b, h, r < rows ? i0 + r : i0);
+        if (out != NULL)
+            out[r] = r < rows ? at(w, b, h, i0 + r) : junk;
+    }
+    return rows;
+}
+
+void rlhfkit_attention_forward(const struct attn_args *a) {
+    int64_t nk = a->n1 + a->n2, nkp = round16(nk), hd = a->hd, off = a->n2 - a->m;
+#pragma omp parallel
+    {
+        float *Kt = task_scratch(hd, nk, nkp, 0);
+        float *V = Kt + hd * nkp, *S = V + nk * hd, *junk = S + 4 * nkp, *K = junk + hd;
+        unsigned char *ok = malloc((size_t)nkp);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < a->B * a->H; task++) {
+            int64_t b = task / a->H, h = task % a->H;
+            gather_keys(a, b, h, nkp, Kt, V, K, NULL, ok);
+            for (int64_t i0 = 0; i0 < a->m; i0 += 4) {
+                const float *x[4];
+                float *out[4];
+                int64_t rows = block_rows(a, &a->q, &a->o, b, h, i0, x, out, junk);
+                int64_t lim = a->n1 + off + i0 + rows; /* the keys the block's last query sees */
+                dots4(x, Kt, nkp, hd, lim, a->scale, S);
+                for (int64_t r = 0; r < 4; r++) {
+                    float *row = S + r * nkp;
+                    if (r < rows)
+                        a->lse[(b * a->H + h) * a->m + i0 + r] = softmax_row(row, ok, a->n1 + off + i0 + r + 1, nkp,
+                                                                             NULL);
+                    else
+                        memset(row, 0, (size_t)nkp * sizeof(float));
+                }
+                mix4(S, nkp, V, hd, lim, out);
+            }
+        }
+        free(Kt);
+        free(ok);
+    }
+}
+
+/* X[j] += sum over the 4 rows r of W[r][j] * x_r, for keys j < lim (X: (keys, hd)). */
+static void outer4(const float *W, int64_t nkp, const float *const *x, int64_t hd, int64_t lim, float *X) {
+    for (int64_t j = 0; j < lim; j++) {
+        float w0 = W[j], w1 = W[nkp + j], w2 = W[2 * nkp + j], w3 = W[3 * nkp + j];
+        if (w0 == 0.0f && w1 == 0.0f && w2 == 0.0f && w3 == 0.0f)
+            continue;
+        for (int64_t c = 0; c < hd; c += 16)
+            vstore(X + j * hd + c, vload(X + j * hd + c) + w0 * vload(x[0] + c) + w1 * vload(x[1] + c) +
+                                       w2 * vload(x[2] + c) + w3 * vload(x[3] + c));
+    }
+}
+
+/* The gradients of rlhfkit_attention_forward's output: dq, dk2, dv2 of every row and dk1, dv1 of every
+   prefix (summed over its group's rows), all written in full (zeros where a key had no weight), from q,
+   the keys, the values, the output o, its gradient dout and the forward's log-sum-exp. With P the
+   softmax's weights recomputed from the log-sum-exp: dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o))
+   scale, dQ = dS K, dK = dS^T Q. A task is a prefix group's rows for one head. */
+void rlhfkit_attention_backward(const struct attn_args *a) {
+    int64_t nk = a->n1 + a->n2, nkp = round16(nk), hd = a->hd, off = a->n2 - a->m;
+#pragma omp parallel
+    {
+        float *Kt = task_scratch(hd, nk, nkp, 1);
+        float *V = Kt + hd * nkp, *S = V + nk * hd, *junk = S + 4 * nkp, *K = junk + hd, *Vt = K + nk * hd;
+        float *dS = Vt + hd * nkp, *dK = dS + 4 * nkp, *dV = dK + nk * hd;
+        unsigned char *ok = malloc((size_t)nkp);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < a->B / a->G * a->H; task++) {
+            int64_t u = task / a->H, h = task % a->H;
+            memset(dK, 0, (size_t)(a->n1 * hd) * sizeof(float));
+            memset(dV, 0, (size_t)(a->n1 * hd) * sizeof(float));
+            for (int64_t b = u * a->G; b < (u + 1) * a->G; b++) {
+                gather_keys(a, b, h, nkp, Kt, V, K, Vt, ok);
+                memset(dK + a->n1 * hd, 0, (size_t)(a->n2 * hd) * sizeof(float));
+                memset(dV + a->n1 * hd, 0, (size_t)(a->n2 * hd) * sizeof(float));
+                for (int64_t i0 = 0; i0 < a->m; i0 += 4) {
+                    const float *q[4], *g[4], *o[4];
+                    float *dq[4];
+                    int64_t rows = block_rows(a, &a->q, &a->dq, b, h, i0, q, dq, junk);
+                    block_rows(a, &a->dout, NULL, b, h, i0, g, NULL, NULL);
+                    block_rows(a, &a->o, NULL, b, h, i0, o, NULL, NULL);
+                    int64_t lim = a->n1 + off + i0 + rows;
+                    dots4(q, Kt, nkp, hd, lim, a->scale, S);
+                    dots4(g, Vt, nkp, hd, lim, 1.0f, dS);
+                    for (int64_t r = 0; r < 4; r++) {
+                        float *p = S + r * nkp, *ds = dS + r * nkp;
+                        if (r >= rows) {
+                            memset(p, 0, (size_t)nkp * sizeof(float));
+                            memset(ds, 0, (size_t)nkp * sizeof(float));
+                            continue;
+                        }
+                        softmax_row(p, ok, a->n1 + off + i0 + r + 1, nkp, a->lse + (b * a->H + h) * a->m + i0 + r);
+                        float di = 0.0f;
+#pragma omp simd reduction(+ : di)
+                        for (int64_t d = 0; d < hd; d++)
+                            di += g[r][d] * o[r][d];
+#pragma omp simd
+                        for (int64_t j = 0; j < nkp; j++)
+                            ds[j] = p[j] * (ds[j] - di) * a->scale;
+                    }
+                    mix4(dS, nkp, K, hd, lim, dq);
+                    outer4(dS, nkp, q, hd, lim, dK);
+                    outer4(S, nkp, g, hd, lim, dV);
+                }
+                for (int64_t j = a->n1; j < nk; j++) {
+                    memcpy(at(&a->dk2, b, h, j - a->n1), dK + j * hd, hd * sizeof(float));
+                    memcpy(at(&a->dv2, b, h, j - a->n1), dV + j * hd, hd * sizeof(float));
+                }
+            }
+            for (int64_t j = 0; j < a->n1; j++) {
+                memcpy(at(&a->dk1, u, h, j), dK + j * hd, hd * sizeof(float));
+                memcpy(at(&a->dv1, u, h, j), dV + j * hd, hd * sizeof(float));
+            }
+        }
+        free(Kt);
+        free(ok);
     }
 }
