@@ -551,12 +551,12 @@ static void transpose_rows(const float *X, int64_t nk, int64_t hd, int64_t nkp, 
 }
 
 static void gather_keys(const struct attn_args *a, int64_t b, int64_t h, int64_t nkp, float *Kt, float *V,
-                        float *K, float *Vt, unsigned char *ok) {
+                        float *K, float *Vt, float *kb) {
     int64_t nk = a->n1 + a->n2, hd = a->hd;
     for (int64_t j = 0; j < nk; j++) {
         memcpy(K + j * hd, key_row(a, &a->k1, &a->k2, b, h, j), hd * sizeof(float));
         memcpy(V + j * hd, key_row(a, &a->v1, &a->v2, b, h, j), hd * sizeof(float));
-        ok[j] = a->key_ok == NULL ? 1 : a->key_ok[b * a->ok_stride + j];
+        kb[j] = a->key_ok == NULL || a->key_ok[b * a->ok_stride + j] ? 0.0f : -__builtin_inff();
     }
     transpose_rows(K, nk, hd, nkp, Kt);
     if (Vt != NULL)
@@ -582,8 +582,9 @@ static void dots4(const float *const *x, const float *Kt, int64_t nkp, int64_t h
     }
 }
 
-/* out_r (hd) = sum over j < lim of W[r][j] * X[j] (X: (keys, hd)), for 4 rows r. */
-static void mix4(const float *W, int64_t nkp, const float *X, int64_t hd, int64_t lim, float *const *out) {
+/* out_r (hd) = f_r * sum over j < lim of W[r][j] * X[j] (X: (keys, hd)), for 4 rows r. */
+static void mix4(const float *W, int64_t nkp, const float *X, int64_t hd, int64_t lim, const float *f,
+                 float *const *out) {
     for (int64_t c = 0; c < hd; c += 16) {
         vec16 o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
         for (int64_t j = 0; j < lim; j++) {
@@ -593,57 +594,54 @@ static void mix4(const float *W, int64_t nkp, const float *X, int64_t hd, int64_
             o2 += W[2 * nkp + j] * x;
             o3 += W[3 * nkp + j] * x;
         }
-        vstore(out[0] + c, o0);
-        vstore(out[1] + c, o1);
-        vstore(out[2] + c, o2);
-        vstore(out[3] + c, o3);
+        vstore(out[0] + c, o0 * f[0]);
+        vstore(out[1] + c, o1 * f[1]);
+        vstore(out[2] + c, o2 * f[2]);
+        vstore(out[3] + c, o3 * f[3]);
     }
 }
 
-/* The visible keys of query i (global key index limit: keys < n1 + p + 1) turned into the softmax's
-   weights in place in S (0 past the limit and where masked); returns the log-sum-exp. With lse given
-   (the backward), exp(S - lse) instead. */
-static float softmax_row(float *S, const unsigned char *ok, int64_t lim, int64_t nkp,
-                         const float *lse) {
-    float peak = -__builtin_inff();
-    for (int64_t j = 0; j < lim; j++) {
-        int vis = ok[j] || j == lim - 1;
-        S[j] = vis ? S[j] : -__builtin_inff();
-    }
-    for (int64_t j = lim; j < nkp; j++)
-        S[j] = -__builtin_inff();
-    float shift;
-    if (lse != NULL) {
-        shift = *lse;
-    } else {
+/* Row S of query scores turned into its softmax weights in place, over its first `end` entries (a
+multiple of 16 at least lim): keys j < lim - 1 where kb[j] = 0 (a real key; -inf for a pad), key lim - 1
+(the query's own) always, none from lim on. Forward (lse NULL): the weights are left unnormalised, *inv
+gets 1 / their sum (mix4 scales the outputs by it) and the log-sum-exp is returned; backward: exp(S -
+lse), already normalised. */
+static float softmax_row(float *S, const float *kb, int64_t lim, int64_t end, const float *lse, float *inv) {
+    const float ninf = -__builtin_inff();
+    float own = S[lim - 1];
+#pragma omp simd
+    for (int64_t j = 0; j < end; j++)
+        S[j] += kb[j];
+    S[lim - 1] = own;
+    for (int64_t j = lim; j < end; j++)
+        S[j] = ninf;
+    float peak = ninf;
+    if (lse == NULL) {
 #pragma omp simd reduction(max : peak)
-        for (int64_t j = 0; j < lim; j++)
+        for (int64_t j = 0; j < end; j++)
             peak = S[j] > peak ? S[j] : peak;
-        shift = peak;
     }
-    float total = 0.0f;
+    float shift = lse == NULL ? peak : *lse, total = 0.0f;
 #pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < nkp; j++) {
-        float e = S[j] == -__builtin_inff() ? 0.0f : exp_clamped(S[j] - shift);
+    for (int64_t j = 0; j < end; j++) {
+        float e = S[j] == ninf ? 0.0f : exp_clamped(S[j] - shift);
         S[j] = e;
         total += e;
     }
     if (lse != NULL)
-        return *lse;
-    float inv = 1.0f / total;
-#pragma omp simd
-    for (int64_t j = 0; j < nkp; j++)
-        S[j] *= inv;
-    return peak + __builtin_logf(total);
+        return shift;
+    *inv = 1.0f / total;
+    return shift + __builtin_logf(total);
 }
 
 static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
 /* Per thread: keys transposed (hd, nkp), values (nk, hd), 4 rows of weights (4, nkp), a row of hd that
-   takes the outputs of a block's unused query slots and the keys (nk, hd); for the backward also the
+   takes the outputs of a block's unused query slots, the keys (nk, hd) and the key mask (nkp); for the
+   backward also the
    values transposed (hd, nkp), 4 rows of score gradients and the keys' and values' gradients (nk, hd). */
 static float *task_scratch(int64_t hd, int64_t nk, int64_t nkp, int backward) {
-    int64_t n = hd * nkp + 2 * nk * hd + 4 * nkp + hd;
+    int64_t n = hd * nkp + 2 * nk * hd + 4 * nkp + hd + nkp;
     if (backward)
         n += hd * nkp + 4 * nkp + 2 * nk * hd;
     return aligned_alloc(64, (size_t)((n * sizeof(float) + 63) & ~(size_t)63));
@@ -667,31 +665,24 @@ void rlhfkit_attention_forward(const struct attn_args *a) {
 #pragma omp parallel
     {
         float *Kt = task_scratch(hd, nk, nkp, 0);
-        float *V = Kt + hd * nkp, *S = V + nk * hd, *junk = S + 4 * nkp, *K = junk + hd;
-        unsigned char *ok = malloc((size_t)nkp);
+        float *V = Kt + hd * nkp, *S = V + nk * hd, *junk = S + 4 * nkp, *K = junk + hd, *kb = K + nk * hd;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < a->B * a->H; task++) {
             int64_t b = task / a->H, h = task % a->H;
-            gather_keys(a, b, h, nkp, Kt, V, K, NULL, ok);
+            gather_keys(a, b, h, nkp, Kt, V, K, NULL, kb);
             for (int64_t i0 = 0; i0 < a->m; i0 += 4) {
                 const float *x[4];
-                float *out[4];
+                float *out[4], inv[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* unused slots: their outputs 0, to junk */
                 int64_t rows = block_rows(a, &a->q, &a->o, b, h, i0, x, out, junk);
                 int64_t lim = a->n1 + off + i0 + rows; /* the keys the block's last query sees */
                 dots4(x, Kt, nkp, hd, lim, a->scale, S);
-                for (int64_t r = 0; r < 4; r++) {
-                    float *row = S + r * nkp;
-                    if (r < rows)
-                        a->lse[(b * a->H + h) * a->m + i0 + r] = softmax_row(row, ok, a->n1 + off + i0 + r + 1, nkp,
-                                                                             NULL);
-                    else
-                        memset(row, 0, (size_t)nkp * sizeof(float));
-                }
-                mix4(S, nkp, V, hd, lim, out);
+                for (int64_t r = 0; r < rows; r++)
+                    a->lse[(b * a->H + h) * a->m + i0 + r] = softmax_row(S + r * nkp, kb, a->n1 + off + i0 + r + 1,
+                                                                         round16(lim), NULL, inv + r);
+                mix4(S, nkp, V, hd, lim, inv, out);
             }
         }
         free(Kt);
-        free(ok);
     }
 }
 
@@ -718,15 +709,15 @@ void rlhfkit_attention_backward(const struct attn_args *a) {
     {
         float *Kt = task_scratch(hd, nk, nkp, 1);
         float *V = Kt + hd * nkp, *S = V + nk * hd, *junk = S + 4 * nkp, *K = junk + hd, *Vt = K + nk * hd;
-        float *dS = Vt + hd * nkp, *dK = dS + 4 * nkp, *dV = dK + nk * hd;
-        unsigned char *ok = malloc((size_t)nkp);
+        float *dS = Vt + hd * nkp, *dK = dS + 4 * nkp, *dV = dK + nk * hd, *kb = dV + nk * hd;
+        const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < a->B / a->G * a->H; task++) {
             int64_t u = task / a->H, h = task % a->H;
             memset(dK, 0, (size_t)(a->n1 * hd) * sizeof(float));
             memset(dV, 0, (size_t)(a->n1 * hd) * sizeof(float));
             for (int64_t b = u * a->G; b < (u + 1) * a->G; b++) {
-                gather_keys(a, b, h, nkp, Kt, V, K, Vt, ok);
+                gather_keys(a, b, h, nkp, Kt, V, K, Vt, kb);
                 memset(dK + a->n1 * hd, 0, (size_t)(a->n2 * hd) * sizeof(float));
                 memset(dV + a->n1 * hd, 0, (size_t)(a->n2 * hd) * sizeof(float));
                 for (int64_t i0 = 0; i0 < a->m; i0 += 4) {
@@ -735,26 +726,27 @@ void rlhfkit_attention_backward(const struct attn_args *a) {
                     int64_t rows = block_rows(a, &a->q, &a->dq, b, h, i0, q, dq, junk);
                     block_rows(a, &a->dout, NULL, b, h, i0, g, NULL, NULL);
                     block_rows(a, &a->o, NULL, b, h, i0, o, NULL, NULL);
-                    int64_t lim = a->n1 + off + i0 + rows;
+                    int64_t lim = a->n1 + off + i0 + rows, end = round16(lim);
                     dots4(q, Kt, nkp, hd, lim, a->scale, S);
                     dots4(g, Vt, nkp, hd, lim, 1.0f, dS);
                     for (int64_t r = 0; r < 4; r++) {
                         float *p = S + r * nkp, *ds = dS + r * nkp;
                         if (r >= rows) {
-                            memset(p, 0, (size_t)nkp * sizeof(float));
-                            memset(ds, 0, (size_t)nkp * sizeof(float));
+                            memset(p, 0, (size_t)end * sizeof(float));
+                            memset(ds, 0, (size_t)end * sizeof(float));
                             continue;
                         }
-                        softmax_row(p, ok, a->n1 + off + i0 + r + 1, nkp, a->lse + (b * a->H + h) * a->m + i0 + r);
+                        softmax_row(p, kb, a->n1 + off + i0 + r + 1, end, a->lse + (b * a->H + h) * a->m + i0 + r,
+                                    NULL);
                         float di = 0.0f;
 #pragma omp simd reduction(+ : di)
                         for (int64_t d = 0; d < hd; d++)
                             di += g[r][d] * o[r][d];
 #pragma omp simd
-                        for (int64_t j = 0; j < nkp; j++)
+                        for (int64_t j = 0; j < end; j++)
                             ds[j] = p[j] * (ds[j] - di) * a->scale;
                     }
-                    mix4(dS, nkp, K, hd, lim, dq);
+                    mix4(dS, nkp, K, hd, lim, ones, dq);
                     outer4(dS, nkp, q, hd, lim, dK);
                     outer4(S, nkp, g, hd, lim, dV);
                 }
@@ -769,6 +761,5 @@ void rlhfkit_attention_backward(const struct attn_args *a) {
             }
         }
         free(Kt);
-        free(ok);
     }
 }
