@@ -498,19 +498,18 @@ void rlhfkit_logz_backward(const float *x, int64_t d0, int64_t d1, int64_t V, in
    and written in place: the queries, keys and values are views of the q|k|v projection's output and the
    gradients are written straight into the projection's gradient, so nothing is copied, stacked or
    zero-filled around the kernel. A task (row, head; for the backward a group's rows, whose prefix
-   gradient it sums) gathers its keys transposed (hd, keys) and its values into scratch, so that the
-   scores of 4 queries are 4 vector accumulators per 16 keys, and the weighted sums 16 floats of hd at a
-   time. The forward keeps each query's log-sum-exp, from which the backward recomputes the softmax. */
+   gradient it sums) gathers its keys transposed (hd, keys) into scratch, so that the scores of a block
+   of QB queries are QB vector accumulators per 16 keys, and the weighted sums QB accumulators of 16
+   floats of hd, the value rows read in place. The forward keeps each query's log-sum-exp, from which the backward recomputes the softmax. */
 
 typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16u __attribute__((vector_size(64), aligned(4))); /* at any float's address */
 
-static inline vec16 vload(const float *p) {
-    vec16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+/* Typed loads and stores (not memcpy, which may alias anything: the compiler would reload the row
+   pointers after every store). */
+static inline vec16 vload(const float *p) { return *(const vec16u *)p; }
 
-static inline void vstore(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+static inline void vstore(float *p, vec16 v) { *(vec16u *)p = v; }
 
 struct attn_view {
     float *p;
@@ -530,129 +529,259 @@ static inline float *at(const struct attn_view *v, int64_t b, int64_t h, int64_t
     return v->p + b * v->sb + h * v->sh + t * v->st;
 }
 
-/* Key j (prefix first) of row b, head h, from k (or v): the prefix view's or the row's own. */
-static inline float *key_row(const struct attn_args *a, const struct attn_view *pre, const struct attn_view *own,
-                             int64_t b, int64_t h, int64_t j) {
-    return j < a->n1 ? at(pre, b / a->G, h, j) : at(own, b, h, j - a->n1);
+/* The largest and the sum of a vector's 16 floats, as a tree of shuffles (a loop over the lanes is a
+   chain of 16 dependent operations). */
+#if defined(__clang__) || __GNUC__ >= 12
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+
+static inline vec16 vmax(vec16 a, vec16 b) {
+    ivec16 m = a > b;
+    return (vec16)(((ivec16)a & m) | ((ivec16)b & ~m));
 }
 
-/* A task's keys K and values V (nk, hd) copied from their views, the keys transposed into Kt (hd, nkp)
-   and for the backward the values into Vt, with zero columns up to nkp (a multiple of 16); ok[j]: key j
-   is a real token. */
-static void transpose_rows(const float *X, int64_t nk, int64_t hd, int64_t nkp, float *Xt) {
-    for (int64_t d = 0; d < hd; d++) {
-        float *out = Xt + d * nkp;
-#pragma omp simd
-        for (int64_t j = 0; j < nk; j++)
-            out[j] = X[j * hd + d];
-        for (int64_t j = nk; j < nkp; j++) /* the padding columns of the last block of 16 keys */
-            out[j] = 0.0f;
+#define SWAP8 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7
+#define SWAP4 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11
+#define SWAP2 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13
+#define SWAP1 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+
+static inline float hmax16(vec16 v) {
+    v = vmax(v, __builtin_shufflevector(v, v, SWAP8));
+    v = vmax(v, __builtin_shufflevector(v, v, SWAP4));
+    v = vmax(v, __builtin_shufflevector(v, v, SWAP2));
+    v = vmax(v, __builtin_shufflevector(v, v, SWAP1));
+    return v[0];
+}
+
+static inline float hsum16(vec16 v) {
+    v += __builtin_shufflevector(v, v, SWAP8);
+    v += __builtin_shufflevector(v, v, SWAP4);
+    v += __builtin_shufflevector(v, v, SWAP2);
+    v += __builtin_shufflevector(v, v, SWAP1);
+    return v[0];
+}
+
+/* A 16 x 16 block in place, r[i][k] -> r[k][i]: four rounds that each swap the off-diagonal sub-blocks of
+   the next size down (8, 4, 2, 1), each a two-vector permutation (one instruction with AVX-512). */
+#define T8L 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define T8H 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define T4L 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define T4H 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define T2L 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define T2H 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define T1L 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define T1H 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define TSTEP(B, LO, HI)                                                    \
+    for (int i = 0; i < 16; i++)                                            \
+        if (!(i & B)) {                                                     \
+            vec16 x = r[i], y = r[i + B];                                   \
+            r[i] = __builtin_shufflevector(x, y, LO);                       \
+            r[i + B] = __builtin_shufflevector(x, y, HI);                   \
+        }
+
+static inline void transpose16(vec16 *r) {
+    TSTEP(8, T8L, T8H)
+    TSTEP(4, T4L, T4H)
+    TSTEP(2, T2L, T2H)
+    TSTEP(1, T1L, T1H)
+}
+#else
+static inline vec16 vmax(vec16 a, vec16 b) {
+    for (int i = 0; i < 16; i++)
+        a[i] = a[i] > b[i] ? a[i] : b[i];
+    return a;
+}
+
+static inline float hmax16(vec16 v) {
+    float m = v[0];
+    for (int i = 1; i < 16; i++)
+        m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+static inline float hsum16(vec16 v) {
+    float t = 0.0f;
+    for (int i = 0; i < 16; i++)
+        t += v[i];
+    return t;
+}
+
+static inline void transpose16(vec16 *r) {
+    for (int i = 0; i < 16; i++)
+        for (int k = i + 1; k < 16; k++) {
+            float t = r[i][k];
+            r[i][k] = r[k][i];
+            r[k][i] = t;
+        }
+}
+#endif
+
+#define QB 8 /* queries per block: QB vector accumulators share each load of keys or values */
+
+/* A task's keys: krow[j], vrow[j] point at key j's rows of hd (the prefix's first, then the row's own),
+   read in place; Kt (hd, nkp) holds the keys transposed, and for the backward Vt the values, with zero
+   columns up to nkp (a multiple of 16); kb[j] is 0 where key j is a real token, -inf where it is a pad. */
+static void transpose_segment(const float *x, int64_t stride, int64_t n, int64_t hd, int64_t nkp, float *Xt) {
+    for (int64_t j0 = 0; j0 < n; j0 += 16) { /* blocks of 16 rows (zeros past n) by 16 columns */
+        int64_t rows = n - j0 < 16 ? n - j0 : 16;
+        for (int64_t c = 0; c < hd; c += 16) {
+            vec16 r[16];
+            for (int64_t i = 0; i < 16; i++)
+                r[i] = i < rows ? vload(x + (j0 + i) * stride + c) : (vec16){0};
+            transpose16(r);
+            for (int64_t d = 0; d < 16; d++) {
+                float *out = Xt + (c + d) * nkp + j0;
+                if (rows == 16) {
+                    vstore(out, r[d]);
+                } else {
+                    for (int64_t i = 0; i < rows; i++)
+                        out[i] = r[d][i];
+                }
+            }
+        }
     }
 }
 
-static void gather_keys(const struct attn_args *a, int64_t b, int64_t h, int64_t nkp, float *Kt, float *V,
-                        float *K, float *Vt, float *kb) {
-    int64_t nk = a->n1 + a->n2, hd = a->hd;
+static void gather_keys(const struct attn_args *a, int64_t b, int64_t h, int64_t nkp, const float **krow,
+                        const float **vrow, float *Kt, float *Vt, float *kb) {
+    int64_t n1 = a->n1, nk = n1 + a->n2, hd = a->hd;
     for (int64_t j = 0; j < nk; j++) {
-        memcpy(K + j * hd, key_row(a, &a->k1, &a->k2, b, h, j), hd * sizeof(float));
-        memcpy(V + j * hd, key_row(a, &a->v1, &a->v2, b, h, j), hd * sizeof(float));
+        krow[j] = j < n1 ? at(&a->k1, b / a->G, h, j) : at(&a->k2, b, h, j - n1);
+        vrow[j] = j < n1 ? at(&a->v1, b / a->G, h, j) : at(&a->v2, b, h, j - n1);
         kb[j] = a->key_ok == NULL || a->key_ok[b * a->ok_stride + j] ? 0.0f : -__builtin_inff();
     }
-    transpose_rows(K, nk, hd, nkp, Kt);
-    if (Vt != NULL)
-        transpose_rows(V, nk, hd, nkp, Vt);
-}
-
-/* S[r][j] = scale * x_r . Kt[:, j] for the 4 rows x_r (hd each) and keys j < lim (rounded up to 16). */
-static void dots4(const float *const *x, const float *Kt, int64_t nkp, int64_t hd, int64_t lim, float scale,
-                  float *S) {
-    for (int64_t c = 0; c < lim; c += 16) {
-        vec16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        for (int64_t d = 0; d < hd; d++) {
-            vec16 k = vload(Kt + d * nkp + c);
-            s0 += x[0][d] * k;
-            s1 += x[1][d] * k;
-            s2 += x[2][d] * k;
-            s3 += x[3][d] * k;
-        }
-        vstore(S + c, s0 * scale);
-        vstore(S + nkp + c, s1 * scale);
-        vstore(S + 2 * nkp + c, s2 * scale);
-        vstore(S + 3 * nkp + c, s3 * scale);
+    for (int64_t k = 0; k < (Vt != NULL ? 2 : 1); k++) {
+        const struct attn_view *pre = k ? &a->v1 : &a->k1, *own = k ? &a->v2 : &a->k2;
+        float *Xt = k ? Vt : Kt;
+        if (n1 > 0)
+            transpose_segment(at(pre, b / a->G, h, 0), pre->st, n1, hd, nkp, Xt);
+        transpose_segment(at(own, b, h, 0), own->st, a->n2, hd, nkp, Xt + n1);
+        for (int64_t d = 0; d < hd; d++)
+            for (int64_t j = nk; j < nkp; j++)
+                Xt[d * nkp + j] = 0.0f;
     }
 }
 
-/* out_r (hd) = f_r * sum over j < lim of W[r][j] * X[j] (X: (keys, hd)), for 4 rows r. */
-static void mix4(const float *W, int64_t nkp, const float *X, int64_t hd, int64_t lim, const float *f,
-                 float *const *out) {
-    for (int64_t c = 0; c < hd; c += 16) {
-        vec16 o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
-        for (int64_t j = 0; j < lim; j++) {
-            vec16 x = vload(X + j * hd + c);
-            o0 += W[j] * x;
-            o1 += W[nkp + j] * x;
-            o2 += W[2 * nkp + j] * x;
-            o3 += W[3 * nkp + j] * x;
+/* S[r][j] = scale * x_r . Kt[:, j] for the QB rows x_r (hd each) and keys j < lim (rounded up to 16). */
+static void dots(const float *const *x, const float *Kt, int64_t nkp, int64_t hd, int64_t lim, float scale,
+                 float *S) {
+    for (int64_t c = 0; c < lim; c += 16) {
+        vec16 s[QB];
+        for (int r = 0; r < QB; r++)
+            s[r] = (vec16){0};
+        for (int64_t d = 0; d < hd; d++) {
+            vec16 k = vload(Kt + d * nkp + c);
+            for (int r = 0; r < QB; r++)
+                s[r] += x[r][d] * k;
         }
-        vstore(out[0] + c, o0 * f[0]);
-        vstore(out[1] + c, o1 * f[1]);
-        vstore(out[2] + c, o2 * f[2]);
-        vstore(out[3] + c, o3 * f[3]);
+        for (int r = 0; r < QB; r++)
+            vstore(S + r * nkp + c, s[r] * scale);
+    }
+}
+
+/* out_r (hd) = f_r * sum over j < lim of W[r][j] * rows[j] (rows of hd), for the QB rows r. */
+static void mix(const float *W, int64_t nkp, const float *const *rows, int64_t hd, int64_t lim, const float *f,
+                float *const *out) {
+    for (int64_t c = 0; c < hd; c += 16) {
+        vec16 o[QB];
+        for (int r = 0; r < QB; r++)
+            o[r] = (vec16){0};
+        for (int64_t j = 0; j < lim; j++) {
+            vec16 x = vload(rows[j] + c);
+            for (int r = 0; r < QB; r++)
+                o[r] += W[r * nkp + j] * x;
+        }
+        for (int r = 0; r < QB; r++)
+            vstore(out[r] + c, o[r] * f[r]);
+    }
+}
+
+/* X[j] += sum over the QB rows r of W[r][j] * x_r, for keys j < lim (X: (keys, hd)). Two keys at a time,
+   so that each load of a row chunk of x feeds two FMAs; keys whose weights are all 0 (masked, or past a
+   row's causal limit) are skipped in pairs. */
+static void outer(const float *W, int64_t nkp, const float *const *x, int64_t hd, int64_t lim, float *X) {
+    for (int64_t j = 0; j < lim; j += 2) {
+        int two = j + 1 < lim;
+        float w[QB], u[QB];
+        int any = 0;
+        for (int r = 0; r < QB; r++) {
+            w[r] = W[r * nkp + j];
+            u[r] = two ? W[r * nkp + j + 1] : 0.0f;
+            any |= (w[r] != 0.0f) | (u[r] != 0.0f);
+        }
+        if (!any)
+            continue;
+        float *X0 = X + j * hd, *X1 = X0 + hd;
+        for (int64_t c = 0; c < hd; c += 16) { /* two independent sums a key: one chain waits on each FMA */
+            vec16 a0 = vload(X0 + c), a1 = {0}, b0 = two ? vload(X1 + c) : (vec16){0}, b1 = {0};
+            for (int r = 0; r < QB; r += 2) {
+                vec16 x0 = vload(x[r] + c), x1 = vload(x[r + 1] + c);
+                a0 += w[r] * x0;
+                a1 += w[r + 1] * x1;
+                b0 += u[r] * x0;
+                b1 += u[r + 1] * x1;
+            }
+            vstore(X0 + c, a0 + a1);
+            if (two)
+                vstore(X1 + c, b0 + b1);
+        }
     }
 }
 
 /* Row S of query scores turned into its softmax weights in place, over its first `end` entries (a
 multiple of 16 at least lim): keys j < lim - 1 where kb[j] = 0 (a real key; -inf for a pad), key lim - 1
 (the query's own) always, none from lim on. Forward (lse NULL): the weights are left unnormalised, *inv
-gets 1 / their sum (mix4 scales the outputs by it) and the log-sum-exp is returned; backward: exp(S -
+gets 1 / their sum (mix scales the outputs by it) and the log-sum-exp is returned; backward: exp(S -
 lse), already normalised. */
 static float softmax_row(float *S, const float *kb, int64_t lim, int64_t end, const float *lse, float *inv) {
     const float ninf = -__builtin_inff();
     float own = S[lim - 1];
-#pragma omp simd
-    for (int64_t j = 0; j < end; j++)
-        S[j] += kb[j];
+    for (int64_t c = 0; c < end; c += 16)
+        vstore(S + c, vload(S + c) + vload(kb + c));
     S[lim - 1] = own;
     for (int64_t j = lim; j < end; j++)
         S[j] = ninf;
-    float peak = ninf;
+    float shift;
     if (lse == NULL) {
-#pragma omp simd reduction(max : peak)
-        for (int64_t j = 0; j < end; j++)
-            peak = S[j] > peak ? S[j] : peak;
+        vec16 peak = vload(S);
+        for (int64_t c = 16; c < end; c += 16)
+            peak = vmax(peak, vload(S + c));
+        shift = hmax16(peak);
+    } else {
+        shift = *lse;
     }
-    float shift = lse == NULL ? peak : *lse, total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < end; j++) {
-        float e = S[j] == ninf ? 0.0f : exp_clamped(S[j] - shift);
-        S[j] = e;
-        total += e;
-    }
+#pragma omp simd
+    for (int64_t j = 0; j < end; j++)
+        S[j] = S[j] == ninf ? 0.0f : exp_clamped(S[j] - shift);
     if (lse != NULL)
         return shift;
-    *inv = 1.0f / total;
-    return shift + __builtin_logf(total);
+    vec16 total = vload(S);
+    for (int64_t c = 16; c < end; c += 16)
+        total += vload(S + c);
+    float sum = hsum16(total);
+    *inv = 1.0f / sum;
+    return shift + __builtin_logf(sum);
 }
 
 static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* Per thread: keys transposed (hd, nkp), values (nk, hd), 4 rows of weights (4, nkp), a row of hd that
-   takes the outputs of a block's unused query slots, the keys (nk, hd) and the key mask (nkp); for the
-   backward also the
-   values transposed (hd, nkp), 4 rows of score gradients and the keys' and values' gradients (nk, hd). */
-static float *task_scratch(int64_t hd, int64_t nk, int64_t nkp, int backward) {
-    int64_t n = hd * nkp + 2 * nk * hd + 4 * nkp + hd + nkp;
+/* Per thread: keys transposed (hd, nkp), QB rows of weights (QB, nkp), a row of hd that takes the outputs
+   of a block's unused query slots, the key mask (nkp) and the key and value row pointers; for the backward
+   also the values transposed (hd, nkp), QB rows of score gradients and the keys' and values' gradients
+   (nk, hd). */
+static float *task_scratch(int64_t hd, int64_t nk, int64_t nkp, int backward, const float ***rows) {
+    int64_t n = hd * nkp + QB * nkp + hd + nkp;
     if (backward)
-        n += hd * nkp + 4 * nkp + 2 * nk * hd;
+        n += hd * nkp + QB * nkp + 2 * nk * hd;
+    *rows = malloc((size_t)(2 * nk) * sizeof(float *));
     return aligned_alloc(64, (size_t)((n * sizeof(float) + 63) & ~(size_t)63));
 }
 
-/* The query block starting at i0: pointers to its up to 4 rows of x (v) and of out (w, or `junk` for the
+/* The query block starting at i0: pointers to its up to QB rows of x (v) and of out (w, or `junk` for the
    slots past the last query, which repeat the first). Returns how many are real. */
 static int64_t block_rows(const struct attn_args *a, const struct attn_view *v, const struct attn_view *w,
                           int64_t b, int64_t h, int64_t i0, const float **x, float **out, float *junk) {
-    int64_t rows = a->m - i0 < 4 ? a->m - i0 : 4;
-    for (int64_t r = 0; r < 4; r++) {
+    int64_t rows = a->m - i0 < QB ? a->m - i0 : QB;
+    for (int64_t r = 0; r < QB; r++) {
         x[r] = at(v, b, h, r < rows ? i0 + r : i0);
         if (out != NULL)
             out[r] = r < rows ? at(w, b, h, i0 + r) : junk;
@@ -664,37 +793,28 @@ void rlhfkit_attention_forward(const struct attn_args *a) {
     int64_t nk = a->n1 + a->n2, nkp = round16(nk), hd = a->hd, off = a->n2 - a->m;
 #pragma omp parallel
     {
-        float *Kt = task_scratch(hd, nk, nkp, 0);
-        float *V = Kt + hd * nkp, *S = V + nk * hd, *junk = S + 4 * nkp, *K = junk + hd, *kb = K + nk * hd;
+        const float **krow;
+        float *Kt = task_scratch(hd, nk, nkp, 0, &krow);
+        float *S = Kt + hd * nkp, *junk = S + QB * nkp, *kb = junk + hd;
+        const float **vrow = krow + nk;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < a->B * a->H; task++) {
             int64_t b = task / a->H, h = task % a->H;
-            gather_keys(a, b, h, nkp, Kt, V, K, NULL, kb);
-            for (int64_t i0 = 0; i0 < a->m; i0 += 4) {
-                const float *x[4];
-                float *out[4], inv[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* unused slots: their outputs 0, to junk */
+            gather_keys(a, b, h, nkp, krow, vrow, Kt, NULL, kb);
+            for (int64_t i0 = 0; i0 < a->m; i0 += QB) {
+                const float *x[QB];
+                float *out[QB], inv[QB] = {0.0f}; /* unused slots: their outputs 0, to junk */
                 int64_t rows = block_rows(a, &a->q, &a->o, b, h, i0, x, out, junk);
                 int64_t lim = a->n1 + off + i0 + rows; /* the keys the block's last query sees */
-                dots4(x, Kt, nkp, hd, lim, a->scale, S);
+                dots(x, Kt, nkp, hd, lim, a->scale, S);
                 for (int64_t r = 0; r < rows; r++)
                     a->lse[(b * a->H + h) * a->m + i0 + r] = softmax_row(S + r * nkp, kb, a->n1 + off + i0 + r + 1,
                                                                          round16(lim), NULL, inv + r);
-                mix4(S, nkp, V, hd, lim, inv, out);
+                mix(S, nkp, vrow, hd, lim, inv, out);
             }
         }
         free(Kt);
-    }
-}
-
-/* X[j] += sum over the 4 rows r of W[r][j] * x_r, for keys j < lim (X: (keys, hd)). */
-static void outer4(const float *W, int64_t nkp, const float *const *x, int64_t hd, int64_t lim, float *X) {
-    for (int64_t j = 0; j < lim; j++) {
-        float w0 = W[j], w1 = W[nkp + j], w2 = W[2 * nkp + j], w3 = W[3 * nkp + j];
-        if (w0 == 0.0f && w1 == 0.0f && w2 == 0.0f && w3 == 0.0f)
-            continue;
-        for (int64_t c = 0; c < hd; c += 16)
-            vstore(X + j * hd + c, vload(X + j * hd + c) + w0 * vload(x[0] + c) + w1 * vload(x[1] + c) +
-                                       w2 * vload(x[2] + c) + w3 * vload(x[3] + c));
+        free(krow);
     }
 }
 
@@ -707,29 +827,33 @@ void rlhfkit_attention_backward(const struct attn_args *a) {
     int64_t nk = a->n1 + a->n2, nkp = round16(nk), hd = a->hd, off = a->n2 - a->m;
 #pragma omp parallel
     {
-        float *Kt = task_scratch(hd, nk, nkp, 1);
-        float *V = Kt + hd * nkp, *S = V + nk * hd, *junk = S + 4 * nkp, *K = junk + hd, *Vt = K + nk * hd;
-        float *dS = Vt + hd * nkp, *dK = dS + 4 * nkp, *dV = dK + nk * hd, *kb = dV + nk * hd;
-        const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        const float **krow;
+        float *Kt = task_scratch(hd, nk, nkp, 1, &krow);
+        float *S = Kt + hd * nkp, *junk = S + QB * nkp, *kb = junk + hd, *Vt = kb + nkp;
+        float *dS = Vt + hd * nkp, *dK = dS + QB * nkp, *dV = dK + nk * hd;
+        const float **vrow = krow + nk;
+        float ones[QB];
+        for (int r = 0; r < QB; r++)
+            ones[r] = 1.0f;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < a->B / a->G * a->H; task++) {
             int64_t u = task / a->H, h = task % a->H;
             memset(dK, 0, (size_t)(a->n1 * hd) * sizeof(float));
             memset(dV, 0, (size_t)(a->n1 * hd) * sizeof(float));
             for (int64_t b = u * a->G; b < (u + 1) * a->G; b++) {
-                gather_keys(a, b, h, nkp, Kt, V, K, Vt, kb);
+                gather_keys(a, b, h, nkp, krow, vrow, Kt, Vt, kb);
                 memset(dK + a->n1 * hd, 0, (size_t)(a->n2 * hd) * sizeof(float));
                 memset(dV + a->n1 * hd, 0, (size_t)(a->n2 * hd) * sizeof(float));
-                for (int64_t i0 = 0; i0 < a->m; i0 += 4) {
-                    const float *q[4], *g[4], *o[4];
-                    float *dq[4];
+                for (int64_t i0 = 0; i0 < a->m; i0 += QB) {
+                    const float *q[QB], *g[QB], *o[QB];
+                    float *dq[QB];
                     int64_t rows = block_rows(a, &a->q, &a->dq, b, h, i0, q, dq, junk);
                     block_rows(a, &a->dout, NULL, b, h, i0, g, NULL, NULL);
                     block_rows(a, &a->o, NULL, b, h, i0, o, NULL, NULL);
                     int64_t lim = a->n1 + off + i0 + rows, end = round16(lim);
-                    dots4(q, Kt, nkp, hd, lim, a->scale, S);
-                    dots4(g, Vt, nkp, hd, lim, 1.0f, dS);
-                    for (int64_t r = 0; r < 4; r++) {
+                    dots(q, Kt, nkp, hd, lim, a->scale, S);
+                    dots(g, Vt, nkp, hd, lim, 1.0f, dS);
+                    for (int64_t r = 0; r < QB; r++) {
                         float *p = S + r * nkp, *ds = dS + r * nkp;
                         if (r >= rows) {
                             memset(p, 0, (size_t)end * sizeof(float));
@@ -738,17 +862,17 @@ void rlhfkit_attention_backward(const struct attn_args *a) {
                         }
                         softmax_row(p, kb, a->n1 + off + i0 + r + 1, end, a->lse + (b * a->H + h) * a->m + i0 + r,
                                     NULL);
-                        float di = 0.0f;
-#pragma omp simd reduction(+ : di)
-                        for (int64_t d = 0; d < hd; d++)
-                            di += g[r][d] * o[r][d];
+                        vec16 dot = {0};
+                        for (int64_t d = 0; d < hd; d += 16)
+                            dot += vload(g[r] + d) * vload(o[r] + d);
+                        float di = hsum16(dot);
 #pragma omp simd
                         for (int64_t j = 0; j < end; j++)
                             ds[j] = p[j] * (ds[j] - di) * a->scale;
                     }
-                    mix4(dS, nkp, K, hd, lim, ones, dq);
-                    outer4(dS, nkp, q, hd, lim, dK);
-                    outer4(S, nkp, g, hd, lim, dV);
+                    mix(dS, nkp, krow, hd, lim, ones, dq);
+                    outer(dS, nkp, q, hd, lim, dK);
+                    outer(S, nkp, g, hd, lim, dV);
                 }
                 for (int64_t j = a->n1; j < nk; j++) {
                     memcpy(at(&a->dk2, b, h, j - a->n1), dK + j * hd, hd * sizeof(float));
@@ -761,5 +885,6 @@ void rlhfkit_attention_backward(const struct attn_args *a) {
             }
         }
         free(Kt);
+        free(krow);
     }
 }
