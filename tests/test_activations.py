@@ -57,6 +57,26 @@ def test_forward_and_backward_match_float64(n):
     assert scaled_err(dx, torch.ops.aten.gelu_backward(dy, x, approximate="tanh").double()) < 4e-6
 
 
+@pytest.mark.parametrize("n", [1, 4097, 70001])
+def test_activation_and_backward_in_one_pass_match_float64(n):
+    """gelu_tanh_and_backward_ (replay's MLP backward): gelu(x) returned and dg * gelu'(x) in place, both
+    against float64, the cut-offs far out the same as the separate kernels', and a strided x read in place."""
+    x = inputs(n)
+    f, d = gelu64(x)
+    dg = torch.linspace(-2, 2, x.numel())
+    before = dg.clone()
+    expect = dg.double() * d
+    g = act.gelu_tanh_and_backward_(x, dg)
+    assert scaled_err(g, f) < 3e-7 and scaled_err(dg, expect) < 5e-7
+    assert g[-1] == 0 and g[-2] == 1e4 and dg[-1] == 0 and dg[-2] == before[-2]  # x = -1e4, 1e4
+    view = torch.randn(64, 300)[:, :100]  # rows of 100 at a stride of 300
+    dg2 = torch.randn(64, 100)
+    want = act.gelu_tanh_backward(dg2, view.contiguous())
+    g2 = act.gelu_tanh_and_backward_(view, dg2)
+    torch.testing.assert_close(g2, act.gelu_tanh_forward(view.contiguous()), rtol=5e-7, atol=1e-7)
+    torch.testing.assert_close(dg2, want, rtol=5e-7, atol=1e-7)
+
+
 def test_strided_inputs_are_read_in_place_with_the_same_values():
     """A micro-batch's rows of a time-major (T, B, F) record, as (N, n, F) views: the strided kernels
     give exactly the contiguous kernel's values, in a contiguous result (and into `out`)."""

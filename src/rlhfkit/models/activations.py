@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from rlhfkit.models.native import i64, lib, native_ok, native_status, ptr, rows_of
 
-__all__ = ["GELUTanh", "gelu", "gelu_tanh_backward", "gelu_tanh_forward", "native_status"]
+__all__ = ["GELUTanh", "gelu", "gelu_tanh_and_backward_", "gelu_tanh_backward", "gelu_tanh_forward",
+           "native_status"]
 
 
 def gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,18 @@ def gelu_tanh_backward(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor | No
     else:
         lib().rlhfkit_gelu_tanh_backward_strided(ptr(dy), ptr(x), *i64(*rows), ptr(out))
     return out
+
+
+def gelu_tanh_and_backward_(x: torch.Tensor, dg: torch.Tensor) -> torch.Tensor | None:
+    """gelu(x) (returned, contiguous) and dg *= gelu'(x) in place, tanh approximation, in one pass of ours
+    over x (one exponential for both); x may be a (d0, d1, n) view with contiguous rows, dg contiguous of
+    x's shape. None (and dg untouched) where our kernels are off or this does not apply."""
+    rows = rows_of(x) if native_ok(x, dg) else None
+    if rows is None or not dg.is_contiguous() or dg.shape != x.shape:
+        return None
+    g = torch.empty(x.shape, dtype=x.dtype)
+    lib().rlhfkit_gelu_tanh_and_backward_strided(ptr(x), *i64(*rows), ptr(dg), ptr(g))
+    return g
 
 
 class _GeluTanh(torch.autograd.Function):

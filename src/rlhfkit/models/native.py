@@ -37,7 +37,7 @@ _FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_t
               "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows",
               "rlhfkit_mm_rows", "rlhfkit_sum_squares",
               "rlhfkit_token_logprobs", "rlhfkit_logz_backward", "rlhfkit_attention_forward",
-              "rlhfkit_attention_backward")
+              "rlhfkit_attention_backward", "rlhfkit_gelu_tanh_and_backward_strided")
 
 
 def _cpu_signature() -> str:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.models import native
-from rlhfkit.models.activations import gelu, gelu_tanh_backward, gelu_tanh_forward
+from rlhfkit.models.activations import gelu, gelu_tanh_and_backward_, gelu_tanh_backward, gelu_tanh_forward
 from rlhfkit.models.native import bias_gelu_tanh_, bias_kv_, bias_residual_, native_ok
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -145,6 +145,13 @@ class _GeluSavedLinear(torch.autograd.Function):
         h, w = ctx.saved_tensors
         need = ctx.needs_input_grad
         tanh = ctx.approximate == "tanh"
+        if tanh and need[0]:  # h's gradient first, then gelu(h) and gelu'(h) in one pass of ours
+            dy2 = dy.reshape(-1, dy.size(-1))
+            dh = (dy2 @ w.t() if ctx.conv1d else dy2 @ w).view(h.shape)
+            g = gelu_tanh_and_backward_(h, dh)
+            if g is not None:
+                _, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (False, need[1], ctx.has_bias and need[2]))
+                return dh, dw, db, None, None, None
         g = gelu_tanh_forward(h) if tanh else F.gelu(h, approximate=ctx.approximate)
         dg, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2]))
         del g
@@ -599,10 +606,12 @@ class _Base:
             return kv, self._final_norm(self._forward(ids, pos, attend_prompt, lin, keep=1)[:, -1:])
 
         # Completion queries see every (real) prompt key and the completion keys up to their own.
-        cmask = torch.ones(n, P + n, dtype=torch.bool, device=comp.device)
-        cmask[:, P:] = torch.ones(n, n, dtype=torch.bool, device=comp.device).tril()
-        if self.key_ok is not None:
-            cmask = cmask & self.key_ok[:, None, None, :P + n]
+        cmask = None
+        if not fused:  # _Attention builds none
+            cmask = torch.ones(n, P + n, dtype=torch.bool, device=comp.device)
+            cmask[:, P:] = torch.ones(n, n, dtype=torch.bool, device=comp.device).tril()
+            if self.key_ok is not None:
+                cmask = cmask & self.key_ok[:, None, None, :P + n]
 
         def completion_attention(q, k, v, kp, vp):  # time-major (n, H, B, hd) in and out; kp, vp per prompt
             if G > 1:

@@ -115,6 +115,30 @@ void rlhfkit_gelu_tanh_backward_strided(const float *dy, const float *x, int64_t
         backward_block(dy + r * n, ROW(r), dx + r * n, n);
 }
 
+/* g = gelu(x) and dg *= gelu'(x) in one pass over x (one exponential for both): the backward of the
+   MLP's down-projection in replay, which needs the activation for the weight's gradient after the
+   input's gradient dg = dy W^T is known. x a strided (d0, d1, n) view as above, dg and g contiguous. */
+void rlhfkit_gelu_tanh_and_backward_strided(const float *x, int64_t d0, int64_t d1, int64_t n, int64_t s0,
+                                            int64_t s1, float *dg, float *g) {
+    int64_t rows = d0 * d1;
+#pragma omp parallel for schedule(static) if (rows * n > BLOCK)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = ROW(r);
+        float *dr = dg + r * n, *gr = g + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            float v = xr[i], v2 = v * v;
+            float q = exp_clamped(-TWO_C * (v + A * v2 * v));
+            float p = 1.0f / (1.0f + q);
+            float d = p + v * TWO_C * (1.0f + 3.0f * A * v2) * (p * (q * p));
+            d = v > CUT ? 1.0f : d;
+            d = v < -CUT ? 0.0f : d;
+            gr[i] = v < -CUT ? 0.0f * v : v * p;
+            dr[i] *= d;
+        }
+    }
+}
+
 /* Decode-step epilogues. y is a (rows, n) product x @ W written without its bias b (n); each adds b to
    y in place (y is then what addmm would have given, and what the record keeps) and fuses the next use. */
 
