@@ -77,6 +77,17 @@ def test_activation_and_backward_in_one_pass_match_float64(n):
     torch.testing.assert_close(dg2, want, rtol=5e-7, atol=1e-7)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 1504])
+def test_backward_with_the_bias_gradient_in_one_pass(rows):
+    """gelu_tanh_backward_colsum (the critic's MLP): dy * gelu'(x) as the plain kernel gives it, and its sum
+    over the rows (the bias's gradient) against float64."""
+    g = torch.Generator().manual_seed(rows)
+    x, dy = torch.randn(rows, 1024, generator=g) * 3, torch.randn(rows, 1024, generator=g)
+    dx, colsum = native.gelu_tanh_backward_colsum(dy, x)
+    torch.testing.assert_close(dx, act.gelu_tanh_backward(dy, x), rtol=0, atol=0)
+    torch.testing.assert_close(colsum.double(), dx.double().sum(0), rtol=0, atol=2e-5 * rows ** 0.5)
+
+
 def test_strided_inputs_are_read_in_place_with_the_same_values():
     """A micro-batch's rows of a time-major (T, B, F) record, as (N, n, F) views: the strided kernels
     give exactly the contiguous kernel's values, in a contiguous result (and into `out`)."""

@@ -37,7 +37,8 @@ _FUNCTIONS = ("rlhfkit_gelu_tanh", "rlhfkit_gelu_tanh_backward", "rlhfkit_gelu_t
               "rlhfkit_bias_residual", "rlhfkit_gpt2_step", "rlhfkit_sample_rows",
               "rlhfkit_mm_rows", "rlhfkit_sum_squares",
               "rlhfkit_token_logprobs", "rlhfkit_logz_backward", "rlhfkit_attention_forward",
-              "rlhfkit_attention_backward", "rlhfkit_gelu_tanh_and_backward_strided")
+              "rlhfkit_attention_backward", "rlhfkit_gelu_tanh_and_backward_strided",
+              "rlhfkit_gelu_tanh_backward_colsum")
 
 
 def _cpu_signature() -> str:
@@ -187,6 +188,17 @@ def bias_gelu_tanh_(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     g = torch.empty_like(y)
     lib().rlhfkit_bias_gelu_tanh(ptr(y), ptr(b), ptr(g), *i64(*y.shape))
     return g
+
+
+def gelu_tanh_backward_colsum(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(dy * gelu'(x), its sum over the rows) for contiguous (rows, n) dy and x, in one pass of ours (the
+    gradients of a linear layer's output before its bias and of the bias); None where our kernels are off
+    or this does not apply."""
+    if not native_ok(dy, x) or dy.dim() != 2 or dy.shape != x.shape or not (dy.is_contiguous() and x.is_contiguous()):
+        return None
+    dx, colsum = torch.empty_like(dy), dy.new_empty(dy.size(1))
+    lib().rlhfkit_gelu_tanh_backward_colsum(ptr(dy), ptr(x), ptr(dx), *i64(*dy.shape), ptr(colsum))
+    return dx, colsum
 
 
 def bias_kv_(y: torch.Tensor, b: torch.Tensor, off: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -326,6 +326,41 @@ def _fused_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y.view(N, n, -1)
 
 
+class _LinearGeluTanh(torch.autograd.Function):
+    """gelu_tanh(x @ weight + bias) for GPT-2's Conv1D weight (in, out), x (rows, in), with gradients, on our
+    kernels: the product without its bias, then bias + GELU in one pass (bias_gelu_tanh_, which leaves the
+    pre-activation in place for the backward), instead of addmm (which first copies the bias into every
+    row of the output) and a separate GELU; the backward's GELU pass also sums the bias's gradient
+    (gelu_tanh_backward_colsum) instead of a separate pass over the rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = torch.mm(x, weight)
+        g = bias_gelu_tanh_(y, bias)  # y += bias: the pre-activation
+        ctx.save_for_backward(x, weight, y)
+        return g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dg):
+        x, w, y = ctx.saved_tensors
+        both = native.gelu_tanh_backward_colsum(dg.contiguous(), y)
+        dy, db = both if both is not None else (gelu_tanh_backward(dg, y), None)
+        if db is None:
+            db = dy.sum(0)
+        need = ctx.needs_input_grad
+        return (dy @ w.t() if need[0] else None), (x.t() @ dy if need[1] else None), (db if need[2] else None)
+
+
+def _linear_gelu_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    """gelu(x @ weight + bias), x (N, n, in), through _LinearGeluTanh where it applies (tanh-GELU, our
+    kernels, float32 on CPU), else torch's ops; with gradients."""
+    N, n, _ = x.shape
+    if approximate == "tanh" and native_ok(x, weight, bias) and x.is_contiguous():
+        return _LinearGeluTanh.apply(x.reshape(N * n, -1), weight, bias).view(N, n, -1)
+    return gelu(_linear(x, weight, bias, True), approximate)
+
+
 def head_logits(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     """The LM head on h (N, n, D) for replay: its recorded logits y (viewed (N, n, V)) if any."""
@@ -987,6 +1022,9 @@ def backbone_hidden(backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
 
     def lin(i, j, x, weight, bias):
         return _linear(x, weight, bias, True)
+
+    if dec.gelu == "tanh":  # the MLP's up-projection, bias and GELU on our kernels (_LinearGeluTanh)
+        lin.gelu = _linear_gelu_grad
 
     return dec._final_norm(dec._forward(ids, dec.pos, attend, lin, keep=keep))
 
