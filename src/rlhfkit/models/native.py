@@ -244,18 +244,19 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | No
 def logz_backward(logits: torch.Tensor, ids: torch.Tensor, logz: torch.Tensor, grad: torch.Tensor,
                   inv_t: float) -> torch.Tensor | None:
     """grad / T * (onehot(ids) - exp(logits / T - logz)), the logits' gradient of logprobs_given_logz, in
-    one pass of ours, at the logits' own strides (a view with contiguous rows of V is read in place); None
+    one pass of ours, laid out as the logits are (a view with contiguous rows of V is read in place); None
     where our kernels are off or this does not apply."""
     rows = _vocab_rows(logits, ids) if native_ok(logits, logz, grad) else None
     if rows is None:
         return None
     d0, d1, V, s0, s1 = rows
-    out = torch.empty_like(logits)
-    if out.stride() != logits.stride():
-        return None
+    # Laid out as the logits are (dimensions in the order of their strides), also when the logits are a
+    # micro-batch's rows of a larger time-major tensor: what reads the gradient next then copies nothing.
+    order = sorted(range(3), key=lambda d: -logits.stride(d))
+    out = logits.new_empty([logits.size(d) for d in order]).permute([order.index(d) for d in range(3)])
     ids, logz, grad = ids.to(torch.int64).contiguous(), logz.contiguous(), grad.contiguous()
     lib().rlhfkit_logz_backward(ptr(logits), *i64(d0, d1, V, s0, s1), ptr(logz), ptr(grad), ptr(ids),
-                                ctypes.c_float(inv_t), ptr(out))
+                                ctypes.c_float(inv_t), ptr(out), *i64(out.stride(0), out.stride(1)))
     return out
 
 

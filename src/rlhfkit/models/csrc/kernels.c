@@ -526,15 +526,15 @@ void rlhfkit_token_logprobs(const float *x, int64_t d0, int64_t d1, int64_t V, i
 
 /* The gradient of logits[id] / T - logz with logz = logsumexp(logits / T) known, g its incoming gradient:
    dlogits = g / T (onehot(id) - exp(logits / T - logz)), rows of a strided (d0, d1, V) view as in
-   rlhfkit_token_logprobs, written at the same strides into out; logz, g and ids (d0, d1) contiguous. One
+   rlhfkit_token_logprobs, written into out, rows at (o0, o1); logz, g and ids (d0, d1) contiguous. One
    pass (torch's ops take a subtract, an exp, a multiply and a scatter). */
 void rlhfkit_logz_backward(const float *x, int64_t d0, int64_t d1, int64_t V, int64_t s0, int64_t s1,
-                           const float *logz, const float *g, const int64_t *ids, float inv_t, float *out) {
+                           const float *logz, const float *g, const int64_t *ids, float inv_t, float *out,
+                           int64_t o0, int64_t o1) {
 #pragma omp parallel for schedule(static) if (d0 * d1 * V > 4 * BLOCK)
     for (int64_t r = 0; r < d0 * d1; r++) {
-        int64_t at = (r / d1) * s0 + (r % d1) * s1;
-        const float *row = x + at;
-        float *o = out + at;
+        const float *row = x + (r / d1) * s0 + (r % d1) * s1;
+        float *o = out + (r / d1) * o0 + (r % d1) * o1;
         const float shift = logz[r], scale = -g[r] * inv_t;
 #pragma omp simd
         for (int64_t i = 0; i < V; i++)
