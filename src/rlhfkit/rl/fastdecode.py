@@ -235,6 +235,37 @@ def _heads_out(o: torch.Tensor, H: int, time_major: bool) -> torch.Tensor:
     return t.permute(1, 2, 0, 3) if time_major else t.transpose(1, 2)
 
 
+def _attention_forward(qkv, k1, v1, key_ok, H, m, G, time_major) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of our attention kernel on qkv (see _Attention): o in qkv's layout, lse (rows, H, m)."""
+    q, k2, v2 = _qkv_heads(qkv, H, time_major)
+    q = q[:, :, q.size(2) - m:]
+    a, b, width = qkv.shape
+    o = qkv.new_empty((m, b, width // 3) if time_major else (a, m, width // 3))
+    lse = native.attention_forward(q, k2, v2, k1, v1, key_ok, G, q.size(-1) ** -0.5, _heads_out(o, H, time_major))
+    return o, lse
+
+
+def _attention_backward(qkv, k1, v1, key_ok, H, m, G, time_major, o, lse, do
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The gradients (of qkv whole, and of the prefix's keys and values) of _attention_forward's o, given
+    its gradient do (o's layout)."""
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    q, k2, v2 = _qkv_heads(qkv, H, time_major)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
+    dq, dk2, dv2 = _qkv_heads(dqkv, H, time_major)
+    n = q.size(2)
+    if m < n:  # queries at the last m positions only: the others' query gradient is 0
+        dq[:, :, :n - m].zero_()
+    dk1 = dv1 = None
+    if k1 is not None:
+        dk1, dv1 = torch.empty(k1.shape, dtype=k1.dtype), torch.empty(v1.shape, dtype=v1.dtype)
+    native.attention_backward(q[:, :, n - m:], k2, v2, k1, v1, key_ok, G, q.size(-1) ** -0.5,
+                              _heads_out(o, H, time_major), lse, _heads_out(do, H, time_major), dq[:, :, n - m:],
+                              dk2, dv2, dk1, dv1)
+    return dqkv, dk1, dv1
+
+
 class _Attention(torch.autograd.Function):
     """GPT-2's attention straight from its q|k|v projection output, with our kernels
     (native.attention_forward / _backward): the queries are the last m positions of qkv, the keys an
@@ -248,34 +279,39 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, k1, v1, key_ok, H, m, G, time_major):
-        q, k2, v2 = _qkv_heads(qkv, H, time_major)
-        q = q[:, :, q.size(2) - m:]
-        a, b, width = qkv.shape
-        o = qkv.new_empty((m, b, width // 3) if time_major else (a, m, width // 3))
-        scale = q.size(-1) ** -0.5
-        lse = native.attention_forward(q, k2, v2, k1, v1, key_ok, G, scale, _heads_out(o, H, time_major))
+        o, lse = _attention_forward(qkv, k1, v1, key_ok, H, m, G, time_major)
         ctx.save_for_backward(qkv, k1, v1, key_ok, o, lse)
-        ctx.args = (H, m, G, time_major, scale)
+        ctx.args = (H, m, G, time_major)
         return o
 
     @staticmethod
     def backward(ctx, do):
         qkv, k1, v1, key_ok, o, lse = ctx.saved_tensors
-        H, m, G, time_major, scale = ctx.args
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        q, k2, v2 = _qkv_heads(qkv, H, time_major)
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
-        dq, dk2, dv2 = _qkv_heads(dqkv, H, time_major)
-        n = q.size(2)
-        if m < n:  # queries at the last m positions only: the others' query gradient is 0
-            dq[:, :, :n - m].zero_()
-        dk1 = dv1 = None
-        if k1 is not None:
-            dk1, dv1 = torch.empty(k1.shape, dtype=k1.dtype), torch.empty(v1.shape, dtype=v1.dtype)
-        native.attention_backward(q[:, :, n - m:], k2, v2, k1, v1, key_ok, G, scale, _heads_out(o, H, time_major),
-                                  lse, _heads_out(do, H, time_major), dq[:, :, n - m:], dk2, dv2, dk1, dv1)
-        return dqkv, dk1, dv1, None, None, None, None, None
+        return (*_attention_backward(qkv, k1, v1, key_ok, *ctx.args, o, lse, do), None, None, None, None, None)
+
+
+class _ProjectedAttention(torch.autograd.Function):
+    """The output projection of _Attention's output, recorded (replay's lean GPT-2 blocks): forward hands
+    the recorded projection output y back and keeps qkv (and the prefix's keys and values); backward runs
+    the attention forward again, the projection's gradients and the attention's backward, the three in a
+    row (what _PreSavedLinears does for other attentions through a second autograd pass).
+
+    apply(qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major) -> y"""
+
+    @staticmethod
+    def forward(ctx, qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major):
+        ctx.save_for_backward(qkv, k1, v1, weight, key_ok)
+        ctx.args, ctx.has_bias = (H, m, G, time_major), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        qkv, k1, v1, w, key_ok = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        o, lse = _attention_forward(qkv, k1, v1, key_ok, *ctx.args)
+        do, dw, db = _linear_grads(o, w, dy, True, (True, need[3], ctx.has_bias and need[4]))
+        dqkv, dk1, dv1 = _attention_backward(qkv, k1, v1, key_ok, *ctx.args, o, lse, do)
+        return dqkv, dk1, dv1, dw, db, None, None, None, None, None, None
 
 
 def _fused_attention_ok(like: torch.Tensor, hd: int) -> bool:
@@ -283,14 +319,19 @@ def _fused_attention_ok(like: torch.Tensor, hd: int) -> bool:
     return native_ok(like) and hd % 16 == 0 and hd <= 256
 
 
+def _byte_mask(key_ok: torch.Tensor | None) -> torch.Tensor | None:
+    """key_ok as our kernels read it: bytes with contiguous rows (a bool mask is one)."""
+    if key_ok is not None and (key_ok.dtype != torch.bool or key_ok.stride(-1) != 1):
+        key_ok = key_ok.to(torch.bool).contiguous()
+    return key_ok
+
+
 def fused_attention(qkv: torch.Tensor, H: int, m: int, key_ok: torch.Tensor | None = None,
                     prefix: tuple[torch.Tensor, torch.Tensor] | None = None, G: int = 1,
                     time_major: bool = False) -> torch.Tensor:
-    """_Attention.apply, with key_ok as bytes with contiguous rows (a bool mask is one)."""
-    if key_ok is not None and (key_ok.dtype != torch.bool or key_ok.stride(-1) != 1):
-        key_ok = key_ok.to(torch.bool).contiguous()
+    """_Attention.apply (key_ok: any (rows, keys) mask)."""
     k1, v1 = prefix if prefix is not None else (None, None)
-    return _Attention.apply(qkv, k1, v1, key_ok, H, m, G, time_major)
+    return _Attention.apply(qkv, k1, v1, _byte_mask(key_ok), H, m, G, time_major)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool,
@@ -634,9 +675,11 @@ class _Base:
                     return fused_attention(qkv, self.H, m, ok)
 
                 attend_prompt.qkv = prompt_qkv
-                attend_prompt.lean_qkv = lambda i, qkv, m: (
-                    kv.append(_qkv_heads(qkv, self.H, False)[1:]),
-                    (lambda t: fused_attention(t, self.H, m, ok), (qkv,)))[1]
+                def prompt_lean_qkv(i, qkv, m):  # -> _ProjectedAttention's (k1, v1, key_ok, queries, G, time_major)
+                    kv.append(_qkv_heads(qkv, self.H, False)[1:])
+                    return None, None, _byte_mask(ok), m, 1, False
+
+                attend_prompt.lean_qkv = prompt_lean_qkv
             # Only the last position goes on past the last layer's keys and values (keep=1).
             return kv, self._final_norm(self._forward(ids, pos, attend_prompt, lin, keep=1)[:, -1:])
 
@@ -667,7 +710,7 @@ class _Base:
                 return fused_attention(qkv, self.H, n, c_ok, (kp, vp), G, time_major=True)
 
             attend_completion.qkv = lambda i, qkv, m: completion_qkv(qkv, *kv[i])
-            attend_completion.lean_qkv = lambda i, qkv, m: (completion_qkv, (qkv, *kv[i]))
+            attend_completion.lean_qkv = lambda i, qkv, m: (*kv[i], _byte_mask(c_ok), n, G, True)  # every step
 
         W, b = self.lm_head.weight, self.lm_head.bias
         U = u_ids.size(0)
@@ -759,9 +802,14 @@ class GPT2Decoder(_Base):
         a, mlp, ln1, ln2 = blk.attn, blk.mlp, blk.ln_1, blk.ln_2
         qkv = _NormSavedLinear.apply(x, ln1.weight, ln1.bias, a.c_attn.weight, a.c_attn.bias, out(i, 0),
                                      ln1.eps, True)
+        def last(t: torch.Tensor) -> torch.Tensor:
+            return t[:, n - m:]
+
         fused = getattr(attend, "lean_qkv", None)
-        if fused is not None:  # _Attention: its inputs are qkv itself (and a prefix's keys and values)
-            attn, inputs = fused(i, qkv, m)
+        if fused is not None:  # our attention on qkv itself (and a prefix's keys and values)
+            k1, v1, key_ok, queries, G, time_major = fused(i, qkv, m)
+            x = last(x) + _ProjectedAttention.apply(qkv, k1, v1, a.c_proj.weight, a.c_proj.bias, last(out(i, 1)),
+                                                    key_ok, self.H, queries, G, time_major)
         else:
             q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
             fn, inputs = attend.lean(i, q[:, :, n - m:], k, v)
@@ -769,11 +817,8 @@ class GPT2Decoder(_Base):
             def attn(*t: torch.Tensor) -> torch.Tensor:
                 return fn(*t).transpose(1, 2).reshape(N, m, D)
 
-        def last(t: torch.Tensor) -> torch.Tensor:
-            return t[:, n - m:]
-
-        x = last(x) + _PreSavedLinears.apply(attn, len(inputs), True, *inputs,
-                                             a.c_proj.weight, a.c_proj.bias, last(out(i, 1)))
+            x = last(x) + _PreSavedLinears.apply(attn, len(inputs), True, *inputs,
+                                                 a.c_proj.weight, a.c_proj.bias, last(out(i, 1)))
         h = _NormSavedLinear.apply(x, ln2.weight, ln2.bias, mlp.c_fc.weight, mlp.c_fc.bias, last(out(i, 2)),
                                    ln2.eps, True)
         return x + _GeluSavedLinear.apply(h, mlp.c_proj.weight, mlp.c_proj.bias, last(out(i, 3)), self.gelu, True)
