@@ -161,6 +161,34 @@ def test_fully_recorded_layers_replay_lean(which, request, tiny_tokenizer, monke
     assert lean_bytes < 0.35 * full_bytes, (lean_bytes, full_bytes)  # 0.32 for gpt2 with our attention kernels
 
 
+def test_gpt2_replay_takes_the_rollouts_attention_outputs(gpt2, tiny_tokenizer, monkeypatch):
+    """GPT-2 records each fully recorded layer's attention output and log-sum-exp too (prefill and our
+    one-call decode step): the lean replay's backward then runs no attention forward, with the gradients
+    of a fresh forward, on left-padded prompts, groups and micro-batches of any rows. A rollout whose steps
+    ran elsewhere (not the one-call step) records none and replay computes the attention again."""
+    from rlhfkit.models import native
+
+    if native.lib() is None or native.sgemm_address() is None:
+        pytest.skip(f"no one-call decode step here (our kernels: {native.native_status()})")
+    ro = rollout(gpt2, tiny_tokenizer)
+    plain = rollout(gpt2, tiny_tokenizer, replay_mb=0)
+    rec = ro.record
+    assert rec.attn_ok and all(rec.keep_attn)
+    assert all(t.abs().sum() > 0 for t in rec.attn_comp + rec.lse_comp)  # written by the decode steps
+    forwards = []
+    real = fastdecode._attention_forward
+    monkeypatch.setattr(fastdecode, "_attention_forward", lambda *a: forwards.append(1) or real(*a))
+    parts = [slice(0, 6), torch.tensor([7, 6, 11, 8, 9, 10])]
+    recorded = logprobs_and_grads(gpt2, ro, parts)
+    assert not forwards  # every attention output came from the rollout
+    assert_same(recorded, logprobs_and_grads(gpt2, plain, parts))
+    rec.attn_ok = False  # as after a decode step outside the one-call kernel: computed again
+    assert_same(recorded, logprobs_and_grads(gpt2, ro, parts))
+    assert len(forwards) == 2 * 2 * len(parts)
+    monkeypatch.setattr(fastdecode.GPT2Decoder, "_c_step_args", lambda self, B: None)
+    assert not rollout(gpt2, tiny_tokenizer).record.attn_ok
+
+
 def test_record_is_not_used_after_the_weights_change(gpt2, tiny_tokenizer):
     ro = rollout(gpt2, tiny_tokenizer)
     opt = torch.optim.SGD(gpt2.parameters(), lr=0.5)

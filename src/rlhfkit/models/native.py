@@ -292,7 +292,8 @@ def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor
 class Gpt2Layer(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b",
                                                  "ln2_w", "ln2_b", "fc_w", "fc_b", "mproj_w", "mproj_b")] + [
-        ("eps1", ctypes.c_double), ("eps2", ctypes.c_double), ("rec", ctypes.c_void_p * 4)]
+        ("eps1", ctypes.c_double), ("eps2", ctypes.c_double), ("rec", ctypes.c_void_p * 4),
+        ("rec_o", ctypes.c_void_p), ("rec_lse", ctypes.c_void_p)]
 
 
 class Gpt2Step(ctypes.Structure):

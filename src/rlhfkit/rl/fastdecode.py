@@ -296,22 +296,26 @@ class _ProjectedAttention(torch.autograd.Function):
     the attention forward again, the projection's gradients and the attention's backward, the three in a
     row (what _PreSavedLinears does for other attentions through a second autograd pass).
 
-    apply(qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major) -> y"""
+    With the attention's output o (qkv's layout) and log-sum-exp lse (rows, H, m) recorded too (the
+    rollout's, Record.attn_*), the backward does not run the attention's forward at all.
+
+    apply(qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major, o=None, lse=None) -> y"""
 
     @staticmethod
-    def forward(ctx, qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major):
-        ctx.save_for_backward(qkv, k1, v1, weight, key_ok)
+    def forward(ctx, qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major, o=None, lse=None):
+        ctx.save_for_backward(qkv, k1, v1, weight, key_ok, o, lse)
         ctx.args, ctx.has_bias = (H, m, G, time_major), bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        qkv, k1, v1, w, key_ok = ctx.saved_tensors
+        qkv, k1, v1, w, key_ok, o, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
-        o, lse = _attention_forward(qkv, k1, v1, key_ok, *ctx.args)
+        if o is None:
+            o, lse = _attention_forward(qkv, k1, v1, key_ok, *ctx.args)
         do, dw, db = _linear_grads(o, w, dy, True, (True, need[3], ctx.has_bias and need[4]))
         dqkv, dk1, dv1 = _attention_backward(qkv, k1, v1, key_ok, *ctx.args, o, lse, do)
-        return dqkv, dk1, dv1, dw, db, None, None, None, None, None, None
+        return dqkv, dk1, dv1, dw, db, None, None, None, None, None, None, None, None
 
 
 def _fused_attention_ok(like: torch.Tensor, hd: int) -> bool:
@@ -434,6 +438,19 @@ class Record:
         self.model, self.versions, self.root, self.released = model, _versions(model), self, False
         self.U, self.G, self.P, self.s, self.n = U, G, P, -1, 0
         self.keep, self.keep_logits, need = self.plan(dec, U, G, P, max_new, budget_mb)
+        # The attention's output and log-sum-exp at every position of each fully recorded GPT-2 layer, as
+        # the budget allows: replay's backward then does not run the attention's forward again
+        # (_ProjectedAttention). attn_ok turns False if a pass could not write them (a decode step not in
+        # our one-call kernel).
+        H = getattr(dec, "H", 0)
+        self.attn_ok = isinstance(dec, GPT2Decoder) and _fused_attention_ok(like, dec.hd)
+        per_layer = (U * P + B * n) * (getattr(dec, "D", 0) + H)
+        budget = budget_mb * 2**20 / like.element_size()
+        self.keep_attn = []
+        for keep in self.keep:
+            k = self.attn_ok and all(keep) and need + per_layer <= budget
+            need += per_layer if k else 0
+            self.keep_attn.append(k)
         flat = reuse.release() if reuse is not None else None
         if flat is None or flat.numel() < need or flat.dtype != like.dtype or flat.device != like.device:
             flat = like.new_empty(need)
@@ -453,6 +470,10 @@ class Record:
         self.comp = [[carve(k, n, B, f) for k, f in zip(keep, dec.widths)] for keep in self.keep]
         self.first = carve(self.keep_logits, U, dec.vocab)
         self.logits = carve(self.keep_logits, n, B, dec.vocab)
+        self.attn_prompt = [carve(k, U * P, dec.D) for k in self.keep_attn]  # (U * P, D), (U, H, P)
+        self.lse_prompt = [carve(k, U, H, P) for k in self.keep_attn]
+        self.attn_comp = [carve(k, n, B, dec.D) for k in self.keep_attn]      # (n, B, D), (n, B, H)
+        self.lse_comp = [carve(k, n, B, H) for k in self.keep_attn]
 
     @staticmethod
     def plan(dec: _Base, U: int, G: int, P: int, max_new: int, budget_mb: float
@@ -519,6 +540,10 @@ class Record:
 
         out.prompt = [[prompt_rows(t) for t in layer] for layer in self.prompt]
         out.comp = [[None if t is None else t[:, idx] for t in layer] for layer in self.comp]
+        out.attn_prompt = [prompt_rows(t) for t in self.attn_prompt]
+        out.lse_prompt = [None if t is None else t[pidx] for t in self.lse_prompt]
+        out.attn_comp = [None if t is None else t[:, idx] for t in self.attn_comp]
+        out.lse_comp = [None if t is None else t[:, idx] for t in self.lse_comp]
         if self.keep_logits:
             out.first, out.logits = self.first[pidx], self.logits[:, idx]
         return out
@@ -649,6 +674,7 @@ class _Base:
             return lin
 
         fused = isinstance(self, GPT2Decoder) and _fused_attention_ok(self.weight_like, self.hd)
+        attn_recorded = fused and getattr(rec, "attn_ok", False) and torch.is_grad_enabled()
 
         def prompt_pass(ids, pos, pm, lin, ok=None):
             """The prompts' forward: each layer's keys and values (each unique prompt's once: the completions'
@@ -675,9 +701,14 @@ class _Base:
                     return fused_attention(qkv, self.H, m, ok)
 
                 attend_prompt.qkv = prompt_qkv
-                def prompt_lean_qkv(i, qkv, m):  # -> _ProjectedAttention's (k1, v1, key_ok, queries, G, time_major)
+                def prompt_lean_qkv(i, qkv, m):
+                    """_ProjectedAttention's (k1, v1, key_ok, queries, G, time_major, o, lse)."""
                     kv.append(_qkv_heads(qkv, self.H, False)[1:])
-                    return None, None, _byte_mask(ok), m, 1, False
+                    o = lse = None
+                    if attn_recorded and rec.attn_prompt[i] is not None:  # the prefill's, at the last m positions
+                        o = rec.attn_prompt[i].view(-1, P, self.D)[:, P - m:]
+                        lse = rec.lse_prompt[i][:, :, P - m:].contiguous()
+                    return None, None, _byte_mask(ok), m, 1, False, o, lse
 
                 attend_prompt.lean_qkv = prompt_lean_qkv
             # Only the last position goes on past the last layer's keys and values (keep=1).
@@ -710,7 +741,13 @@ class _Base:
                 return fused_attention(qkv, self.H, n, c_ok, (kp, vp), G, time_major=True)
 
             attend_completion.qkv = lambda i, qkv, m: completion_qkv(qkv, *kv[i])
-            attend_completion.lean_qkv = lambda i, qkv, m: (*kv[i], _byte_mask(c_ok), n, G, True)  # every step
+            def completion_lean_qkv(i, qkv, m):  # every step's queries; the decode steps' o and lse
+                o = lse = None
+                if attn_recorded and rec.attn_comp[i] is not None:
+                    o, lse = rec.attn_comp[i][:n], rec.lse_comp[i][:n].permute(1, 2, 0).contiguous()
+                return (*kv[i], _byte_mask(c_ok), n, G, True, o, lse)
+
+            attend_completion.lean_qkv = completion_lean_qkv
 
         W, b = self.lm_head.weight, self.lm_head.bias
         U = u_ids.size(0)
@@ -807,9 +844,9 @@ class GPT2Decoder(_Base):
 
         fused = getattr(attend, "lean_qkv", None)
         if fused is not None:  # our attention on qkv itself (and a prefix's keys and values)
-            k1, v1, key_ok, queries, G, time_major = fused(i, qkv, m)
+            k1, v1, key_ok, queries, G, time_major, o, lse = fused(i, qkv, m)
             x = last(x) + _ProjectedAttention.apply(qkv, k1, v1, a.c_proj.weight, a.c_proj.bias, last(out(i, 1)),
-                                                    key_ok, self.H, queries, G, time_major)
+                                                    key_ok, self.H, queries, G, time_major, o, lse)
         else:
             q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
             fn, inputs = attend.lean(i, q[:, :, n - m:], k, v)
@@ -835,8 +872,19 @@ class GPT2Decoder(_Base):
         self._alloc(U * repeat, P + max_new, self.tr.wte.weight)
         pmask = self._prompt_masks(mask, repeat, max_new)
 
+        rec = self.rec
+        ok = None if pmask is None else mask.bool().contiguous()
+
         def attend(i, q, k, v):
             self._store_prompt_kv(i, k, v, repeat)
+            if rec is not None and rec.attn_prompt[i] is not None:
+                if native.attention_ok(q, k, v):  # into the record: (U, H, m, hd) views of its (U, P, D)
+                    m = q.size(2)
+                    o = rec.attn_prompt[i].view(U, P, self.H, self.hd)[:, P - m:].transpose(1, 2)
+                    rec.lse_prompt[i][:, :, P - m:] = native.attention_forward(q, k, v, None, None, ok, 1,
+                                                                               self.hd ** -0.5, o)
+                    return o
+                rec.attn_ok = False
             return _causal_attention(q, k, v, pmask, False)
 
         # (U, D): the last prompt position, the only one the last block computes past its keys and values.
@@ -875,6 +923,8 @@ class GPT2Decoder(_Base):
             lay.eps1, lay.eps2 = blk.ln_1.eps, blk.ln_2.eps
             for j in range(4):
                 lay.rec[j] = None if rec is None else p(rec.comp[i][j])
+            lay.rec_o = None if rec is None else p(rec.attn_comp[i])
+            lay.rec_lse = None if rec is None else p(rec.lse_comp[i])
         x, h, o, g, scores, *scr = self._scratch
         f = self.tr.ln_f
         args = native.Gpt2Step(B=B, D=D, H=self.H, hd=self.hd, F=Fw, V=V, T=T, L=self.L,
@@ -892,6 +942,8 @@ class GPT2Decoder(_Base):
         self._begin_step()
         if self.cstep is not None:
             return self._c_step(tokens)
+        if self.rec is not None:
+            self.rec.attn_ok = False  # the steps below do not record the attention
         if self.gelu == "tanh" and native_ok(self.weight_like):
             x = self._step_blocks(self.tr.wte(tokens) + self.tr.wpe(self.next_pos))
         else:
@@ -1100,6 +1152,8 @@ def can_record(model: torch.nn.Module) -> bool:
 class _NoRecord:
     """What replay reads of a record, with nothing recorded: replay is then a plain forward."""
     first = logits = None
+
+    attn_ok = False
 
     def __init__(self, n_layer: int, n_linear: int) -> None:
         self.prompt = self.comp = [[None] * n_linear for _ in range(n_layer)]

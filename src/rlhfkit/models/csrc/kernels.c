@@ -233,6 +233,7 @@ struct gpt2_layer {
     const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mproj_w, *mproj_b;
     double eps1, eps2;
     float *rec[4]; /* the record's (n, B, width_j) outputs of this layer's linears, or NULL */
+    float *rec_o, *rec_lse; /* the record's (n, B, D) attention outputs and (n, B, H) log-sum-exps, or NULL */
 };
 
 struct gpt2_step {
@@ -322,7 +323,7 @@ static inline void prefetch_ahead(const float *row, int64_t j, int64_t t, int64_
 }
 
 static void attend_cached(const struct gpt2_step *a, const float *qkv, const float *K, const float *Vv,
-                          int64_t t) {
+                          int64_t t, float *out, float *lse) { /* out (B, D); lse (B, H) or NULL */
     const int64_t B = a->B, H = a->H, hd = a->hd, D = a->D, T = a->T, slot = 2 * B * H * hd;
     const float scale = 1.0f / __builtin_sqrtf((float)hd);
 #pragma omp parallel for schedule(static)
@@ -352,8 +353,10 @@ static void attend_cached(const struct gpt2_step *a, const float *qkv, const flo
                 sum += e;
             }
             total[h] = sum;
+            if (lse != NULL)
+                lse[b * H + h] = peak + __builtin_logf(sum);
         }
-        float *o = a->o + b * D;
+        float *o = out + b * D;
         for (int64_t d = 0; d < D; d++)
             o[d] = 0.0f;
         for (int64_t j = 0; j <= t; j++) {
@@ -397,8 +400,9 @@ void rlhfkit_gpt2_step(const struct gpt2_step *a, const int64_t *tokens, const i
         layer_norm_rows(x, l->ln1_w, l->ln1_b, l->eps1, a->h, B, D);
         step_mm(a, a->h, l->attn_w, out[0], B, D, 3 * D, 0);
         rlhfkit_bias_kv(out[0], l->attn_b, B, 3 * D, D, D, K + t * 2 * B * D, Vv + t * 2 * B * D);
-        attend_cached(a, out[0], K, Vv, t);
-        step_mm(a, a->o, l->proj_w, out[1], B, D, D, 0);
+        float *o = (l->rec_o && s >= 0) ? l->rec_o + s * B * D : a->o;
+        attend_cached(a, out[0], K, Vv, t, o, (l->rec_lse && s >= 0) ? l->rec_lse + s * B * a->H : NULL);
+        step_mm(a, o, l->proj_w, out[1], B, D, D, 0);
         rlhfkit_bias_residual(out[1], l->proj_b, x, B, D);
         layer_norm_rows(x, l->ln2_w, l->ln2_b, l->eps2, a->h, B, D);
         step_mm(a, a->h, l->fc_w, out[2], B, D, F, 0);
