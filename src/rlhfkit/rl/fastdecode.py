@@ -245,10 +245,12 @@ def _attention_forward(qkv, k1, v1, key_ok, H, m, G, time_major) -> tuple[torch.
     return o, lse
 
 
-def _attention_backward(qkv, k1, v1, key_ok, H, m, G, time_major, o, lse, do
+def _attention_backward(qkv, k1, v1, key_ok, H, m, G, time_major, o, lse, do, pre=None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The gradients (of qkv whole, and of the prefix's keys and values) of _attention_forward's o, given
-    its gradient do (o's layout)."""
+    its gradient do (o's layout). pre: the prefix's own q|k|v output (U, n1, 3 D), of which k1 and v1 are
+    views: then the prefix's gradient comes as pre's whole (its query part 0) in place of the second
+    entry, and None in the third, so autograd adds it to pre's other gradient without a stack."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     q, k2, v2 = _qkv_heads(qkv, H, time_major)
@@ -257,13 +259,17 @@ def _attention_backward(qkv, k1, v1, key_ok, H, m, G, time_major, o, lse, do
     n = q.size(2)
     if m < n:  # queries at the last m positions only: the others' query gradient is 0
         dq[:, :, :n - m].zero_()
-    dk1 = dv1 = None
-    if k1 is not None:
+    dk1 = dv1 = dpre = None
+    if pre is not None:
+        dpre = torch.empty(pre.shape, dtype=pre.dtype)
+        dq1, dk1, dv1 = _qkv_heads(dpre, H, False)
+        dq1.zero_()
+    elif k1 is not None:
         dk1, dv1 = torch.empty(k1.shape, dtype=k1.dtype), torch.empty(v1.shape, dtype=v1.dtype)
     native.attention_backward(q[:, :, n - m:], k2, v2, k1, v1, key_ok, G, q.size(-1) ** -0.5,
                               _heads_out(o, H, time_major), lse, _heads_out(do, H, time_major), dq[:, :, n - m:],
                               dk2, dv2, dk1, dv1)
-    return dqkv, dk1, dv1
+    return (dqkv, dpre, None) if pre is not None else (dqkv, dk1, dv1)
 
 
 class _Attention(torch.autograd.Function):
@@ -299,23 +305,28 @@ class _ProjectedAttention(torch.autograd.Function):
     With the attention's output o (qkv's layout) and log-sum-exp lse (rows, H, m) recorded too (the
     rollout's, Record.attn_*), the backward does not run the attention's forward at all.
 
-    apply(qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major, o=None, lse=None) -> y"""
+    The prefix (k1, v1) may come with its own q|k|v output `pre` (the prompt pass's), of which the two are
+    views: then pre takes the prefix's gradient whole (_attention_backward).
+
+    apply(qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major, o=None, lse=None, pre=None) -> y"""
 
     @staticmethod
-    def forward(ctx, qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major, o=None, lse=None):
-        ctx.save_for_backward(qkv, k1, v1, weight, key_ok, o, lse)
+    def forward(ctx, qkv, k1, v1, weight, bias, y, key_ok, H, m, G, time_major, o=None, lse=None, pre=None):
+        ctx.save_for_backward(qkv, k1, v1, weight, key_ok, o, lse, pre)
         ctx.args, ctx.has_bias = (H, m, G, time_major), bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        qkv, k1, v1, w, key_ok, o, lse = ctx.saved_tensors
+        qkv, k1, v1, w, key_ok, o, lse, pre = ctx.saved_tensors
         need = ctx.needs_input_grad
         if o is None:
             o, lse = _attention_forward(qkv, k1, v1, key_ok, *ctx.args)
         do, dw, db = _linear_grads(o, w, dy, True, (True, need[3], ctx.has_bias and need[4]))
-        dqkv, dk1, dv1 = _attention_backward(qkv, k1, v1, key_ok, *ctx.args, o, lse, do)
-        return dqkv, dk1, dv1, dw, db, None, None, None, None, None, None, None, None
+        dqkv, d1, d2 = _attention_backward(qkv, k1, v1, key_ok, *ctx.args, o, lse, do, pre)
+        if pre is not None:  # the prefix's gradient as pre's
+            return dqkv, None, None, dw, db, None, None, None, None, None, None, None, None, d1
+        return dqkv, d1, d2, dw, db, None, None, None, None, None, None, None, None, None
 
 
 def _fused_attention_ok(like: torch.Tensor, hd: int) -> bool:
@@ -675,6 +686,7 @@ class _Base:
 
         fused = isinstance(self, GPT2Decoder) and _fused_attention_ok(self.weight_like, self.hd)
         attn_recorded = fused and getattr(rec, "attn_ok", False) and torch.is_grad_enabled()
+        prompt_qkv_of: dict[int, torch.Tensor] = {}  # layer -> the lean prompt pass's q|k|v output
 
         def prompt_pass(ids, pos, pm, lin, ok=None):
             """The prompts' forward: each layer's keys and values (each unique prompt's once: the completions'
@@ -702,13 +714,14 @@ class _Base:
 
                 attend_prompt.qkv = prompt_qkv
                 def prompt_lean_qkv(i, qkv, m):
-                    """_ProjectedAttention's (k1, v1, key_ok, queries, G, time_major, o, lse)."""
+                    """_ProjectedAttention's (k1, v1, key_ok, queries, G, time_major, o, lse, pre)."""
                     kv.append(_qkv_heads(qkv, self.H, False)[1:])
+                    prompt_qkv_of[i] = qkv  # the completions' prefix gradient goes to it whole
                     o = lse = None
                     if attn_recorded and rec.attn_prompt[i] is not None:  # the prefill's, at the last m positions
                         o = rec.attn_prompt[i].view(-1, P, self.D)[:, P - m:]
                         lse = rec.lse_prompt[i][:, :, P - m:].contiguous()
-                    return None, None, _byte_mask(ok), m, 1, False, o, lse
+                    return None, None, _byte_mask(ok), m, 1, False, o, lse, None
 
                 attend_prompt.lean_qkv = prompt_lean_qkv
             # Only the last position goes on past the last layer's keys and values (keep=1).
@@ -745,7 +758,9 @@ class _Base:
                 o = lse = None
                 if attn_recorded and rec.attn_comp[i] is not None:
                     o, lse = rec.attn_comp[i][:n], rec.lse_comp[i][:n].permute(1, 2, 0).contiguous()
-                return (*kv[i], _byte_mask(c_ok), n, G, True, o, lse)
+                pre = prompt_qkv_of.get(i)
+                k1, v1 = kv[i] if pre is None else (t.detach() for t in kv[i])  # pre's views: its gradient
+                return k1, v1, _byte_mask(c_ok), n, G, True, o, lse, pre
 
             attend_completion.lean_qkv = completion_lean_qkv
 
@@ -844,9 +859,9 @@ class GPT2Decoder(_Base):
 
         fused = getattr(attend, "lean_qkv", None)
         if fused is not None:  # our attention on qkv itself (and a prefix's keys and values)
-            k1, v1, key_ok, queries, G, time_major, o, lse = fused(i, qkv, m)
+            k1, v1, key_ok, queries, G, time_major, o, lse, pre = fused(i, qkv, m)
             x = last(x) + _ProjectedAttention.apply(qkv, k1, v1, a.c_proj.weight, a.c_proj.bias, last(out(i, 1)),
-                                                    key_ok, self.H, queries, G, time_major, o, lse)
+                                                    key_ok, self.H, queries, G, time_major, o, lse, pre)
         else:
             q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
             fn, inputs = attend.lean(i, q[:, :, n - m:], k, v)
