@@ -359,13 +359,18 @@ class AttnArgs(ctypes.Structure):
         ("key_ok", ctypes.c_void_p), ("ok_stride", ctypes.c_int64), ("lse", ctypes.c_void_p)]
 
 
+def attention_width_ok(hd: int) -> bool:
+    """A head width our attention kernels take: a multiple of 16 (their vectors) up to 256."""
+    return hd % 16 == 0 and hd <= 256
+
+
 def attention_ok(q: torch.Tensor, *views: torch.Tensor | None) -> bool:
     """Our attention kernels apply: CPU float32 (rows, heads, positions, hd) views with contiguous rows of
-    hd, hd a multiple of 16 up to 256."""
+    hd, a width attention_width_ok takes."""
     ts = [q, *(t for t in views if t is not None)]
     hd = q.size(-1)
     return (native_ok(*ts) and all(t.dim() == 4 and t.stride(-1) == 1 and t.size(-1) == hd for t in ts)
-            and hd % 16 == 0 and hd <= 256)
+            and attention_width_ok(hd))
 
 
 def _attn_args(q, k2, v2, k1, v1, key_ok, G, scale, lse, **views) -> AttnArgs:

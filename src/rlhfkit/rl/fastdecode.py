@@ -149,17 +149,16 @@ class _GeluSavedLinear(torch.autograd.Function):
             dy2 = dy.reshape(-1, dy.size(-1))
             dh = (dy2 @ w.t() if ctx.conv1d else dy2 @ w).view(h.shape)
             g = gelu_tanh_and_backward_(h, dh)
-            if g is not None:
-                _, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (False, need[1], ctx.has_bias and need[2]))
-                return dh, dw, db, None, None, None
+            if g is None:  # where our kernels do not apply: the two passes
+                g = gelu_tanh_forward(h)
+                dh = gelu_tanh_backward(dh, h, out=dh)
+            _, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (False, need[1], ctx.has_bias and need[2]))
+            return dh, dw, db, None, None, None
         g = gelu_tanh_forward(h) if tanh else F.gelu(h, approximate=ctx.approximate)
         dg, dw, db = _linear_grads(g, w, dy, ctx.conv1d, (need[0], need[1], ctx.has_bias and need[2]))
         del g
-        if need[0]:  # in place: dg becomes dh
-            if tanh:
-                gelu_tanh_backward(dg, h, out=dg)
-            else:
-                torch.ops.aten.gelu_backward.grad_input(dg, h, approximate=ctx.approximate, grad_input=dg)
+        if need[0]:  # (the exact GELU) in place: dg becomes dh
+            torch.ops.aten.gelu_backward.grad_input(dg, h, approximate=ctx.approximate, grad_input=dg)
         return dg, dw, db, None, None, None
 
 
@@ -331,7 +330,7 @@ class _ProjectedAttention(torch.autograd.Function):
 
 def _fused_attention_ok(like: torch.Tensor, hd: int) -> bool:
     """_Attention applies: our kernels are on, float32 CPU weights, a head width they take."""
-    return native_ok(like) and hd % 16 == 0 and hd <= 256
+    return native_ok(like) and native.attention_width_ok(hd)
 
 
 def _byte_mask(key_ok: torch.Tensor | None) -> torch.Tensor | None:
@@ -401,9 +400,10 @@ class _LinearGeluTanh(torch.autograd.Function):
     def backward(ctx, dg):
         x, w, y = ctx.saved_tensors
         both = native.gelu_tanh_backward_colsum(dg.contiguous(), y)
-        dy, db = both if both is not None else (gelu_tanh_backward(dg, y), None)
-        if db is None:
-            db = dy.sum(0)
+        if both is None:
+            dy = gelu_tanh_backward(dg, y)
+            both = dy, dy.sum(0)
+        dy, db = both
         need = ctx.needs_input_grad
         return (dy @ w.t() if need[0] else None), (x.t() @ dy if need[1] else None), (db if need[2] else None)
 
@@ -692,7 +692,7 @@ class _Base:
             """The prompts' forward: each layer's keys and values (each unique prompt's once: the completions'
             attention repeats them) and the final-normed last position (N, 1, D). ok: the prompts' key
             mask (N, P) where they are padded (pm, the same as an attention mask)."""
-            kv = []
+            kv, ok = [], _byte_mask(ok)
 
             def prompt_attention(q, k, v):
                 return _causal_attention(q, k, v, pm, self.gqa)
@@ -721,7 +721,7 @@ class _Base:
                     if attn_recorded and rec.attn_prompt[i] is not None:  # the prefill's, at the last m positions
                         o = rec.attn_prompt[i].view(-1, P, self.D)[:, P - m:]
                         lse = rec.lse_prompt[i][:, :, P - m:].contiguous()
-                    return None, None, _byte_mask(ok), m, 1, False, o, lse, None
+                    return None, None, ok, m, 1, False, o, lse, None
 
                 attend_prompt.lean_qkv = prompt_lean_qkv
             # Only the last position goes on past the last layer's keys and values (keep=1).
@@ -748,7 +748,7 @@ class _Base:
 
         attend_completion.lean = lambda i, q, k, v, rope=None: (completion_attention, (q, k, v, *kv[i]))
         if fused:  # the prompts' keys as a prefix shared by each G rows: no repeat, no cat
-            c_ok = None if self.key_ok is None else self.key_ok[:, :P + n]
+            c_ok = None if self.key_ok is None else _byte_mask(self.key_ok[:, :P + n])
 
             def completion_qkv(qkv, kp, vp):
                 return fused_attention(qkv, self.H, n, c_ok, (kp, vp), G, time_major=True)
@@ -760,7 +760,7 @@ class _Base:
                     o, lse = rec.attn_comp[i][:n], rec.lse_comp[i][:n].permute(1, 2, 0).contiguous()
                 pre = prompt_qkv_of.get(i)
                 k1, v1 = kv[i] if pre is None else (t.detach() for t in kv[i])  # pre's views: its gradient
-                return k1, v1, _byte_mask(c_ok), n, G, True, o, lse, pre
+                return k1, v1, c_ok, n, G, True, o, lse, pre
 
             attend_completion.lean_qkv = completion_lean_qkv
 
@@ -830,7 +830,7 @@ class GPT2Decoder(_Base):
             if fused is not None:  # _Attention, on qkv itself
                 o = fused(i, qkv, x.size(1))
             else:
-                q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
+                q, k, v = _qkv_heads(qkv, self.H, False)  # (N, H, n, hd)
                 o = attend(i, q[:, :, n - x.size(1):], k, v).transpose(1, 2).reshape(N, x.size(1), D)
             x = x + lin(i, 1, o, a.c_proj.weight, a.c_proj.bias)
             h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
@@ -863,7 +863,7 @@ class GPT2Decoder(_Base):
             x = last(x) + _ProjectedAttention.apply(qkv, k1, v1, a.c_proj.weight, a.c_proj.bias, last(out(i, 1)),
                                                     key_ok, self.H, queries, G, time_major, o, lse, pre)
         else:
-            q, k, v = qkv.view(N, n, 3, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, n, hd)
+            q, k, v = _qkv_heads(qkv, self.H, False)  # (N, H, n, hd)
             fn, inputs = attend.lean(i, q[:, :, n - m:], k, v)
 
             def attn(*t: torch.Tensor) -> torch.Tensor:
