@@ -60,17 +60,24 @@ static void forward_block(const float *x, float *y, int64_t n) {
     }
 }
 
+/* gelu'(v), and p = 1 / (1 + e^(-2u)) into *p (gelu(v) = v p): the derivative's pieces, shared by the
+   kernels that need the slope. */
+static inline float gelu_slope(float v, float *p_out) {
+    float v2 = v * v;
+    float q = exp_clamped(-TWO_C * (v + A * v2 * v));
+    float p = 1.0f / (1.0f + q);
+    float one_minus_p = q * p; /* no cancellation when p is near 1 */
+    float d = p + v * TWO_C * (1.0f + 3.0f * A * v2) * (p * one_minus_p);
+    d = v > CUT ? 1.0f : d;
+    *p_out = p;
+    return v < -CUT ? 0.0f : d;
+}
+
 static void backward_block(const float *dy, const float *x, float *dx, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
-        float v = x[i], v2 = v * v;
-        float q = exp_clamped(-TWO_C * (v + A * v2 * v));
-        float p = 1.0f / (1.0f + q);
-        float one_minus_p = q * p; /* no cancellation when p is near 1 */
-        float d = p + v * TWO_C * (1.0f + 3.0f * A * v2) * (p * one_minus_p);
-        d = v > CUT ? 1.0f : d;
-        d = v < -CUT ? 0.0f : d;
-        dx[i] = dy[i] * d;
+        float p;
+        dx[i] = dy[i] * gelu_slope(x[i], &p);
     }
 }
 
@@ -127,14 +134,9 @@ void rlhfkit_gelu_tanh_and_backward_strided(const float *x, int64_t d0, int64_t 
         float *dr = dg + r * n, *gr = g + r * n;
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) {
-            float v = xr[i], v2 = v * v;
-            float q = exp_clamped(-TWO_C * (v + A * v2 * v));
-            float p = 1.0f / (1.0f + q);
-            float d = p + v * TWO_C * (1.0f + 3.0f * A * v2) * (p * (q * p));
-            d = v > CUT ? 1.0f : d;
-            d = v < -CUT ? 0.0f : d;
+            float v = xr[i], p;
+            dr[i] *= gelu_slope(v, &p);
             gr[i] = v < -CUT ? 0.0f * v : v * p;
-            dr[i] *= d;
         }
     }
 }
@@ -146,27 +148,26 @@ void rlhfkit_gelu_tanh_backward_colsum(const float *dy, const float *x, float *d
                                        float *colsum) {
     int nt = omp_get_max_threads();
     float *part = calloc((size_t)nt * (size_t)n, sizeof(float));
-    if (part == NULL) {
-        nt = 0;
-        rlhfkit_gelu_tanh_backward(dy, x, dx, rows * n);
-    } else {
+    if (part == NULL) { /* no memory for the threads' sums: one thread's, as the pass goes */
+        nt = 1;
+        part = colsum;
+        memset(colsum, 0, (size_t)n * sizeof(float));
+    }
 #pragma omp parallel num_threads(nt)
-        {
-            float *p = part + (int64_t)omp_get_thread_num() * n;
+    {
+        float *p = part + (int64_t)omp_get_thread_num() * n;
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++) {
-                backward_block(dy + r * n, x + r * n, dx + r * n, n);
+        for (int64_t r = 0; r < rows; r++) {
+            backward_block(dy + r * n, x + r * n, dx + r * n, n);
 #pragma omp simd
-                for (int64_t i = 0; i < n; i++)
-                    p[i] += dx[r * n + i];
-            }
+            for (int64_t i = 0; i < n; i++)
+                p[i] += dx[r * n + i];
         }
     }
+    if (part == colsum)
+        return;
     for (int64_t i = 0; i < n; i++) {
         float t = 0.0f;
-        if (nt == 0)
-            for (int64_t r = 0; r < rows; r++)
-                t += dx[r * n + i];
         for (int k = 0; k < nt; k++)
             t += part[(int64_t)k * n + i];
         colsum[i] = t;
