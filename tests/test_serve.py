@@ -2,6 +2,7 @@
 and the chat page's thumbs and edits land in the feedback store (API and a real browser)."""
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -30,6 +31,7 @@ class ThreadServer:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.app = app
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -49,7 +51,7 @@ def served(tmp_path_factory, tiny_tokenizer):
     save_model(d / "model", build_model(ModelConfig(n_layer=2, n_head=4, d_model=64, max_seq_len=256),
                                         tiny_tokenizer), tiny_tokenizer)
     cfg = ServeConfig(model=str(d / "model"), name="tiny", feedback_db=str(d / "fb.db"), max_new_tokens=12,
-                      max_tokens_limit=64)
+                      max_tokens_limit=64, max_prompts=4, max_n=4, max_request_tokens=1024, max_body_kb=64)
     app = create_app(cfg)
     srv = ThreadServer(app)
     yield srv, app.state.store
@@ -120,25 +122,60 @@ def test_bad_requests_get_openai_style_errors(served):
     assert r.status_code == 400 and "limit is 20000" in r.json()["error"]["message"]
 
 
+def chat_session(srv) -> tuple[httpx.Client, str]:
+    """A client holding a chat page session (its cookie), and that session's CSRF token."""
+    c = httpx.Client(base_url=srv.url)
+    token = re.search(r'name="csrf-token" content="([^"]+)"', c.get("/").text).group(1)
+    return c, token
+
+
 def test_feedback_needs_csrf_and_same_origin(served):
     srv, store = served
     before = len(fb(store, "ratings"))
     body = {"messages": [{"role": "user", "content": "hi"}], "completion": "hello", "rating": 1}
     assert httpx.post(srv.url + "/feedback/rate", json=body).status_code == 403
-    page = httpx.get(srv.url + "/").text
-    token = re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
-    forged = httpx.post(srv.url + "/feedback/rate", json=body,
-                        headers={"x-csrf-token": token, "origin": "http://evil.example"})
+    c, token = chat_session(srv)
+    forged = c.post("/feedback/rate", json=body, headers={"x-csrf-token": token, "origin": "http://evil.example"})
     assert forged.status_code == 403
-    assert httpx.post(srv.url + "/feedback/rate", json={**body, "rating": 5},
-                      headers={"x-csrf-token": token}).status_code == 400
+    assert c.post("/feedback/rate", json={**body, "rating": 5}, headers={"x-csrf-token": token}).status_code == 400
     assert len(fb(store, "ratings")) == before  # nothing stored by refused requests
-    ok = httpx.post(srv.url + "/feedback/rate", json=body, headers={"x-csrf-token": token})
+    ok = c.post("/feedback/rate", json=body, headers={"x-csrf-token": token})
     assert ok.status_code == 200 and ok.json()["stored"]
     rows = fb(store, "ratings")
     assert len(rows) == before + 1
     assert rows[-1]["completion"] == "hello" and rows[-1]["rating"] == 1
     assert rows[-1]["prompt"].startswith("<|user|>\nhi")  # the chat-templated text the model saw
+
+
+def test_chat_feedback_identity_is_issued_by_the_server(served):
+    """Issue 24: the CSRF token was one per process, readable by anyone with GET /, and the user came
+    from a cookie the client set, so `rk_chat_user=boss` wrote a rating as the human admin boss."""
+    srv, store = served
+    store.add_annotator("boss", "boss-password", admin=True, exist_ok=True)
+    body = {"messages": [{"role": "user", "content": "hi"}], "completion": "hello there", "rating": 0}
+    a, token_a = chat_session(srv)
+    _, token_b = chat_session(srv)
+    assert token_a != token_b                        # a token per session, not per process
+    # B's token does not work with A's session, nor a token without any session.
+    assert a.post("/feedback/rate", json=body, headers={"x-csrf-token": token_b}).status_code == 403
+    r = httpx.post(srv.url + "/feedback/rate", json=body, headers={"x-csrf-token": token_a},
+                   cookies={"rk_chat_user": "boss"})
+    assert r.status_code == 403 and "session" in r.json()["error"]["message"]
+    # A forged session cookie is refused too.
+    forged = httpx.post(srv.url + "/feedback/rate", json=body, headers={"x-csrf-token": token_a},
+                        cookies={"rk_chat": a.cookies["rk_chat"][:-2] + "xx", "rk_chat_user": "boss"})
+    assert forged.status_code == 403
+    a.cookies.set("rk_chat_user", "boss")              # a cookie the client sets names no one
+    assert a.post("/feedback/rate", json=body, headers={"x-csrf-token": token_a}).status_code == 200
+    names = {x["name"]: x["kind"] for x in store.annotators()}
+    assert names["boss"] == "human"
+    rows = [x for x in fb(store, "ratings") if x["completion"] == "hello there"]
+    assert len(rows) == 1 and rows[0]["annotator"].startswith("chat-") and names[rows[0]["annotator"]] == "user"
+    # Even the store itself never maps a chat user onto an annotator account.
+    from rlhfkit.feedback.store import Forbidden
+
+    with pytest.raises(Forbidden):
+        store.record_rating("p", "c", 1, user="boss", project="chat", scale=(0, 1))
 
 
 @pytest.mark.browser
@@ -179,3 +216,186 @@ def test_thumbs_up_and_edit_in_the_chat_page_land_in_the_store(served, chromium,
     assert ratings[-1]["rating"] == 1 and ratings[-1]["completion"] == answer.strip()
     assert edits[-1]["edited"] == "What a wonderful film!"
     assert "Write a happy review." in ratings[-1]["prompt"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 24: bounded work per request, no 500s, correct usage, fair turns, timeouts
+# ---------------------------------------------------------------------------------------------------
+def err(r: httpx.Response) -> str:
+    return r.json()["error"]["message"]
+
+
+def test_every_limit_is_enforced_with_a_4xx_naming_it(served):
+    srv, _ = served
+    post = lambda path, body: httpx.post(srv.url + path, json=body, timeout=30)  # noqa: E731
+    r = post("/v1/completions", {"prompt": ["a"] * 5, "max_tokens": 1})
+    assert r.status_code == 400 and "max_prompts" in err(r)
+    r = post("/v1/completions", {"prompt": "a", "n": 5, "max_tokens": 1})
+    assert r.status_code == 400 and "max_n" in err(r)
+    # Total work (max_request_tokens=1024): 4 prompts x n=4 x 2 tokens + prompts is fine, ...
+    assert post("/v1/completions", {"prompt": ["a"] * 4, "n": 4, "max_tokens": 2}).status_code == 200
+    # ... but the limit counts the conversation after the chat template: 700 empty messages are no text,
+    # yet several tokens each once templated.
+    r = post("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}] * 700, "max_tokens": 1})
+    assert r.status_code == 400 and "max_request_tokens" in err(r) and "after templating" in err(r)
+    r = post("/v1/completions", {"prompt": ["a b c"] * 4, "n": 4, "max_tokens": 64})  # 4 x 4 x 64 + prompts
+    assert r.status_code == 400 and "max_request_tokens" in err(r) and "4 prompt(s) x n=4 x max_tokens=64" in err(r)
+    # The model's context (256 positions) bounds prompt + max_tokens.
+    r = post("/v1/completions", {"prompt": "word " * 240, "max_tokens": 64})
+    assert r.status_code == 400 and "context of 256" in err(r)
+    # Body bytes: announced (Content-Length) or chunked, both 413 before anything is parsed.
+    big = b'{"prompt": "' + b"x" * 70_000 + b'"}'
+    r = httpx.post(srv.url + "/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "64 KiB" in err(r)
+    r = httpx.post(srv.url + "/v1/completions", content=iter([big[:40_000], big[40_000:]]),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "transfer-encoding" not in r.request.headers.get("content-length", "")
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "x", "max_tokens": 2, "seed": 18446744073709551616}',         # 2**64
+    b'{"prompt": "x", "max_tokens": 2, "seed": 1000000000000000000000000000000}',
+    b'{"prompt": "x", "max_tokens": 2, "seed": -1}',
+    b'{"prompt": "\\ud800", "max_tokens": 2}',                                  # a lone surrogate
+    b'{"prompt": ["ok", "bad \\udfff"], "max_tokens": 2}',
+    b'{"prompt": "x", "max_tokens": 2, "temperature": NaN}',
+    b'{"prompt": "x", "max_tokens": 2, "temperature": 1e400}',
+    b'{"prompt": "x", "max_tokens": 2, "n": 100000000000000000000}',
+    b'{"prompt": "x", "max_tokens": 100000000000000000000}',
+    b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}',
+    b'{"prompt": "x", "stop": [""]}',
+    b'{"prompt": "\xff\xfe"}',                                                  # not UTF-8
+    b'[' * 100_000 + b']' * 100_000,
+    b'{"prompt": ' + b'[' * 50 + b'"x"' + b']' * 50 + b'}',
+    b'"just a string"',
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_hostile_input_gets_400_not_500(served, raw, stream):
+    srv, _ = served
+    if stream and raw.startswith(b"{"):
+        raw = raw[:-1] + b', "stream": true}'
+    r = httpx.post(srv.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 413), r.text
+    assert r.headers["content-type"].startswith("application/json") and err(r)
+
+
+def test_hostile_chat_input_and_a_streamed_huge_seed(served):
+    srv, _ = served
+    msgs = [{"role": "user", "content": "hi \ud800"}]
+    r = httpx.post(srv.url + "/v1/chat/completions", content=json.dumps({"messages": msgs}).encode(),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "messages.0.content" in err(r) and "Unicode" in err(r)
+    # Before: a 200 whose stream ended with no data.
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "stream": True, "seed": 2 ** 64})
+    assert r.status_code == 400 and err(r).startswith("seed")
+
+
+def test_usage_counts_the_tokens_generated(served):
+    srv, _ = served
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": ["The film", "A book"], "n": 3, "max_tokens": 20,
+                                                      "temperature": 1.5, "seed": 3}, timeout=60).json()
+    usage = r["usage"]
+    assert usage["completion_tokens"] <= 2 * 3 * 20
+    lengths = [20 if c["finish_reason"] == "length" else None for c in r["choices"]]
+    if all(lengths):
+        assert usage["completion_tokens"] == 120
+    # Greedy, no EOS in reach: each of the n samples is exactly max_tokens long.
+    g = httpx.post(srv.url + "/v1/completions", json={"prompt": "The film", "n": 2, "max_tokens": 16,
+                                                      "temperature": 0}, timeout=60).json()
+    if all(c["finish_reason"] == "length" for c in g["choices"]):
+        assert g["usage"]["completion_tokens"] == 32
+    assert g["usage"]["total_tokens"] == g["usage"]["prompt_tokens"] + g["usage"]["completion_tokens"]
+
+
+def test_turn_queue_serves_in_arrival_order_and_times_out():
+    from rlhfkit.serve.server import RequestError, TurnQueue
+
+    q, order, started = TurnQueue(), [], []
+    hold = threading.Event()
+
+    def worker(name: str, pieces: int) -> None:
+        for _ in range(pieces):
+            with q.turn(time.monotonic() + 30):
+                started.append(name)
+                if name == "big" and len(started) == 1:
+                    hold.wait(10)
+                order.append(name)
+
+    big = threading.Thread(target=worker, args=("big", 3))
+    big.start()
+    while not started:
+        time.sleep(0.005)
+    small = threading.Thread(target=worker, args=("small", 1))
+    small.start()
+    while len(q.waiting) < 1:
+        time.sleep(0.005)
+    hold.set()
+    big.join(10), small.join(10)
+    # The large caller queued again after its first piece: the small one went next, not last.
+    assert order == ["big", "small", "big", "big"]
+    with q.turn(time.monotonic() + 5):
+        t0 = time.monotonic()
+        with pytest.raises(RequestError) as e:
+            with q.turn(time.monotonic() + 0.2):
+                pass
+        assert e.value.status == 503 and time.monotonic() - t0 >= 0.2
+    assert not q.waiting and not q.busy
+
+
+def test_a_small_request_is_not_starved_by_a_large_one(served):
+    """Issue 24: a 4-token request waited behind a large one for its whole run (one global lock)."""
+    srv, _ = served
+    done: dict[str, float] = {}
+
+    def run(name: str, body: dict) -> None:
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        done[name] = time.monotonic()
+
+    big = threading.Thread(target=run, args=("big", {"prompt": ["The film", "A book", "My day", "Our trip"],
+                                                     "n": 3, "max_tokens": 64, "temperature": 1.0}))
+    queue = srv.app.state.engine.queue
+    big.start()
+    deadline = time.monotonic() + 30
+    while not queue.busy and time.monotonic() < deadline:   # the large request's first turn has begun
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    run("small", {"prompt": "Hi", "max_tokens": 4})
+    big.join(120)
+    # Served between the large request's turns, not after all of them.
+    assert done["small"] < done["big"], (done["small"] - t0, done["big"] - t0)
+
+
+def test_seeded_requests_repeat_whatever_runs_in_between(served):
+    srv, _ = served
+    body = {"prompt": ["The film", "A book"], "n": 2, "max_tokens": 8, "temperature": 1.0, "seed": 7}
+    alone = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"]
+    noise = threading.Thread(target=lambda: [httpx.post(srv.url + "/v1/completions", timeout=60,
+                                                        json={"prompt": "x", "max_tokens": 4, "temperature": 1.0})
+                                             for _ in range(4)])
+    noise.start()
+    again = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"]
+    noise.join(60)
+    assert [c["text"] for c in again] == [c["text"] for c in alone]
+
+
+def test_request_timeout_gives_503(served):
+    srv, _ = served
+    from rlhfkit.serve.server import create_app as make
+
+    engine = srv.app.state.engine
+    cfg = ServeConfig(model="unused", name="tiny", feedback_db="", max_new_tokens=4, max_tokens_limit=64,
+                      request_timeout_s=0.3)
+    other = ThreadServer(make(cfg, engine=engine))
+    try:
+        with engine.queue.turn(time.monotonic() + 30):     # the model is busy for longer than the timeout
+            r = httpx.post(other.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 503 and "request_timeout_s" in err(r) and r.headers["retry-after"]
+            s = httpx.post(other.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True},
+                           timeout=30)
+            assert s.status_code == 200
+            events = [line for line in s.text.splitlines() if line.startswith("data: ")]
+            assert "request_timeout_s" in events[-1] and "[DONE]" not in s.text
+    finally:
+        other.stop()

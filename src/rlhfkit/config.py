@@ -745,17 +745,29 @@ class ServeConfig:
     max_tokens_limit: int = opt(1024, "largest max_tokens a request may ask for")
     temperature: float = opt(0.7, "default sampling temperature (a request's own value wins)")
     top_p: float = opt(0.95, "default nucleus sampling mass")
-    max_prompt_chars: int = opt(20000, "longest prompt or conversation accepted, in characters")
+    max_prompt_chars: int = opt(20000, "longest prompt or conversation accepted, in characters (the "
+                                       "conversation after the chat template)")
+    max_prompts: int = opt(16, "most prompts in one /v1/completions request")
+    max_n: int = opt(16, "largest n (samples per prompt) a request may ask for")
+    max_request_tokens: int = opt(8192, "most tokens one request may cost: its prompts' tokens (after the "
+                                        "chat template) plus prompts x n x max_tokens; larger requests get 400")
+    max_body_kb: int = opt(1024, "largest request body accepted, in KiB (bigger ones get 413, chunked too)")
+    request_timeout_s: float = opt(120.0, "a request not answered within this many seconds, queueing "
+                                          "included, gets 503 (a stream ends with an error event)")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "server log level")
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{here('port')}={self.port} must be in 0..65535")
-        _positive(self, "max_new_tokens", "max_tokens_limit", "max_prompt_chars")
+        _positive(self, "max_new_tokens", "max_tokens_limit", "max_prompt_chars", "max_prompts", "max_n",
+                  "max_request_tokens", "max_body_kb", "request_timeout_s")
         if self.max_new_tokens > self.max_tokens_limit:
             raise ConfigError(f"{here('max_new_tokens')}={self.max_new_tokens} exceeds "
                               f"{here('max_tokens_limit')}={self.max_tokens_limit}")
+        if self.max_tokens_limit >= self.max_request_tokens:
+            raise ConfigError(f"{here('max_request_tokens')}={self.max_request_tokens} leaves no room for a "
+                              f"prompt with {here('max_tokens_limit')}={self.max_tokens_limit}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"{here('temperature')} must be >= 0 and {here('top_p')} in (0, 1]")
 

@@ -992,6 +992,9 @@ class Store:
             raise Invalid("completion is empty")
         aid = self.add_annotator(user, kind="user", exist_ok=True)
         with self.write() as s:
+            # End users (the chat page) never write as an annotator or an admin of the web app.
+            if s.scalar(select(Annotator.kind).where(Annotator.id == aid)) != "user":
+                raise Forbidden(f"{user!r} is an annotator account, not a chat user")
             p = s.scalar(select(Project).where(Project.name == project)) or \
                 self._project(s, project, create=True, scale=scale)
             if kind == "rate" and (p.scale_min, p.scale_max) != tuple(scale):
