@@ -106,7 +106,6 @@ def test_login_session_and_escaping(env):
     assert "script-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["x-frame-options"] == "DENY"
     cookie = c.cookies.get("rk_session")
-    body, sig = cookie.rsplit(".", 1)
     assert unsign(b"k", sign(b"k", {"a": 1, "exp": 9e9})) == {"a": 1, "exp": 9e9}
     assert unsign(b"k", sign(b"other key", {"a": 1, "exp": 9e9})) is None
     assert unsign(b"k", sign(b"k", {"a": 1, "exp": 1})) is None          # expired
@@ -114,7 +113,7 @@ def test_login_session_and_escaping(env):
     c.cookies.set("rk_session", cookie)                                   # control: the real cookie works
     assert c.get("/task", follow_redirects=False).status_code == 200
     c.cookies.clear()
-    c.cookies.set("rk_session", body + "." + sig[:-2] + ("AA" if sig[-2:] != "AA" else "BB"))  # tampered
+    c.cookies.set("rk_session", cookie[:-2] + ("AA" if cookie[-2:] != "AA" else "BB"))  # tampered
     assert c.get("/task", follow_redirects=False).headers["location"] == "/login"
 
 
@@ -129,7 +128,6 @@ def test_form_flow_rate_then_forged_and_bad_forms_change_nothing(env):
            ({k: v for k, v in base.items() if k != "csrf"} | {"rating": "3"}, 403),   # no token
            ({**base, "rating": "9"}, 422),                                   # off the scale
            ({**base, "rating": "three"}, 422),
-           ({**base, "rating": "3", "comment": "<script>alert(1)</script>"}, 422),
            ({**base, "rating": "3", "comment": "x" * 1001}, 422),            # over max_text_chars
            ({**base, "submission_id": "../../etc", "rating": "3"}, 422)]
     for data, status in bad:
@@ -159,7 +157,7 @@ def test_form_flow_rate_then_forged_and_bad_forms_change_nothing(env):
     assert c2.get("/admin").status_code == 403
 
 
-def test_edit_page_refuses_script_and_keeps_the_text(env):
+def test_edit_page_refuses_bad_text_and_keeps_it(env):
     st, c, tokens = env
     login(c, "alice", "alice-password")
     f = task_form(c)
@@ -169,8 +167,8 @@ def test_edit_page_refuses_script_and_keeps_the_text(env):
     assert f["kind"] == "edit"
     before = snapshot(st)
     r = c.post(f"/task/{f['item']}", data={"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "edit",
-                                           "edited": "Hi <script>steal()</script>"})
-    assert r.status_code == 422 and "HTML markup" in r.text
+                                           "edited": "Hi <script>steal()</script>" + "x" * 1000})
+    assert r.status_code == 422 and "limit is 1000" in r.text
     assert "Hi &lt;script&gt;steal()&lt;/script&gt;" in r.text               # shown back, escaped
     assert snapshot(st) == before
     r = c.post(f"/task/{f['item']}", data={"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "edit",
@@ -230,3 +228,158 @@ def test_openapi_spec_lists_the_api(env):
     assert c.get("/docs").status_code == 404                           # no CDN-loaded Swagger page
     r = c.get("/api/v1/admin/export/default/ratings", headers={"Authorization": f"Bearer {tokens['root']}"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 24: no 500s on hostile input, login throttling nobody can turn into a lockout, sessions that
+# end on the server, 413 for chunked bodies, bidi-safe text, a total that does not shrink
+# ---------------------------------------------------------------------------------------------------
+def test_api_hostile_numbers_and_text_get_4xx_with_a_string_detail(env):
+    st, c, tokens = env
+    h = {"Authorization": f"Bearer {tokens['alice']}", "content-type": "application/json"}
+    task = c.get("/api/v1/tasks/next", headers=h, params={"kind": "rate"}).json()["task"]
+    url, sid = f"/api/v1/tasks/{task['item_id']}/answer", task["submission_id"]
+    before = snapshot(st)
+    raw = [b'{"kind": "rate", "rating": NaN, "submission_id": "%s"}',
+           b'{"kind": "rate", "rating": 1e400, "submission_id": "%s"}',
+           b'{"kind": "rate", "rating": -Infinity, "submission_id": "%s"}',
+           b'{"kind": "rate", "rating": 3, "comment": "\\ud800", "submission_id": "%s"}',
+           b'{"kind": "rate", "rating": 3, "submission_id": "%s"' + b', "x": [' * 5000 + b']' * 5000 + b'}']
+    for body in raw:
+        r = c.post(url, content=body.replace(b"%s", sid.encode()), headers=h)
+        assert r.status_code in (400, 422), (body[:60], r.text)
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    assert "not valid Unicode" in c.post(url, content=raw[3].replace(b"%s", sid.encode()), headers=h).json()["detail"]
+    r = c.post(f"/api/v1/tasks/{task['item_id']}/comments", content=b'{"text": "bad \\udfff"}', headers=h)
+    assert r.status_code == 422 and "not valid Unicode" in r.json()["detail"]
+    # Ids past 64 bits: answer, skip and comment, each with three sizes.
+    for big in (2 ** 63, 2 ** 64, 10 ** 30):
+        for path, body in ((f"/api/v1/tasks/{big}/answer", {"kind": "rate", "rating": 3, "submission_id": sid}),
+                           (f"/api/v1/tasks/{big}/skip", None), (f"/api/v1/tasks/{big}/comments", {"text": "hi"})):
+            r = c.post(path, json=body, headers=h) if body else c.post(path, headers=h)
+            assert r.status_code == 422 and isinstance(r.json()["detail"], str), (path, r.text)
+    assert snapshot(st) == before
+    # The form pages too.
+    login(c, "alice", "alice-password")
+    f = task_form(c)
+    before = snapshot(st)
+    r = c.post(f"/task/{2 ** 63}", data={"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "rate",
+                                         "rating": "3"})
+    assert r.status_code == 404 and f"no task {2 ** 63}" in r.text
+    assert snapshot(st) == before
+
+
+def test_chunked_body_over_the_limit_gets_413(env):
+    _, c, tokens = env
+    h = {"Authorization": f"Bearer {tokens['alice']}", "content-type": "application/json"}
+    body = b'{"text": "' + b"x" * 70_000 + b'"}'
+    r = c.post("/api/v1/tasks/1/comments", content=iter([body[:30_000], body[30_000:]]), headers=h)
+    assert "content-length" not in r.request.headers                  # sent chunked
+    assert r.status_code == 413 and "64 KiB" in r.json()["detail"]
+
+
+def _login_from(app, addr: str, name: str, password: str, headers: dict | None = None) -> int:
+    c = TestClient(app, client=(addr, 5000), headers=headers or {})
+    csrf = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+    return c.post("/login", data={"name": name, "password": password, "csrf": csrf},
+                  follow_redirects=False).status_code
+
+
+def test_failed_logins_cannot_lock_the_owner_out_and_forwarded_for_needs_a_trusted_proxy(tmp_path):
+    st = Store(str(tmp_path / "fb.db"))
+    st.add_annotator("alice", "alice-password")
+    app = create_app(st, Settings(login_max_failures=3))
+    assert [_login_from(app, "203.0.113.9", "alice", f"guess-{i}") for i in range(3)] == [401] * 3
+    assert _login_from(app, "203.0.113.9", "alice", "alice-password") == 429    # the guesser is stopped
+    assert _login_from(app, "198.51.100.7", "alice", "alice-password") == 303   # alice, elsewhere, is not
+    # A spoofed X-Forwarded-For from an untrusted peer changes nothing: still the guesser's address.
+    spoof = {"x-forwarded-for": "192.0.2.1"}
+    assert _login_from(app, "203.0.113.9", "alice", "guess", spoof) == 429
+    # Behind a trusted proxy, the proxy's X-Forwarded-For entry names the client.
+    app2 = create_app(st, Settings(login_max_failures=2, trusted_proxies=["127.0.0.1"]))
+    for i in range(2):
+        assert _login_from(app2, "127.0.0.1", "alice", "x", {"x-forwarded-for": "192.0.2.50"}) == 401
+    assert _login_from(app2, "127.0.0.1", "alice", "alice-password", {"x-forwarded-for": "192.0.2.50"}) == 429
+    # The client cannot pick its entry: the left-most is whatever it wrote, the right-most the proxy's.
+    assert _login_from(app2, "127.0.0.1", "alice", "alice-password",
+                       {"x-forwarded-for": "10.9.9.9, 192.0.2.50"}) == 429
+    assert _login_from(app2, "127.0.0.1", "alice", "alice-password", {"x-forwarded-for": "192.0.2.51"}) == 303
+    st.close()
+
+
+def test_client_address_rules():
+    from rlhfkit.utils.http import client_address, parse_trusted
+
+    scope = lambda peer, xff=None: {"client": (peer, 1), "headers": [(b"x-forwarded-for", xff.encode())] if xff else []}  # noqa: E731
+    proxies = parse_trusted(["127.0.0.1", "10.0.0.0/8"])
+    assert client_address(scope("127.0.0.1", "1.2.3.4"), []) == "127.0.0.1"          # nobody trusted
+    assert client_address(scope("127.0.0.1", "1.2.3.4"), proxies) == "1.2.3.4"
+    assert client_address(scope("127.0.0.1", "6.6.6.6, 1.2.3.4, 10.1.2.3"), proxies) == "1.2.3.4"
+    assert client_address(scope("8.8.8.8", "1.2.3.4"), proxies) == "8.8.8.8"        # peer is no proxy
+    with pytest.raises(ValueError, match="not an IP"):
+        parse_trusted(["localhost"])
+
+
+def test_logout_ends_the_session_on_the_server_and_everywhere(env):
+    st, c, _ = env
+    csrf = login(c, "alice", "alice-password")
+    cookie = c.cookies.get("rk_session")
+    f = task_form(c)
+    r = c.post("/logout", data={"csrf": f["csrf"]}, follow_redirects=False)
+    assert r.status_code == 303
+    stolen = TestClient(c.app, cookies={"rk_session": cookie})          # a copy of the cookie from before
+    assert stolen.get("/task", follow_redirects=False).headers["location"] == "/login"
+    # Log out everywhere: two browsers, one button.
+    a, b = TestClient(c.app), TestClient(c.app)
+    login(a, "alice", "alice-password"), login(b, "alice", "alice-password")
+    assert b.get("/task", follow_redirects=False).status_code == 200
+    r = a.post("/logout", data={"csrf": task_form(a)["csrf"], "everywhere": "1"}, follow_redirects=False)
+    assert r.status_code == 303
+    assert b.get("/task", follow_redirects=False).headers["location"] == "/login"
+    assert csrf  # (the login page's token is not a session's)
+
+
+def test_sample_text_is_shown_with_bidi_isolation(tmp_path):
+    st = Store(str(tmp_path / "fb.db"))
+    st.import_samples([{"prompt": "Rate", "completion": "Pay \u202egnp.exe\u202c now"}])
+    st.add_annotator("alice", "alice-password")
+    c = TestClient(create_app(st))
+    login(c, "alice", "alice-password")
+    html = c.get("/task").text
+    assert "\u202e" not in html and "Pay [U+202E]gnp.exe[U+202C] now" in html
+    assert re.search(r'<div class="text" dir="auto">Pay', html)
+    st.close()
+
+
+def test_progress_total_does_not_shrink_when_skipping(tmp_path):
+    st = Store(str(tmp_path / "fb.db"))
+    st.import_samples([{"prompt": "p", "completion": f"answer {i}"} for i in range(5)])
+    st.add_annotator("alice", "alice-password")
+    token = st.new_token("alice")
+    c = TestClient(create_app(st))
+    h = {"Authorization": f"Bearer {token}"}
+    totals = []
+    for _ in range(3):
+        task = c.get("/api/v1/tasks/next", headers=h).json()["task"]
+        totals.append(c.get("/api/v1/progress", headers=h).json()["total"])
+        assert c.post(f"/api/v1/tasks/{task['item_id']}/skip", headers=h).status_code == 200
+    totals.append(c.get("/api/v1/progress", headers=h).json()["total"])
+    assert totals == [5, 5, 5, 5]
+    st.close()
+
+
+def test_openapi_declares_security_errors_and_an_optional_kind(env):
+    _, c, tokens = env
+    spec = c.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    answer = spec["paths"]["/api/v1/tasks/{item_id}/answer"]["post"]
+    assert {"200", "201", "401", "403", "404", "409", "413", "422"} <= set(answer["responses"])
+    assert answer["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    assert answer["security"] == [{"HTTPBearer": []}]
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    for name in ("RatingIn", "RankingIn", "ChoiceIn", "EditIn"):
+        assert "kind" in spec["components"]["schemas"][name]["required"]
+    h = {"Authorization": f"Bearer {tokens['alice']}"}
+    assert c.get("/api/v1/tasks/next?kind=", headers=h).status_code == 200   # empty = any kind
+    r = c.get("/api/v1/tasks/next?kind=judge", headers=h)
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)

@@ -56,7 +56,7 @@ def test_cli_import_label_export_agreement(tmp_path, capsys, monkeypatch):
     ag = json.loads(capsys.readouterr().out)
     assert ag["ratings_units"] == 9 and ag["rankings_units"] == 4
     assert run("db", "current", "--db", db) == 0
-    assert capsys.readouterr().out == "schema at 0001 (newest: 0001)\n"
+    assert capsys.readouterr().out == "schema at 0002 (newest: 0002)\n"
     # ann and bob never came: their 20 pre-assigned tasks go back to the pool.
     assert run("release", "--db", db, "--project", "demo", "--older-than", "1h") == 0
     assert capsys.readouterr().out == "released 0 stale assignment(s)\n"

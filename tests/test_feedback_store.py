@@ -133,19 +133,22 @@ def test_answers_are_idempotent_and_validated(store):
         ("b", "a", "ranking", False)]
 
 
-def test_edit_validation_refuses_markup_oversize_and_no_change(tmp_path):
+def test_edit_validation_refuses_oversize_no_change_and_bad_unicode(tmp_path):
     st = Store(str(tmp_path / "e.db"), max_text_chars=50)
     st.import_samples(_samples("p", "orig text"), kinds=("edit",))
     a = st.add_annotator("a")
     t = st.next_task(a)
-    for edited, msg in (("<script>alert(1)</script>", "HTML markup"), ("x" * 51, "limit is 50"),
-                        ("orig text  ", "same as the original"), ("a\x00b", "NUL"),
-                        ('<img src=x onerror=alert(1)>', "HTML markup")):
+    for edited, msg in (("x" * 51, "limit is 50"), ("orig text  ", "same as the original"), ("a\x00b", "NUL"),
+                        ("lone \ud800 surrogate", "edited: text is not valid Unicode")):
         with pytest.raises(Invalid, match=msg):
             st.submit(a, t.item_id, {"kind": "edit", "edited": edited, "submission_id": t.submission_id})
-    st.submit(a, t.item_id, {"kind": "edit", "edited": "Better text (x < y is fine)",
+    with pytest.raises(Invalid, match="comment: text is not valid Unicode"):
+        st.submit(a, t.item_id, {"kind": "edit", "edited": "Better", "submission_id": t.submission_id,
+                                 "comment": "\udfff"})
+    # Text that looks like markup is text: stored as written (every page escapes it).
+    st.submit(a, t.item_id, {"kind": "edit", "edited": "Use <img alt=x> (x < y)",
                              "submission_id": t.submission_id, "comment": "typo fixed"})
-    assert records(st, "default")["edits"][0]["edited"] == "Better text (x < y is fine)"
+    assert records(st, "default")["edits"][0]["edited"] == "Use <img alt=x> (x < y)"
 
 
 def test_skip_and_undo(store):
@@ -162,7 +165,8 @@ def test_skip_and_undo(store):
     assert records(store, "default")["ratings"] == []
     store.submit(a, t2.item_id, {"kind": "rate", "rating": 2, "submission_id": "second-try-1"})
     assert [r["rating"] for r in records(store, "default")["ratings"]] == [2.0]
-    assert store.progress(a) == {"done": 1, "skipped": 1, "pending": 0, "available": 0, "total": 1}
+    # The skipped task stays in the total (it used to drop out, so skipping shrank the work).
+    assert store.progress(a) == {"done": 1, "skipped": 1, "pending": 0, "available": 0, "total": 2}
     assert store.undo(a) == t2.item_id and store.undo(a) == t1.item_id and store.undo(a) is None
 
 
@@ -205,8 +209,8 @@ def test_free_standing_chat_feedback(store):
     assert recs["edits"][0]["edited"] == "Hello! How can I help you today?"
     with pytest.raises(Invalid):
         store.record_rating("hi", "hello!", 3)                    # outside the thumbs scale 0..1
-    with pytest.raises(Invalid, match="HTML"):
-        store.record_edit("hi", "hello!", "<script>x</script>")
+    with pytest.raises(Invalid, match="Unicode"):
+        store.record_edit("hi", "hello!", "bad \ud800")
     # Chat feedback never shows up as tasks for annotators.
     assert store.next_task(store.add_annotator("ann")) is None
 

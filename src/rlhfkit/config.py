@@ -277,9 +277,13 @@ class FeedbackServeConfig:
     secure_cookies: bool = opt(False, "send cookies only over HTTPS (set when served behind TLS)")
     max_text_chars: int = opt(20000, "longest edit or comment an annotator may submit, in characters")
     max_body_kb: int = opt(256, "largest request body accepted, in KiB (bigger ones get 413)")
-    login_max_failures: int = opt(10, "failed logins for one annotator name within login_window_minutes "
-                                      "before its further attempts get 429 (5x that per client address)")
+    login_max_failures: int = opt(10, "failed logins for one annotator name from one client address within "
+                                      "login_window_minutes before that client's further attempts for the "
+                                      "name get 429 (5x that per client address, any name)")
     login_window_minutes: float = opt(15.0, "the window for login_max_failures")
+    trusted_proxies: list[str] = opt([], "addresses or networks (e.g. 127.0.0.1,10.0.0.0/8) of reverse proxies "
+                                         "whose X-Forwarded-For names the client; empty = trust none and "
+                                         "use the connection's address")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt(
         "info", "server log level (access lines are logged at info)")
 
@@ -290,6 +294,12 @@ class FeedbackServeConfig:
                   "login_window_minutes")
         if self.max_text_chars > 1_000_000:
             raise ConfigError(f"{here('max_text_chars')}={self.max_text_chars} must be <= 1000000")
+        from rlhfkit.utils.http import parse_trusted
+
+        try:
+            parse_trusted(self.trusted_proxies)
+        except ValueError as e:
+            raise ConfigError(f"{here('trusted_proxies')}: {e}") from None
         if self.max_text_chars * 4 > self.max_body_kb * 1024:
             raise ConfigError(f"{here('max_body_kb')}={self.max_body_kb} is too small for "
                               f"{here('max_text_chars')}={self.max_text_chars} (UTF-8 text can take 4 bytes "

@@ -1,6 +1,7 @@
 """The annotation web app (`rlhfkit feedback serve`): pages for annotators and admins, and a JSON API.
 
-Pages (session cookie, signed; every form POST carries the session's CSRF token):
+Pages (a session cookie naming a session kept in the database, so logging out ends it on the server;
+every form POST carries the session's CSRF token):
     /login  /task (rate | rank by drag | A vs B | edit; skip, undo, keyboard shortcuts)  /admin
 JSON API under /api/v1 (Authorization: Bearer <token from `rlhfkit feedback users token`), the same
 operations; its OpenAPI spec is at /openapi.json.
@@ -20,18 +21,22 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 from urllib.parse import urlparse
 
 import jinja2
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 
 from rlhfkit.feedback.store import (KINDS, TEXT_CEILING, Answer, FeedbackError, Forbidden, Invalid, Store,
-                                    parse_answer)
+                                    parse_answer, validation_message)
+from rlhfkit.utils.http import INT64_MAX, BodyLimits, bad_unicode, client_address, json_error, parse_trusted
 
 HERE = Path(__file__).parent
 SESSION_COOKIE, LOGIN_COOKIE = "rk_session", "rk_login"
@@ -46,11 +51,12 @@ class Settings(BaseModel):
     project: str = ""
     login_max_failures: int = 10
     login_window_minutes: float = 15.0
+    trusted_proxies: list[str] = []
 
 
 class LoginThrottle:
-    """Failed attempts per key (an annotator name, or a client address) in a sliding window: once a key
-    has `max_failures` within `window_s`, it must wait until the oldest leaves the window. In memory,
+    """Failed attempts per key (a name and a client address, or a client address) in a sliding window: once
+    a key has `max_failures` within `window_s`, it must wait until the oldest leaves the window. In memory,
     per server process."""
 
     def __init__(self, max_failures: int, window_s: float, clock: Any = time.monotonic) -> None:
@@ -116,57 +122,13 @@ def unsign(secret: bytes, value: str | None) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Middleware: body size cap and security headers
+# Security headers (added to every response by BodyLimits, which also caps bodies)
 # --------------------------------------------------------------------------------------------------
-class LimitsAndHeaders:
-    """Refuse bodies over `max_bytes` with 413 (before they reach a handler); add security headers."""
-
-    HEADERS = [(b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; "
-                b"img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
-                b"form-action 'self'"),
-               (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-               (b"referrer-policy", b"same-origin")]
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._too_large(send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge()
-            return msg
-
-        async def send_with_headers(msg: dict) -> None:
-            if msg["type"] == "http.response.start":
-                # Pages and API answers are per user: never cached; static files may be.
-                cache = [] if scope["path"].startswith("/static/") else [(b"cache-control", b"no-store")]
-                msg["headers"] = list(msg.get("headers", [])) + self.HEADERS + cache
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, send_with_headers)
-        except _TooLarge:
-            await self._too_large(send)
-
-    async def _too_large(self, send: Any) -> None:
-        body = json.dumps({"detail": f"request body too large (limit {self.max_bytes // 1024} KB)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")] + self.HEADERS})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
+HEADERS = [(b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; "
+            b"img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+            b"form-action 'self'"),
+           (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+           (b"referrer-policy", b"same-origin")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +182,32 @@ class CommentIn(BaseModel):
     text: str = Field(min_length=1, max_length=TEXT_CEILING)
 
 
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what was wrong, in words")
+
+
+class SkippedOut(BaseModel):
+    item_id: int
+    skipped: bool
+
+
+class CommentedOut(BaseModel):
+    item_id: int
+
+
+# Statuses every authenticated API route may answer with (besides its own), as the JSON it sends.
+_ERR = {"model": ErrorOut}
+API_ERRORS: dict[int | str, dict] = {400: {**_ERR, "description": "malformed request (e.g. JSON nested too deep)"},
+                                     401: {**_ERR, "description": "missing or invalid bearer token"},
+                                     413: {**_ERR, "description": "request body over max_body_kb"},
+                                     422: {**_ERR, "description": "invalid input; the message says which"}}
+TASK_ERRORS: dict[int | str, dict] = {**API_ERRORS,
+                                      403: {**_ERR, "description": "the task is not assigned to you"},
+                                      404: {**_ERR, "description": "no such task"},
+                                      409: {**_ERR, "description": "conflicts with the task's state"}}
+ItemId = PathParam(ge=1, le=INT64_MAX, description="a task's item_id")
+
+
 # --------------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------------
@@ -227,20 +215,27 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
     secret = store.secret()
     project = cfg.project or None
-    # Password guessing gets 429: per annotator name, and per client address with more room (several
-    # people may share one address behind a NAT or proxy).
+    # Password guessing gets 429: per annotator name *and* client address (so that nobody can lock an
+    # annotator out by failing logins under their name from elsewhere), and per client address with more
+    # room (several people may share one address behind a NAT or proxy). The client address is the
+    # connection's, or X-Forwarded-For's when the connection comes from a configured trusted proxy.
     by_name = LoginThrottle(cfg.login_max_failures, cfg.login_window_minutes * 60)
     by_addr = LoginThrottle(5 * cfg.login_max_failures, cfg.login_window_minutes * 60)
+    trusted = parse_trusted(cfg.trusted_proxies)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     env.globals.update(user=None, csrf="", progress=None, msg="", error="")   # page defaults
+    env.filters["showbidi"] = show_bidi_controls
     app = FastAPI(title="rlhfkit feedback", version="1",
                   description="Annotation API: get the next task, answer it (rate, rank, pair, edit), "
                               "skip, undo. Authenticate with `Authorization: Bearer <token>`.",
-                  docs_url=None, redoc_url=None)  # the Swagger page loads from a CDN: not here
+                  docs_url=None, redoc_url=None,  # the Swagger page loads from a CDN: not here
+                  responses={413: API_ERRORS[413]})
     app.state.store = store
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.add_middleware(LimitsAndHeaders, max_bytes=cfg.max_body_kb * 1024)
+    # Pages and API answers are per user: never cached; static files may be.
+    app.add_middleware(BodyLimits, max_bytes=cfg.max_body_kb * 1024, error=json_error(), headers=HEADERS,
+                       cache_control=lambda path: not path.startswith("/static/"))
 
     def page(name: str, code: int = 200, **ctx: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(**ctx), status_code=code)
@@ -251,13 +246,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
 
     # ---- sessions ---------------------------------------------------------------------------------
     def session(request: Request) -> dict | None:
-        data = unsign(secret, request.cookies.get(SESSION_COOKIE))
-        if data is None:
-            return None
-        who = store.by_id(int(data.get("a", 0)))
-        if who is None or data.get("p") != who["pw"]:   # disabled, or the password changed since login
-            return None
-        return {**who, "csrf": data["c"]}
+        """The logged-in annotator with the session's CSRF token, or None. Sessions live in the database:
+        logout, "log out everywhere", a new password or a disabled account end them there."""
+        return store.session(request.cookies.get(SESSION_COOKIE))
 
     def set_cookie(resp: Response, name: str, value: str, max_age: int) -> None:
         resp.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax",
@@ -311,35 +302,43 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             check_form(request, form, login_csrf(pre["n"]))
         except FeedbackError as e:
             return error(e.status, str(e))
-        name, addr = str(form.get("name", ""))[:100], request.client.host if request.client else ""
-        wait = max(by_name.wait_s(name), by_addr.wait_s(addr))
+        name, password = str(form.get("name", ""))[:100], str(form.get("password", ""))[:1000]
+        if bad_unicode(name) or bad_unicode(password):
+            return page("login.html", 422, csrf=login_csrf(pre["n"]), error="Wrong name or password.")
+        addr = client_address(request.scope, trusted)
+        key = json.dumps([name, addr])
+        wait = max(by_name.wait_s(key), by_addr.wait_s(addr))
         if wait > 0:
             resp = page("login.html", 429, csrf=login_csrf(pre["n"]),
                         error=f"Too many failed logins; try again in {math.ceil(wait / 60)} min.")
             resp.headers["Retry-After"] = str(math.ceil(wait))
             return resp
-        who = store.login(name, str(form.get("password", ""))[:1000])
+        who = store.login(name, password)
         if who is None:
-            by_name.failed(name)
+            by_name.failed(key)
             by_addr.failed(addr)
             return page("login.html", 401, csrf=login_csrf(pre["n"]), error="Wrong name or password.")
-        by_name.clear(name)
+        by_name.clear(key)
         resp = RedirectResponse("/task", status_code=303)
         max_age = int(cfg.session_hours * 3600)
-        payload = {"a": who["id"], "p": who["pw"], "c": secrets.token_urlsafe(24),
-                   "exp": time.time() + max_age}
-        set_cookie(resp, SESSION_COOKIE, sign(secret, payload), max_age)
+        token, _ = store.open_session(who["id"], max_age)
+        set_cookie(resp, SESSION_COOKIE, token, max_age)
         resp.delete_cookie(LOGIN_COOKIE, path="/")
         return resp
 
     @form_post("/logout")
     def logout(request: Request, form: dict) -> Response:
+        """End this session on the server (everywhere=1: every session of this annotator)."""
         who = session(request)
         if who:
             try:
                 check_form(request, form, who["csrf"])
             except FeedbackError as e:
                 return error(e.status, str(e), who)
+            if form.get("everywhere"):
+                store.end_sessions(who["id"])
+            else:
+                store.end_session(request.cookies[SESSION_COOKIE])
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(SESSION_COOKIE, path="/")
         return resp
@@ -422,7 +421,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         from rlhfkit.feedback.export import EXPORT_KINDS, records
 
         if kind not in EXPORT_KINDS:
-            raise HTTPException(404, f"unknown export kind {kind!r}; choose from {', '.join(EXPORT_KINDS)}")
+            raise HTTPException(404, f"unknown export kind; choose from {', '.join(EXPORT_KINDS)}")
+        if bad_unicode(project_name):
+            raise HTTPException(404, "no such project")
         try:
             recs = records(store, project_name)[kind]
         except FeedbackError as e:
@@ -432,10 +433,11 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
                         headers={"content-disposition": f'attachment; filename="{kind}.jsonl"'})
 
     # ---- JSON API ---------------------------------------------------------------------------------
-    def api_user(request: Request) -> dict:
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        who = store.by_token(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    bearer = HTTPBearer(auto_error=False, description="a token from `rlhfkit feedback users token NAME`")
+
+    def api_user(cred: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> dict:
+        token = cred.credentials.strip() if cred is not None else ""
+        who = store.by_token(token) if token and not bad_unicode(token) and len(token) < 200 else None
         if who is None:
             raise HTTPException(401, "missing or invalid bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -446,61 +448,100 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
             raise HTTPException(403, "admins only")
         return who
 
+    # Every error of the API is {"detail": "<what was wrong>"} (ErrorOut), validation errors included:
+    # their message names the field, and never echoes the input (which may not even be JSON: NaN).
     @app.exception_handler(FeedbackError)
     async def feedback_error(request: Request, exc: FeedbackError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    @app.get("/api/v1/me", response_model=MeOut, tags=["annotator"])
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", ()) if not str(x).endswith("In"))
+        msg = validation_message(first)
+        if first.get("type") == "json_invalid":
+            msg = "request body is not valid JSON"
+        return JSONResponse({"detail": f"{where}: {msg}" if where else msg}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(UnicodeError)
+    async def unicode_error(request: Request, exc: UnicodeError) -> JSONResponse:
+        # A last guard: text with a lone surrogate that reached the database driver.
+        return JSONResponse({"detail": "text is not valid Unicode (a lone UTF-16 surrogate)"}, status_code=422)
+
+    @app.get("/api/v1/me", response_model=MeOut, tags=["annotator"], responses=API_ERRORS)
     def api_me(who: dict = Depends(api_user)) -> dict:
         return {"name": who["name"], "admin": who["admin"], "progress": store.progress(who["id"], project)}
 
-    @app.get("/api/v1/tasks/next", response_model=NextOut, tags=["annotator"],
+    @app.get("/api/v1/tasks/next", response_model=NextOut, tags=["annotator"], responses=API_ERRORS,
              summary="The next task (a pending one, or a new claim); task is null when none is left")
-    def api_next(who: dict = Depends(api_user), kind: Optional[str] = None) -> dict:
-        if kind is not None and kind not in KINDS:
-            raise Invalid(f"kind must be one of {', '.join(KINDS)}")
+    def api_next(who: dict = Depends(api_user),
+                 kind: Literal["", "rate", "rank", "pair", "edit"] = Query(
+                     "", description="only tasks of this kind; empty = any")) -> dict:
         task = store.next_task(who["id"], project=project, kinds=(kind,) if kind else KINDS)
         return {"task": task.to_dict() if task else None}
 
     @app.post("/api/v1/tasks/{item_id}/answer", response_model=StoredOut, tags=["annotator"],
               status_code=201, summary="Answer a task; resending the same submission_id stores it once",
-              responses={200: {"model": StoredOut, "description": "already stored (duplicate)"}})
-    def api_answer(item_id: int, answer: Answer, who: dict = Depends(api_user)) -> Any:
+              responses={200: {"model": StoredOut, "description": "already stored (duplicate)"}, **TASK_ERRORS})
+    def api_answer(answer: Answer, item_id: int = ItemId, who: dict = Depends(api_user)) -> Any:
         stored = store.submit(who["id"], item_id, answer)
         out = {"submission_id": stored.submission_id, "item_id": stored.item_id,
                "duplicate": stored.duplicate}
         return JSONResponse(out, status_code=200) if stored.duplicate else out
 
-    @app.post("/api/v1/tasks/{item_id}/skip", tags=["annotator"], summary="Skip a pending task")
-    def api_skip(item_id: int, who: dict = Depends(api_user)) -> dict:
+    @app.post("/api/v1/tasks/{item_id}/skip", response_model=SkippedOut, tags=["annotator"],
+              summary="Skip a pending task", responses=TASK_ERRORS)
+    def api_skip(item_id: int = ItemId, who: dict = Depends(api_user)) -> dict:
         store.skip(who["id"], item_id)
         return {"item_id": item_id, "skipped": True}
 
-    @app.post("/api/v1/tasks/{item_id}/comments", tags=["annotator"], status_code=201,
-              summary="Comment on a task you hold")
-    def api_comment(item_id: int, body: CommentIn, who: dict = Depends(api_user)) -> dict:
+    @app.post("/api/v1/tasks/{item_id}/comments", response_model=CommentedOut, tags=["annotator"],
+              status_code=201, summary="Comment on a task you hold", responses=TASK_ERRORS)
+    def api_comment(body: CommentIn, item_id: int = ItemId, who: dict = Depends(api_user)) -> dict:
         store.comment(who["id"], item_id, body.text)
         return {"item_id": item_id}
 
-    @app.post("/api/v1/undo", response_model=UndoOut, tags=["annotator"],
+    @app.post("/api/v1/undo", response_model=UndoOut, tags=["annotator"], responses=API_ERRORS,
               summary="Undo your last answer or skip; that task becomes your next one")
     def api_undo(who: dict = Depends(api_user)) -> dict:
         return {"item_id": store.undo(who["id"])}
 
-    @app.get("/api/v1/progress", response_model=ProgressOut, tags=["annotator"])
+    @app.get("/api/v1/progress", response_model=ProgressOut, tags=["annotator"], responses=API_ERRORS)
     def api_progress(who: dict = Depends(api_user)) -> dict:
         return store.progress(who["id"], project)
 
-    @app.get("/api/v1/admin/stats", tags=["admin"], summary="Counts per round and annotator, with agreement")
+    @app.get("/api/v1/admin/stats", tags=["admin"], summary="Counts per round and annotator, with agreement",
+             responses={**API_ERRORS, 403: {**_ERR, "description": "admins only"}})
     def api_stats(who: dict = Depends(api_admin)) -> dict:
         return admin_stats()
 
     @app.get("/api/v1/admin/export/{project_name}/{kind}", tags=["admin"],
-             summary="Export ratings | pairs | rankings | edits as JSON Lines (docs/formats.md)")
+             summary="Export ratings | pairs | rankings | edits as JSON Lines (docs/formats.md)",
+             response_class=Response,
+             responses={200: {"description": "one JSON record a line",
+                              "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                        **API_ERRORS, 403: {**_ERR, "description": "admins only"},
+                        404: {**_ERR, "description": "no such project or export kind"}})
     def api_export(project_name: str, kind: str, who: dict = Depends(api_admin)) -> Response:
         return _jsonl_export(project_name, kind)
 
     return app
+
+
+# Explicit direction embeddings, overrides and isolates (LRE RLE PDF LRO RLO, LRI RLI FSI PDI): in a sample
+# they would silently reorder what the annotator reads ("evil" shown as "live"). Shown as visible marks;
+# the text stays as it is in the database and in the edit box.
+_BIDI_CONTROLS = {c: f"[U+{c:04X}]" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def show_bidi_controls(text: str) -> str:
+    return str(text).translate(_BIDI_CONTROLS)
 
 
 def _answer_from_form(form: dict) -> Any:

@@ -49,7 +49,8 @@ def serve(argv: list[str]) -> int:
     app = create_app(store, Settings(session_hours=cfg.session_hours, secure_cookies=cfg.secure_cookies,
                                      max_body_kb=cfg.max_body_kb, project=cfg.project,
                                      login_max_failures=cfg.login_max_failures,
-                                     login_window_minutes=cfg.login_window_minutes))
+                                     login_window_minutes=cfg.login_window_minutes,
+                                     trusted_proxies=list(cfg.trusted_proxies)))
     # Bind the socket ourselves so that port 0 works and the real address is printed before serving.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -65,8 +66,10 @@ def serve(argv: list[str]) -> int:
     if not n_users:
         print("no annotator accounts yet: create one with `rlhfkit feedback users add NAME --admin`",
               flush=True)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from any loopback client; the
+    # app reads it itself, from trusted_proxies only.
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, access_log=cfg.log_level in
-                                           ("info", "debug"), timeout_graceful_shutdown=5))
+                                           ("info", "debug"), timeout_graceful_shutdown=5, proxy_headers=False))
     server.run(sockets=[sock])
     store.close()
     return 0

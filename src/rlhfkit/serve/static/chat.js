@@ -14,6 +14,7 @@ function bubble(role, text) {
   div.className = "msg " + role;
   const b = document.createElement("div");
   b.className = "bubble";
+  b.dir = "auto";         // with the CSS's unicode-bidi: isolate, right-to-left text cannot reorder the page
   b.textContent = text;  // textContent, never innerHTML: model output is data, not markup
   div.appendChild(b);
   log.appendChild(div);
