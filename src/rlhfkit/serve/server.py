@@ -46,7 +46,9 @@ CHAT_SESSION_S = 7 * 24 * 3600   # a chat page's identity lasts a week (renewed 
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")   # OpenAI clients send fields we do not use (user, ...)
+    # Strict types (a seed of 1.5 or "3" is an error, not rounded); unknown fields are ignored: OpenAI
+    # clients send fields we do not use (user, ...).
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: Optional[str] = Field(None, max_length=200)
     max_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
     temperature: Optional[float] = Field(None, ge=0.0, le=5.0)
@@ -62,6 +64,7 @@ class CompletionRequest(_Sampling):
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -71,12 +74,14 @@ class ChatRequest(_Sampling):
 
 
 class RateIn(BaseModel):
+    model_config = ConfigDict(strict=True)
     messages: list[Message] = Field(min_length=1)  # the conversation up to the rated answer
     completion: str
     rating: int = Field(ge=0, le=1)                  # thumbs down = 0, up = 1
 
 
 class EditIn(BaseModel):
+    model_config = ConfigDict(strict=True)
     messages: list[Message] = Field(min_length=1)
     completion: str
     edited: str = Field(min_length=1)
@@ -533,7 +538,10 @@ def _openapi(app: FastAPI) -> dict:
             "schema": {"$ref": f"#/components/schemas/{body}"}}}}
         ok = json.loads(json.dumps(ok_any))
         if streams:
-            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            ok["content"]["text/event-stream"] = {"schema": {  # one server-sent event
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"},
+                               "event": {"type": "string"}}}}
             ok["description"] = "the result (server-sent events with stream=true)"
         op["responses"] = {"200": ok, **{str(c): {"description": desc[c], **err} for c in codes}}
         if path.startswith("/feedback/"):
