@@ -399,3 +399,19 @@ def test_request_timeout_gives_503(served):
             assert "request_timeout_s" in events[-1] and "[DONE]" not in s.text
     finally:
         other.stop()
+
+
+def test_openapi_has_request_bodies_statuses_and_the_chat_session(served):
+    srv, _ = served
+    spec = httpx.get(srv.url + "/openapi.json").json()
+    for path, body in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatRequest"),
+                       ("/feedback/rate", "RateIn"), ("/feedback/edit", "EditIn")):
+        op = spec["paths"][path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + body)
+        assert {"200", "400", "413"} <= set(op["responses"])
+        assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    assert "503" in spec["paths"]["/v1/completions"]["post"]["responses"]
+    assert "text/event-stream" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert spec["paths"]["/feedback/rate"]["post"]["security"] == [{"chatSession": [], "csrfHeader": []}]
+    assert spec["components"]["securitySchemes"]["chatSession"]["in"] == "cookie"
+    assert spec["components"]["schemas"]["CompletionRequest"]["properties"]["seed"]["anyOf"][0]["maximum"] == 2 ** 63 - 1

@@ -267,24 +267,25 @@ def _recording_decoder(model, backend: str, U: int, n: int, P: int, max_new: int
     return dec
 
 
-def _generate(model, tok, prompt_ids, params, n, backend, uniforms=None, replay_mb: float = 0, reuse=None):
+def _generate(model, tok, prompt_ids, params, n, backend, uniforms=None, replay_mb: float = 0, reuse=None,
+              decoder=None):
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad(prompt_ids, pad)
     ids, mask = ids.to(device), mask.to(device)
     dec = _recording_decoder(model, backend, ids.size(0), n, ids.size(1), params.max_new_tokens, replay_mb, reuse)
     with torch.inference_mode():  # a record's buffers were made outside it: they may feed autograd later
-        return _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec)
+        return _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec, decoder)
 
 
-def _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec):
+def _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec, decoder=None):
     was_training = model.training
     model.eval()
     cols_tok, cols_lp, cols_mask = [], [], []
     stats = None if dec is None else []  # a record's rollout keeps log Z and entropies for replay
     try:
-        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend, uniforms, dec,
-                                                       stats):
+        for t, nxt, lp, counts, alive in _decode_steps(model, tok, ids, mask, params, n, backend, uniforms,
+                                                       dec or decoder, stats):
             cols_tok.append(nxt)
             cols_lp.append(torch.where(counts, lp, torch.zeros_like(lp)))
             cols_mask.append(counts)
@@ -309,7 +310,8 @@ def _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec):
 
 def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
              n: int = 1, backend: str = "auto", prompts: Sequence[str] | None = None,
-             uniforms: torch.Tensor | None = None, replay_mb: float = 0, reuse: Any = None) -> Rollout:
+             uniforms: torch.Tensor | None = None, replay_mb: float = 0, reuse: Any = None,
+             decoder: Any = None) -> Rollout:
     """Sample n completions for each prompt (token ids, any lengths). Runs in inference mode and eval mode
     (no dropout), and restores the model's mode.
 
@@ -320,11 +322,13 @@ def generate(model: torch.nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int
     `replay_mb` > 0: keep a record of the sampling forward (fastdecode.Record, up to that many MB) so that
     completion_logprobs can replay it instead of running the forward's matmuls again (GPT-2 and Llama
     policies trained whole and without dropout; see fastdecode). `reuse`: an earlier rollout's record, no
-    longer needed, whose memory the new one takes over (it stops being usable)."""
+    longer needed, whose memory the new one takes over (it stops being usable). `decoder`: the decoder to
+    sample with (make_decoder's, perhaps wrapped: the server's takes turns with other requests between
+    steps); ignored when a record is kept."""
     if backend == "vllm":
         raise ValueError("the vllm backend samples through VLLMEngine.generate (it owns its own weights)")
     ids, mask, comp, cmask, logprobs, finished, kept = _generate(model, tok, prompt_ids, params, n, backend,
-                                                                 uniforms, replay_mb, reuse)
+                                                                 uniforms, replay_mb, reuse, decoder)
     record, logz, ent = kept or (None, None, None)
     if prompts is None:
         prompts = tok.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)

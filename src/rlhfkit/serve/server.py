@@ -12,11 +12,11 @@ official `openai` client works against it.
 Bounded work: every request is checked against the server's limits (body bytes, prompts, n, max_tokens,
 and its whole cost in tokens: the prompts after the chat template plus n x max_tokens each) before any
 generation, and refused with a 400 naming the limit. The model runs one piece of work at a time (a CPU box
-has no spare cores for two), through a first-come first-served queue: a request's pieces are its prompts
-(all n samples of one prompt together) or, when streaming, each decode step, and it queues again after
-each, so a large request takes turns with small ones instead of holding the model to the end. A seeded
-request keeps its own random state across its turns, so its answer does not depend on what else ran.
-A request not done within request_timeout_s gets a 503.
+has no spare cores for two), through a first-come first-served queue whose pieces are decode steps: a
+request (all its prompts x n samples in one batch) queues again before each step, so a large request takes
+turns with small ones instead of holding the model to its end. A seeded request draws its randomness from
+its own generator, so its answer does not depend on what else ran. A request not done within
+request_timeout_s gets a 503.
 """
 from __future__ import annotations
 
@@ -130,8 +130,7 @@ class TurnQueue:
         self.waiting: deque[object] = deque()
         self.busy = False
 
-    @contextmanager
-    def turn(self, deadline: float) -> Iterator[None]:
+    def acquire(self, deadline: float) -> None:
         me = object()
         with self.cond:
             self.waiting.append(me)
@@ -145,12 +144,50 @@ class TurnQueue:
                 self.cond.wait(left)
             self.waiting.popleft()
             self.busy = True
+
+    def release(self) -> None:
+        with self.cond:
+            self.busy = False
+            self.cond.notify_all()
+
+    @contextmanager
+    def turn(self, deadline: float) -> Iterator[None]:
+        self.acquire(deadline)
         try:
             yield
         finally:
-            with self.cond:
-                self.busy = False
-                self.cond.notify_all()
+            self.release()
+
+
+class _TakingTurns:
+    """A decoder (rollout.make_decoder's) that holds the queue while it works and gives it up for a moment
+    before every decode step: other requests' steps slot in between, so a long generation cannot make a
+    short one wait for its end. Everything between two steps (sampling, stop strings) runs in the turn."""
+
+    def __init__(self, dec: Any, queue: TurnQueue, deadline: float) -> None:
+        self.dec, self.queue, self.deadline, self.held = dec, queue, deadline, False
+
+    def _take(self) -> None:
+        if self.held:
+            self.held = False
+            self.queue.release()
+        if time.monotonic() > self.deadline:
+            raise RequestError(503, "the request timed out (request_timeout_s); ask for fewer tokens")
+        self.queue.acquire(self.deadline)
+        self.held = True
+
+    def start(self, *args: Any) -> Any:
+        self._take()
+        return self.dec.start(*args)
+
+    def step(self, tokens: Any) -> Any:
+        self._take()
+        return self.dec.step(tokens)
+
+    def close(self) -> None:
+        if self.held:
+            self.held = False
+            self.queue.release()
 
 
 class _Rng:
@@ -220,19 +257,22 @@ class Engine:
     def complete(self, ids: list[list[int]], n: int, seed: int | None, params: dict,
                  deadline: float) -> list[list[tuple[str, str, int]]]:
         """n (text, finish_reason, tokens) per prompt; finish_reason is "stop" (EOS or a stop string) or
-        "length". One turn of the queue per prompt."""
-        from rlhfkit.rl.rollout import SamplingParams, generate
+        "length". All prompts in one batch, taking turns with other requests at every decode step."""
+        from rlhfkit.rl.rollout import SamplingParams, generate, make_decoder
 
-        rng, out = _Rng(self.torch, seed, self.device), []
-        for one in ids:
-            with self.queue.turn(deadline), rng.active():
-                ro = generate(self.model, self.tok, [one], SamplingParams(**params), n)
-            lengths = ro.lengths.tolist()
-            out.append([(ro.completions[j], "stop" if bool(ro.finished[j]) else "length", int(lengths[j]))
-                        for j in range(n)])
-            if time.monotonic() > deadline:
-                raise RequestError(503, "the request timed out (request_timeout_s); ask for fewer tokens")
-        return out
+        sp, torch = SamplingParams(**params), self.torch
+        # A seeded request draws its sampling randomness from its own generator, up front: its samples do
+        # not depend on what other requests drew in between.
+        uniforms = None if seed is None else torch.rand(
+            len(ids) * n, sp.max_new_tokens, generator=torch.Generator().manual_seed(seed))
+        dec = _TakingTurns(make_decoder(self.model), self.queue, deadline)
+        try:
+            ro = generate(self.model, self.tok, ids, sp, n, uniforms=uniforms, decoder=dec)
+        finally:
+            dec.close()
+        lengths = ro.lengths.tolist()
+        return [[(ro.completions[i * n + j], "stop" if bool(ro.finished[i * n + j]) else "length",
+                  int(lengths[i * n + j])) for j in range(n)] for i in range(len(ids))]
 
     def stream(self, ids: list[int], seed: int | None, params: dict, deadline: float) -> Iterator[str]:
         """Text deltas of one completion; one turn of the queue per decode step."""
