@@ -14,7 +14,6 @@ import torch
 
 from rlhfkit.config import ModelConfig, ServeConfig
 from rlhfkit.feedback.export import records
-from rlhfkit.feedback.store import Store
 from rlhfkit.models.factory import build_model
 from rlhfkit.serve.server import create_app
 from rlhfkit.utils.checkpoint import save_model
