@@ -239,6 +239,7 @@ def test_api_hostile_numbers_and_text_get_4xx_with_a_string_detail(env):
     h = {"Authorization": f"Bearer {tokens['alice']}", "content-type": "application/json"}
     task = c.get("/api/v1/tasks/next", headers=h, params={"kind": "rate"}).json()["task"]
     url, sid = f"/api/v1/tasks/{task['item_id']}/answer", task["submission_id"]
+    edit = c.get("/api/v1/tasks/next", headers=h, params={"kind": "edit"}).json()["task"]
     before = snapshot(st)
     raw = [b'{"kind": "rate", "rating": NaN, "submission_id": "%s"}',
            b'{"kind": "rate", "rating": 1e400, "submission_id": "%s"}',
@@ -252,6 +253,9 @@ def test_api_hostile_numbers_and_text_get_4xx_with_a_string_detail(env):
     assert "not valid Unicode" in c.post(url, content=raw[3].replace(b"%s", sid.encode()), headers=h).json()["detail"]
     r = c.post(f"/api/v1/tasks/{task['item_id']}/comments", content=b'{"text": "bad \\udfff"}', headers=h)
     assert r.status_code == 422 and "not valid Unicode" in r.json()["detail"]
+    r = c.post(f"/api/v1/tasks/{edit['item_id']}/answer", headers=h,
+               content=b'{"kind": "edit", "edited": "x \\ud800 y", "submission_id": "%s"}' % edit["submission_id"].encode())
+    assert r.status_code == 422 and r.json()["detail"].endswith("edited: text is not valid Unicode (a lone UTF-16 surrogate)")
     # Ids past 64 bits: answer, skip and comment, each with three sizes.
     for big in (2 ** 63, 2 ** 64, 10 ** 30):
         for path, body in ((f"/api/v1/tasks/{big}/answer", {"kind": "rate", "rating": 3, "submission_id": sid}),
