@@ -414,3 +414,18 @@ def test_openapi_has_request_bodies_statuses_and_the_chat_session(served):
     assert spec["paths"]["/feedback/rate"]["post"]["security"] == [{"chatSession": [], "csrfHeader": []}]
     assert spec["components"]["securitySchemes"]["chatSession"]["in"] == "cookie"
     assert spec["components"]["schemas"]["CompletionRequest"]["properties"]["seed"]["anyOf"][0]["maximum"] == 2 ** 63 - 1
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(served, monkeypatch):
+    srv, _ = served
+    engine = srv.app.state.engine
+
+    def broken(*a, **k):
+        yield "partial"
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "stream", broken)
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True})
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and json.loads(events[0])["choices"][0]["text"] == "partial"
+    assert json.loads(events[-1])["error"]["type"] == "server_error" and "[DONE]" not in events

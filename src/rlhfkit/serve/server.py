@@ -21,6 +21,7 @@ request_timeout_s gets a 503.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 import threading
@@ -532,6 +533,11 @@ def _streaming(deltas: Iterator[str], chunk: Any, last: dict, first: dict | None
                 yield _sse(chunk(delta))
         except RequestError as e:
             yield _sse(_error_body(e.status, e.message, e.param))
+            return
+        except Exception as e:   # a bug: the client still learns that the stream failed
+            logging.getLogger(__name__).exception("stream failed")
+            yield _sse({"error": {"message": f"generation failed ({type(e).__name__})", "type": "server_error",
+                                  "param": None, "code": None}})
             return
         yield _sse(last)
         yield "data: [DONE]\n\n"
