@@ -73,3 +73,15 @@ def chromium() -> str:
             pytest.fail(f"no Chromium at {CHROMIUM} and {setup.name} could not install it:\n"
                         f"{proc.stderr[-2000:]}\n(set RLHFKIT_SKIP_BROWSER=1 to skip browser tests)")
     return CHROMIUM
+
+
+@pytest.fixture(autouse=True)
+def _kernels_back_on():
+    """A run with run.accel=off switches our kernels off for its process (accel.select); the next test
+    starts from the default again."""
+    yield
+    import sys
+
+    native = sys.modules.get("rlhfkit.models.native")
+    if native is not None:
+        native.set_enabled(True)

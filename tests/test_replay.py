@@ -189,10 +189,17 @@ def test_gpt2_replay_takes_the_rollouts_attention_outputs(gpt2, tiny_tokenizer, 
     assert not rollout(gpt2, tiny_tokenizer).record.attn_ok
 
 
-def test_record_is_not_used_after_the_weights_change(gpt2, tiny_tokenizer):
+@pytest.mark.parametrize("optimizer", ["production", "adamw-foreach", "sgd"])
+def test_record_is_not_used_after_the_weights_change(optimizer, gpt2, tiny_tokenizer):
+    from rlhfkit.config import OptimConfig
+    from rlhfkit.models.factory import make_optimizer
+
     ro = rollout(gpt2, tiny_tokenizer)
-    opt = torch.optim.SGD(gpt2.parameters(), lr=0.5)
+    opt = {"production": lambda: make_optimizer(gpt2, OptimConfig(lr=0.5)),  # fused AdamW: no _version bumps
+           "adamw-foreach": lambda: torch.optim.AdamW(gpt2.parameters(), lr=0.5, foreach=True),
+           "sgd": lambda: torch.optim.SGD(gpt2.parameters(), lr=0.5)}[optimizer]()
     logprobs_and_grads(gpt2, ro, [slice(0, 12)])
+    assert ro.record.usable(gpt2)
     opt.step()  # new weights: the record describes the old ones
     assert not ro.record.usable(gpt2) and not ro.rows(slice(0, 6)).record.usable(gpt2)
     plain = ro.rows(slice(0, 12))

@@ -398,11 +398,14 @@ def test_reference_prompt_cache_skips_seen_prompts_and_gives_the_same_logprobs(w
     assert torch.allclose(sub_cached, sub_plain, atol=1e-5), (sub_cached - sub_plain).abs().max()
 
     # Changed weights: every entry is dropped, and the log-probs are the new model's.
+    from rlhfkit.utils import weights
+
     cache = fastdecode.cache_prompts(model, 64)
     with torch.no_grad():
         reference_logprobs(model, model, ro, 1.0, 8)
         for p in model.parameters():
             p.mul_(1.1)
+        weights.changed()  # a write of weights outside an optimizer step says so (utils/weights.py)
         fastdecode.cache_prompts(model, 0)
         plain_new = reference_logprobs(model, model, ro, 1.0, 8)
         fastdecode._CACHES[model] = cache

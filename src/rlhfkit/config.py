@@ -164,6 +164,12 @@ class RunConfig:
                 "mapped on its own, freed ones pooled up to 256 MB; lower peak RSS than glibc's heap at the "
                 "same speed; built at first use with c++), system = torch's default, auto = caching on CPU "
                 "where it can be built, else system")
+    accel: Literal["auto", "off"] = opt(
+        "auto", "speed-ups of the RL stages and DPO: auto = each where it applies (our C kernels, our decoders "
+                "for GPT-2 and Llama, replay of the sampling forward, the reference's prompt cache, our CPU "
+                "allocator), all computing what the plain path computes to float rounding; off = plain "
+                "PyTorch/transformers. The environment variable RLHFKIT_ACCEL overrides it. The run header "
+                "says which parts are on and why")
     resume: bool = opt(True, "continue from the newest checkpoint in run_dir if there is one")
     max_minutes: float = opt(0.0, "stop cleanly (with a checkpoint) after this much wall time; 0 = no limit")
 

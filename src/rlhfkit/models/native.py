@@ -141,14 +141,23 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def lib() -> ctypes.CDLL | None:
+    if not _state.get("enabled", True):
+        return None
     if "lib" not in _state:
         _state["lib"], _state["status"] = _load()
     return _state["lib"]
 
 
+def set_enabled(on: bool) -> None:
+    """Use our kernels (where they load) or torch's ops, from now on in this process: the run's choice
+    (accel.select, from run.accel)."""
+    _state["enabled"] = bool(on)
+
+
 def native_status() -> str:
     """'on (path)' if our kernels are in use, else 'off (why)'."""
-    lib()
+    if lib() is None and not _state.get("enabled", True):
+        return "off (run.accel=off)"
     return _state["status"]
 
 

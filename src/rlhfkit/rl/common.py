@@ -104,10 +104,13 @@ def use_fast_activations(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = True) -> torch.nn.Module:
+def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = True,
+                fast: bool = True) -> torch.nn.Module:
+    """A causal LM for an RL loop; `fast`: with our GELU modules (the accelerated path's)."""
     from rlhfkit.models.factory import load_causal_lm
 
-    model = use_fast_activations(load_causal_lm(path, dtype)).to(device)
+    model = load_causal_lm(path, dtype)
+    model = (use_fast_activations(model) if fast else model).to(device)
     if trainable:
         model.train()
     else:
@@ -115,24 +118,25 @@ def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = T
     return model
 
 
-def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device, ref_cache_mb: float = 0.0
+def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device, acc: Any = None
                          ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable policy (with LoRA adapters if model.lora_r > 0, gradient checkpointing if asked) and
-    the frozen reference it is penalised against, with a prompt cache of up to ref_cache_mb
-    (fastdecode.PromptCache). With LoRA the reference is the policy itself with its adapters disabled
+    the frozen reference it is penalised against, with a prompt cache of up to acc.ref_cache_mb
+    (fastdecode.PromptCache; `acc`: the run's accel.Accel; None: our modules, no cache). With LoRA the reference is the policy itself with its adapters disabled
     (`reference_logprobs`): the frozen base weights are shared, not copied, and there is no cache."""
     from rlhfkit.models.factory import apply_lora, enable_gradient_checkpointing
     from rlhfkit.rl.fastdecode import cache_prompts
 
-    policy = load_policy(mcfg.name_or_path, mcfg.dtype, device)
+    fast = acc is None or acc.fast_decode
+    policy = load_policy(mcfg.name_or_path, mcfg.dtype, device, fast=fast)
     if mcfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if mcfg.lora_r:
         policy = apply_lora(policy, mcfg).train()
         return policy, None
-    ref = load_policy(mcfg.name_or_path, mcfg.dtype, device, trainable=False) if kl_coef else None
+    ref = load_policy(mcfg.name_or_path, mcfg.dtype, device, trainable=False, fast=fast) if kl_coef else None
     if ref is not None:
-        cache_prompts(ref, ref_cache_mb)
+        cache_prompts(ref, acc.ref_cache_mb if acc is not None else 0.0)
     return policy, ref
 
 
@@ -146,9 +150,9 @@ def ref_cache_metrics(ref: torch.nn.Module | None) -> dict[str, float]:
 
 
 def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro: Any, temperature: float,
-                       batch_size: int) -> torch.Tensor:
+                       batch_size: int, fast: bool = True) -> torch.Tensor:
     """Log-probs (B, C) of the rollout's completions under the reference: the reference model, or (LoRA) the
-    policy with its adapters switched off. No gradients."""
+    policy with its adapters switched off. No gradients. `fast`: our forward where it applies."""
     from rlhfkit.models.factory import is_peft
     from rlhfkit.rl.rollout import completion_logprobs
 
@@ -156,7 +160,7 @@ def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro:
     off = policy.disable_adapter() if ref is None and is_peft(policy) else contextlib.nullcontext()
     B, G = len(ro.prompts), ro.group_size
     with torch.no_grad(), off:
-        return torch.cat([completion_logprobs(model, ro.rows(mb), temperature)[0]
+        return torch.cat([completion_logprobs(model, ro.rows(mb), temperature, fast=fast)[0]
                           for mb in micro_batches(B, batch_size, G)])
 
 
@@ -172,7 +176,7 @@ def rollout_scores(reward_fn: Any, ro: Any, rcfg: Any,
 
 def sequence_rewards(dist: Any, reward_fn: Any, ro: Any, cfg: Any, policy: torch.nn.Module,
                      ref: torch.nn.Module | None, temperature: float, kl_value: float, step: int,
-                     run_dir: Path) -> tuple[torch.Tensor, ...]:
+                     run_dir: Path, fast: bool = True) -> tuple[torch.Tensor, ...]:
     """One reward per completion, as REINFORCE and RLOO use it: the (shaped) score minus kl_value times the
     sequence KL to the reference (the per-token estimator cfg.kl.estimator summed over the completion; none
     if cfg.kl.coef is 0). Gathered over the global batch; a NaN reward stops the run before any update.
@@ -183,7 +187,7 @@ def sequence_rewards(dist: Any, reward_fn: Any, ro: Any, cfg: Any, policy: torch
     raw, scores = rollout_scores(reward_fn, ro, cfg.reward, dist.device)
     seq_kl = torch.zeros(len(ro.prompts), device=dist.device)
     if cfg.kl.coef:
-        ref_logprobs = reference_logprobs(policy, ref, ro, temperature, cfg.optim.batch_size)
+        ref_logprobs = reference_logprobs(policy, ref, ro, temperature, cfg.optim.batch_size, fast)
         seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * ro.completion_mask).sum(-1)  # (b,)
     all_raw, all_scores, all_kl, all_lengths, all_finished = global_rows(
         dist, raw, scores, seq_kl, ro.lengths, ro.finished)
@@ -194,9 +198,10 @@ def sequence_rewards(dist: Any, reward_fn: Any, ro: Any, cfg: Any, policy: torch
 # ---------------------------------------------------------------------------------------------------
 # Processes (see the module docstring)
 # ---------------------------------------------------------------------------------------------------
-def rl_dist(cfg: Any):
-    """The Dist of an RL stage (the step's prompts must split evenly over the processes), with the CPU
-    allocator that run.cpu_allocator asks for in place."""
+def rl_dist(cfg: Any) -> tuple[Any, Any]:
+    """The Dist of an RL stage (the step's prompts must split evenly over the processes) and the run's
+    accelerated path (accel.Accel, from run.accel), with the CPU allocator it asks for in place."""
+    from rlhfkit import accel
     from rlhfkit.models import cpu_alloc
     from rlhfkit.utils.distributed import Dist
 
@@ -205,20 +210,22 @@ def rl_dist(cfg: Any):
     if U % dist.world:
         raise ConfigError(f"rollout.prompts_per_step={U} does not split over {dist.world} processes (each "
                           "process samples whole groups of the same number of prompts)")
-    dist.cpu_allocator = cpu_alloc.use(cfg.run.cpu_allocator, dist.device)
-    return dist
+    acc = accel.select(cfg, dist.device)
+    dist.cpu_allocator = cpu_alloc.use(acc.allocator, dist.device)
+    return dist, acc
 
 
-def allocator_note(dist: Any) -> str:
-    """The run header's word on run.cpu_allocator (CPU runs only)."""
+def allocator_note(dist: Any, acc: Any) -> str:
+    """The run header's word on the accelerated path and run.cpu_allocator (CPU runs only)."""
+    note = f"; {acc.header()}"
     if dist.device.type != "cpu":
-        return ""
+        return note
     from rlhfkit.models.cpu_alloc import NOT_IN_USE
 
     status = getattr(dist, "cpu_allocator", "")
     if status.startswith("on"):
-        return "; CPU allocator: ours (caching)"
-    return "; CPU allocator: torch's" + ("" if status == NOT_IN_USE else f" (ours is {status})")
+        return note + "; CPU allocator: ours (caching)"
+    return note + "; CPU allocator: torch's" + ("" if status == NOT_IN_USE else f" (ours is {status})")
 
 
 def step_uniforms(seed: int, step: int, n_rows: int, n_tokens: int) -> torch.Tensor:
@@ -279,14 +286,20 @@ def samples_table(prompts: list[str], completions: list[str], rewards: torch.Ten
     return "\n".join(rows)
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float,
+                  fast: bool = True) -> float:
     """torch.nn.utils.clip_grad_norm_(params, max_norm), then optimizer.step(); returns the gradient's norm
     before clipping. The same update to float rounding, with less work:
       * the norm is one pass of ours over every gradient (native.grad_norm), where torch takes one norm per
         tensor and then their norm (torch's get_total_norm where our kernels are off);
       * with torch's fused Adam / AdamW (make_optimizer's) the clip factor c goes into the step as its
         grad_scale: the step's own pass divides each gradient by 1 / c, instead of a pass of its own
-        multiplying them by c first."""
+        multiplying them by c first.
+    `fast=False` (run.accel=off): exactly torch's clip_grad_norm_ and step."""
+    if not fast:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        return float(norm)
     grads = [p.grad for p in params if p.grad is not None]
     norm = native.grad_norm(grads)
     if norm is None:

@@ -48,7 +48,7 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
     t_start = time.time()
     set_threads(cfg.run.threads)
     quiet_hf()
-    dist = rl_dist(cfg)
+    dist, accel = rl_dist(cfg)
     device = dist.device
     run_dir = default_run_dir("grpo", cfg.log.run_dir)
     if dist.is_main:
@@ -64,7 +64,7 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
     order = EpochSampler(len(prompts.ids), cfg.run.seed)
 
     seed_everything(cfg.run.seed)
-    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, cfg.kl.ref_cache_mb)
+    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, accel)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
@@ -79,13 +79,13 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
         step, pos = state["step"], state["pos"]
     dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
 
-    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed,
-                      cfg.rollout.replay_max_mb)
+    sampler = Sampler(policy, tok, accel.backend(cfg.rollout.backend), cfg.model.name_or_path, cfg.run.seed,
+                      accel.replay_mb)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="grpo",
                           is_main=dist.is_main)
     logger.write(f"grpo: {count_params(policy) / 1e6:.2f}M params ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
                  f"trained), {len(prompts.ids)} prompts, {U} prompts x {G} samples per step, reward "
-                 f"{cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}{allocator_note(dist)}"
+                 f"{cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}{allocator_note(dist, accel)}"
                  + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step, history = step, []
 
@@ -117,11 +117,12 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
             n_tokens = max(dist.sum(mask.sum()), 1.0)  # the global batch's completion tokens
             ref_logprobs = None
             if cfg.kl.coef:
-                ref_logprobs = reference_logprobs(policy, ref, ro, params.temperature, cfg.optim.batch_size)
+                ref_logprobs = reference_logprobs(policy, ref, ro, params.temperature, cfg.optim.batch_size,
+                                                  accel.fast_decode)
 
             # 3. Policy update(s): the loss of every micro-batch is normalised by the whole batch, so their
             #    gradients add up to the gradient of the batch loss.
-            stats: dict[str, float] = {"loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "kl": 0.0}
+            stats: dict[str, float] = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "kl": 0.0}
             b = len(ro.prompts)  # this rank's rows
             for it in range(cfg.iterations):
                 it_loss = 0.0
@@ -141,16 +142,18 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
                     loss.backward()
                     it_loss += float(loss.detach())
                     stats["clipfrac"] += float((clipped.float() * m).sum()) / n_tokens / cfg.iterations
+                    d = (logprobs.detach() - old) * m  # k2 of old -> current, as PPO logs it
+                    stats["approx_kl"] += float((0.5 * d.square()).sum()) / n_tokens / cfg.iterations
                     if entropy is not None:
                         stats["entropy"] += float((entropy * m).sum()) / n_tokens
                 it_loss = dist.sum(it_loss)  # every rank sees a NaN, so they stop together
                 check_finite("loss", it_loss, step + 1, run_dir)
                 stats["loss"] += it_loss / cfg.iterations
                 dist.sum_gradients(trainable)  # per-rank losses are over global counts: the sum is the batch's
-                grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
+                grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"), accel.on)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            stats.update({k: dist.sum(stats[k]) for k in ("clipfrac", "entropy", "kl")})
+            stats.update({k: dist.sum(stats[k]) for k in ("clipfrac", "approx_kl", "entropy", "kl")})
             kl_ctl.update(stats["kl"], B)
             step += 1
             pos += U
@@ -164,6 +167,7 @@ def train(cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None) -
                 "rollout/length_mean": float(all_lengths.float().mean()),
                 "rollout/finished_frac": float(all_finished.float().mean()), "rollout/tokens": n_gen,
                 "loss/policy": stats["loss"], "policy/entropy": stats["entropy"], "ppo/clipfrac": stats["clipfrac"],
+                "ppo/approx_kl": stats["approx_kl"],
                 "kl/mean": stats["kl"], "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0], "perf/s_per_step": dt, "perf/gen_s": t_gen,
                 "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": B / dt, "perf/peak_rss_mb": peak_rss_mb(),

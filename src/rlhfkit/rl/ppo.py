@@ -51,12 +51,13 @@ from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import explained_variance, kl_penalty, policy_loss, value_loss
 from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs, completion_values
 from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint)
+from rlhfkit.utils import weights
 from rlhfkit.utils.logging import MetricLogger
 from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, seed_everything,
                                    set_threads, write_run_config)
 
 
-def load_critic(cfg: PPOConfig, device: torch.device, path: str = "") -> ScalarHeadModel:
+def load_critic(cfg: PPOConfig, device: torch.device, path: str = "", fast: bool = True) -> ScalarHeadModel:
     """The critic: a saved ScalarHeadModel (`path` or cfg.critic), else the policy's backbone + a zero head.
     With LoRA its backbone gets adapters too (the head trains in full); a LoRA run resumes them from the
     trainer state, so `path` is only for full critics."""
@@ -64,12 +65,13 @@ def load_critic(cfg: PPOConfig, device: torch.device, path: str = "") -> ScalarH
     if path:
         critic = ScalarHeadModel.from_pretrained(path)
     else:
-        critic = ScalarHeadModel.from_causal_lm(load_policy(cfg.model.name_or_path, cfg.model.dtype, device))
+        critic = ScalarHeadModel.from_causal_lm(load_policy(cfg.model.name_or_path, cfg.model.dtype, device,
+                                                            fast=fast))
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(critic.backbone)
     if cfg.model.lora_r:
         critic.backbone = apply_lora(critic.backbone, cfg.model, causal_lm=False)
-    return use_fast_activations(critic).to(device).train()
+    return (use_fast_activations(critic) if fast else critic).to(device).train()
 
 
 def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
     t_start = time.time()
     set_threads(cfg.run.threads)
     quiet_hf()
-    dist = rl_dist(cfg)
+    dist, accel = rl_dist(cfg)
     device = dist.device
     run_dir = default_run_dir("ppo", cfg.log.run_dir)
     if dist.is_main:
@@ -94,8 +96,8 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
 
     seed_everything(cfg.run.seed)
     lora = bool(cfg.model.lora_r)
-    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, cfg.kl.ref_cache_mb)
-    critic = load_critic(cfg, device, str(ckpt / "critic") if ckpt and not lora else "")
+    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, accel)
+    critic = load_critic(cfg, device, str(ckpt / "critic") if ckpt and not lora else "", accel.fast_decode)
     trainable = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
     wd = cfg.optim.weight_decay
     optimizer = make_optimizer(decay_param_groups(policy, wd) + decay_param_groups(critic, wd), cfg.optim)
@@ -111,17 +113,18 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
         step, pos = state["step"], state["pos"]
         if lora:  # the critic's adapters and head
             critic.load_state_dict(state["critic"], strict=False)
+            weights.changed()
     dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
     single_update = cfg.epochs == 1 and cfg.mini_batches == 1  # TRL's default: one optimizer step per rollout
 
-    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed,
-                      cfg.rollout.replay_max_mb)
+    sampler = Sampler(policy, tok, accel.backend(cfg.rollout.backend), cfg.model.name_or_path, cfg.run.seed,
+                      accel.replay_mb)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="ppo",
                           is_main=dist.is_main)
     logger.write(f"ppo: {count_params(policy) / 1e6:.2f}M policy + {count_params(critic) / 1e6:.2f}M critic params, "
                  f"{len(prompts.ids)} prompts, {B} completions per rollout, {cfg.epochs} epoch(s) x "
                  f"{cfg.mini_batches} mini-batch(es), reward {cfg.reward.spec}, KL coef {kl_ctl.value}, "
-                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained params, {dist.world} process(es) on {device}{allocator_note(dist)}" + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
+                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained params, {dist.world} process(es) on {device}{allocator_note(dist, accel)}" + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step, history = step, []
 
     def checkpoint() -> None:
@@ -156,7 +159,8 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
             # 2. Per-token rewards: -beta * KL(sampling-time policy || reference) + score on the last token.
             kl = torch.zeros_like(mask)
             if cfg.kl.coef:
-                ref_logprobs = reference_logprobs(policy, ref, ro, params.temperature, cfg.optim.batch_size)
+                ref_logprobs = reference_logprobs(policy, ref, ro, params.temperature, cfg.optim.batch_size,
+                                                  accel.fast_decode)
                 kl = kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * mask
             rewards = token_rewards(scores, kl, mask, kl_ctl.value)
             if cfg.whiten_rewards:  # over the global batch
@@ -180,7 +184,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 old_values = torch.zeros_like(mask)
                 for mic in micro_batches(b, bs):
                     m = mask[mic]
-                    values = completion_values(critic, ro.rows(mic))
+                    values = completion_values(critic, ro.rows(mic), accel.fast_decode)
                     old_values[mic] = values.detach()
                     returns_mic = gae(rewards[mic], old_values[mic], m, cfg.gamma, cfg.lam)[1]
                     vl, vst = value_loss(values, old_values[mic], returns_mic, m, cfg.value_clip, normalizer=n_tok)
@@ -203,13 +207,13 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 # so the summed gradients are the whole batch's.
                 check_finite("loss", dist.sum(acc["loss/policy"] + acc["loss/value"]), step + 1, run_dir)
                 dist.sum_gradients(trainable)
-                grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
+                grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"), accel.on)
                 optimizer.zero_grad(set_to_none=True)
             else:
                 # Several updates per rollout: the old values come from a no-grad pass and the old log-probs
                 # from sampling time, fixed for every epoch and mini-batch (as in TRL).
                 with torch.no_grad():
-                    old_values = torch.cat([completion_values(critic, ro.rows(mb)) for mb in micro_batches(b, bs)])
+                    old_values = torch.cat([completion_values(critic, ro.rows(mb), accel.fast_decode) for mb in micro_batches(b, bs)])
                 advantages, returns = advantages_from(old_values)
                 n_updates = cfg.epochs * cfg.mini_batches
                 mb_size = B // cfg.mini_batches
@@ -225,7 +229,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                             part, m = ro.rows(rows), mask[rows]
                             logprobs, entropy = completion_logprobs(policy, part, params.temperature,
                                                                     with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
-                            values = completion_values(critic, part)
+                            values = completion_values(critic, part, accel.fast_decode)
                             pl, pst = policy_loss(logprobs, ro.logprobs[rows], advantages[rows], m, cfg.clip,
                                                   normalizer=n_tok)
                             vl, vst = value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip,
@@ -242,7 +246,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
                             acc["value/clipfrac"] += float(vst["vf_clipfrac"]) * w
                         check_finite("loss", dist.sum(acc["loss/policy"] + acc["loss/value"]), step + 1, run_dir)
                         dist.sum_gradients(trainable)
-                        grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
+                        grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"), accel.on)
                         optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             acc = {k: dist.sum(v) for k, v in acc.items()}  # every entry is this rank's share of a global mean
@@ -286,6 +290,7 @@ def train(cfg: PPOConfig, on_step: Callable[[int, dict], None] | None = None) ->
     def save_critic() -> None:
         if lora:  # a plain ScalarHeadModel on disk, like a full critic's
             critic.backbone = critic.backbone.merge_and_unload()
+            weights.changed()
         critic.save_pretrained(run_dir / "final_critic")
 
     return finish_run(dist, run_dir, policy, tok, logger, step, history, kl_ctl.value, t_start,

@@ -37,7 +37,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
     t_start = time.time()
     set_threads(cfg.run.threads)
     quiet_hf()
-    dist = rl_dist(cfg)
+    dist, accel = rl_dist(cfg)
     device = dist.device
     run_dir = default_run_dir("reinforce", cfg.log.run_dir)
     if dist.is_main:
@@ -53,7 +53,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
     order = EpochSampler(len(prompts.ids), cfg.run.seed)
 
     seed_everything(cfg.run.seed)
-    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, cfg.kl.ref_cache_mb)
+    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, accel)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
@@ -68,12 +68,12 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
         step, pos = state["step"], state["pos"]
     dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
 
-    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed,
-                      cfg.rollout.replay_max_mb)
+    sampler = Sampler(policy, tok, accel.backend(cfg.rollout.backend), cfg.model.name_or_path, cfg.run.seed,
+                      accel.replay_mb)
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="reinforce",
                           is_main=dist.is_main)
     logger.write(f"reinforce: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "
-                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}{allocator_note(dist)}"
+                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}{allocator_note(dist, accel)}"
                  + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step, history = step, []
 
@@ -99,7 +99,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
             # 2. Rewards: score - beta * sequence KL to the reference (global batch), then the baseline; baselines
             #    and normalisation over the global batch too, this rank keeping its rows.
             raw, all_raw, all_scores, all_kl, all_lengths, all_finished, rewards = sequence_rewards(
-                dist, reward_fn, ro, cfg, policy, ref, params.temperature, kl_ctl.value, step + 1, run_dir)
+                dist, reward_fn, ro, cfg, policy, ref, params.temperature, kl_ctl.value, step + 1, run_dir, accel.fast_decode)
             advantages = rewards - rewards.mean() if cfg.baseline == "mean" else rewards
             if cfg.normalize_advantages:
                 advantages = normalize(advantages)
@@ -118,7 +118,7 @@ def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = No
             stats = {k: dist.sum(v) for k, v in stats.items()}  # each rank's share of the batch means
             check_finite("loss", stats["loss"], step + 1, run_dir)
             dist.sum_gradients(trainable)  # the losses are over the global B: the sum is the batch's gradient
-            grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
+            grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"), accel.on)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             kl_ctl.update(float(all_kl.mean()), B)

@@ -390,7 +390,7 @@ def stream(model: torch.nn.Module, tok: Any, prompt: str | Sequence[int], backen
 # Training side: the policy's log-probabilities of a rollout, with gradients
 # ---------------------------------------------------------------------------------------------------
 def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float = 1.0,
-                        with_entropy: bool = False, entropy_grad: bool = False
+                        with_entropy: bool = False, entropy_grad: bool = False, fast: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits / T) of each completion token under `model`: (B, C), differentiable.
 
@@ -409,6 +409,7 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
         log-probabilities (models.ops.logprobs_given_logz) and its entropies are returned as they are
         (unless the entropy needs gradients).
     Entropy of the same distributions (B, C) if asked for: detached, or with gradients (entropy bonus).
+    `fast=False` (run.accel=off): HF's forward always (a rollout sampled without a record has none).
     """
     comp, G = ro.completion_ids, ro.group_size
     if ro.record is not None and ro.record.G == G and ro.record.usable(model):
@@ -418,7 +419,7 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
                             entropy_grad, sampled=True)
     from rlhfkit.rl import fastdecode
 
-    if (not torch.is_grad_enabled() and fastdecode.supported(model) and fastdecode.dropout_free(model)
+    if (fast and not torch.is_grad_enabled() and fastdecode.supported(model) and fastdecode.dropout_free(model)
             and comp.size(1) > 1):
         # No gradients (e.g. the reference's log-probs): our own forward, as replay's but computing everything.
         first, rest = fastdecode.forward_logits(model, ro)
@@ -479,10 +480,10 @@ def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, ent
     return logprobs, torch.cat([e for _, e in both], 1)
 
 
-def completion_values(critic: torch.nn.Module, ro: Rollout) -> torch.Tensor:
+def completion_values(critic: torch.nn.Module, ro: Rollout, fast: bool = True) -> torch.Tensor:
     """The critic's value before each completion token: V(prompt + completion[:t]), (B, C). A GPT-2 critic
     (fastdecode.backbone_supported) runs through our blocks, which skip the last block's work at the
-    prompt positions whose values are not used; any other through its own forward."""
+    prompt positions whose values are not used; any other (or with fast=False) through its own forward."""
     from rlhfkit.models.heads import ScalarHeadModel
     from rlhfkit.rl import fastdecode
 
@@ -490,7 +491,7 @@ def completion_values(critic: torch.nn.Module, ro: Rollout) -> torch.Tensor:
     rest = ro.completion_ids[:, :-1]  # the value after the last token is never used: it is not fed
     ids = torch.cat([ro.prompt_ids, rest], 1)
     mask = torch.cat([ro.prompt_mask, torch.ones_like(rest)], 1)
-    if isinstance(critic, ScalarHeadModel) and fastdecode.backbone_supported(critic.backbone):
+    if fast and isinstance(critic, ScalarHeadModel) and fastdecode.backbone_supported(critic.backbone):
         h = fastdecode.backbone_hidden(critic.backbone, ids, mask, keep=C)  # positions P - 1 .. P + C - 2
         return critic.values(h) * ro.completion_mask
     values = critic(ids, mask)  # (B, P + C - 1): ScalarHeadModel handles left-padding positions

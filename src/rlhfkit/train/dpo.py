@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhfkit.accel import select as select_accel
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.datasets import EpochSampler, collate_sft, encode_pair
 from rlhfkit.data.sources import read_jsonl_records
@@ -94,6 +95,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     set_threads(cfg.run.threads)
     quiet_hf()
     dist = Dist(cfg.run.device)
+    accel = select_accel(cfg, dist.device)  # our log-prob kernels, or torch's ops (run.accel=off)
     run_dir = default_run_dir("dpo", cfg.log.run_dir)
     if dist.is_main:
         write_run_config(run_dir, cfg)
@@ -130,7 +132,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="dpo",
                           is_main=dist.is_main)
     logger.write(f"dpo: {count_params(model) / 1e6:.2f}M params, {len(train_set)} train / {len(val)} val pairs, "
-                 f"global batch {global_bs} pairs, loss {cfg.loss}, beta {cfg.beta}"
+                 f"global batch {global_bs} pairs, loss {cfg.loss}, beta {cfg.beta}; {accel.header()}"
                  + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
     saved_step = step
 

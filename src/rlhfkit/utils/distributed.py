@@ -102,9 +102,12 @@ class Dist:
             return
         import torch.distributed as td
 
+        from rlhfkit.utils import weights
+
         with torch.no_grad():
             for p in params:
                 td.broadcast(p.data, src=0)
+        weights.changed()
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (sum) the gradients of params over ranks, one flat buffer per dtype. For loops that
