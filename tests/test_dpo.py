@@ -17,9 +17,8 @@ def write_pairs(path, n=48, seed=0):
     good = ["a lovely film", "I really enjoyed it", "quite good overall", "a fine and gentle story"]
     bad = ["BAD BAD BAD!!!", "TERRIBLE. AWFUL.", "WORST EVER!!", "NO NO NO!!!"]
     with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": rng.choice(PROMPTS), "chosen": rng.choice(good),
-                                "rejected": rng.choice(bad), "annotator": "sim"}) + "\n")
+        f.writelines(json.dumps({"prompt": rng.choice(PROMPTS), "chosen": rng.choice(good),
+                                "rejected": rng.choice(bad), "annotator": "sim"}) + "\n" for i in range(n))
         f.write(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "tie": True}) + "\n")
     return str(path)
 

@@ -18,13 +18,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
 from rlhfkit.errors import ConfigError
 
-__all__ = ["ConfigError", "opt", "section", "parse_config", "from_dict", "to_dict", "to_yaml"]
+__all__ = ["ConfigError", "from_dict", "opt", "parse_config", "section", "to_dict", "to_yaml"]
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -521,9 +521,9 @@ def _rl_check(cfg: Any, stage: str) -> None:
                           "half-precision weights set model.dtype (bfloat16 / float16)")
 
 
-_RL_OPTIM = dict(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999, batch_size=32,
-                 max_steps=200)
-_RL_LOG = dict(log_every=1, eval_every=20, save_every=50)
+_RL_OPTIM = {"lr": 1e-5, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "beta2": 0.999,
+             "batch_size": 32, "max_steps": 200}
+_RL_LOG = {"log_every": 1, "eval_every": 20, "save_every": 50}
 _OPTIM_HELP = ("optimizer and schedule; batch_size = completions per forward/backward micro-batch "
                "(one optimizer step covers the whole rollout batch)")
 
@@ -1168,7 +1168,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         top = name.split(".")[0]
         g = groups.get(top, parser) if "." in name else parser
         helptext = f.metadata.get("help", "")
-        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=helptext)
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": helptext}
         origin = get_origin(tp)
         if tp is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")

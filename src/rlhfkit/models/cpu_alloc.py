@@ -6,9 +6,9 @@ that: on `rlhfkit bench trl-peer`'s GRPO at micro-batch 32 it holds 275 MB while
 use. This allocator gives every block of 256 KiB or more its own mapping, keeps freed ones in a pool of at
 most 256 MB (reused by size class, the most recently freed first) and unmaps the rest, so RSS is what is
 in use plus at most the pool. Measured on that workload: peak RSS 601-604 MB against 626-633 MB, at the
-same speed (docs/benchmarks.md, "Fifth pass"). The cap is 256 MB because PPO's step cycles through more
-than 128 MB of freed blocks: with 128 MB it mapped about 93 new blocks a step and ran 8% slower
-("Sixth pass"); GRPO and RLOO never fill 128 MB.
+same speed (docs/benchmarks.md). The cap is 256 MB because PPO's step cycles through more than 128 MB of
+freed blocks: with 128 MB it mapped about 93 new blocks a step and ran 8% slower; GRPO and RLOO never fill
+128 MB.
 
 It is C++ against torch's own headers, compiled at first use with `c++` (or $CXX, about 1 s), cached
 under the data directory like our kernels (models/native.py), and installed process-wide with

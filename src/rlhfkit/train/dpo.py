@@ -32,12 +32,23 @@ from rlhfkit.errors import DataError, TrainingError
 from rlhfkit.models.factory import build_model, count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.ops import gather_logprobs
 from rlhfkit.rl.losses import dpo_loss
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
-                                      save_model)
+from rlhfkit.utils.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights_into,
+    save_checkpoint,
+    save_model,
+)
 from rlhfkit.utils.distributed import Dist
 from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, quiet_hf, seed_everything, set_threads,
-                                   write_run_config)
+from rlhfkit.utils.runtime import (
+    GracefulStop,
+    default_run_dir,
+    quiet_hf,
+    seed_everything,
+    set_threads,
+    write_run_config,
+)
 
 Pair = tuple[tuple[list[int], int], tuple[list[int], int]]  # ((ids, n_prompt) chosen, (ids, n_prompt) rejected)
 
@@ -104,7 +115,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
     pairs = load_pairs(cfg, tok)
     order = np.random.default_rng(cfg.run.seed).permutation(len(pairs))
-    n_val = int(round(cfg.data.val_fraction * len(pairs))) if len(pairs) > 1 else 0
+    n_val = round(cfg.data.val_fraction * len(pairs)) if len(pairs) > 1 else 0
     val = [pairs[i] for i in order[:n_val]]
     train_set = [pairs[i] for i in order[n_val:]]
     sampler = EpochSampler(len(train_set), cfg.run.seed)
@@ -177,9 +188,9 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
                 logger.log({"loss/train": step_loss, **{f"dpo/{k}": dist.mean(v) for k, v in sums.items() if k != "loss"},
                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": pos / len(train_set)},
                            step)
-            if val and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps):
-                if dist.is_main:
-                    logger.log(evaluate(dist.unwrap(model), val, ref_val, cfg, tok.pad_token_id), step)
+            if (val and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps)
+                    and dist.is_main):
+                logger.log(evaluate(dist.unwrap(model), val, ref_val, cfg, tok.pad_token_id), step)
             over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
             if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
                 checkpoint()

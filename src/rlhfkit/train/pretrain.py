@@ -17,7 +17,6 @@ import json
 import math
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,13 +28,26 @@ from rlhfkit.data.sources import load_texts
 from rlhfkit.errors import TrainingError
 from rlhfkit.models.factory import build_model, count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.models.ops import causal_lm_loss
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
-                                      save_model)
+from rlhfkit.utils.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights_into,
+    save_checkpoint,
+    save_model,
+)
 from rlhfkit.utils.distributed import Dist
 from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, Throughput, default_run_dir, model_flops_per_token,
-                                   peak_flops, quiet_hf, seed_everything, set_threads,
-                                   write_run_config)
+from rlhfkit.utils.runtime import (
+    GracefulStop,
+    Throughput,
+    default_run_dir,
+    model_flops_per_token,
+    peak_flops,
+    quiet_hf,
+    seed_everything,
+    set_threads,
+    write_run_config,
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,7 +55,7 @@ from rlhfkit.utils.runtime import (GracefulStop, Throughput, default_run_dir, mo
 # ---------------------------------------------------------------------------------------------------
 def split_documents(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     order = np.random.default_rng(seed).permutation(len(texts))
-    n_val = max(1, int(round(val_fraction * len(texts))))
+    n_val = max(1, round(val_fraction * len(texts)))
     return [texts[i] for i in order[n_val:]], [texts[i] for i in order[:n_val]]
 
 

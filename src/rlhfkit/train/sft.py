@@ -26,12 +26,26 @@ from rlhfkit.data.sources import load_pairs
 from rlhfkit.errors import DataError, TrainingError
 from rlhfkit.models.factory import build_model, count_params, get_tokenizer, lr_lambda, make_optimizer
 from rlhfkit.train.pretrain import sample_texts
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
-                                      save_model)
+from rlhfkit.utils.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights_into,
+    save_checkpoint,
+    save_model,
+)
 from rlhfkit.utils.distributed import Dist
 from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, Throughput, default_run_dir, model_flops_per_token, peak_flops,
-                                   quiet_hf, seed_everything, set_threads, write_run_config)
+from rlhfkit.utils.runtime import (
+    GracefulStop,
+    Throughput,
+    default_run_dir,
+    model_flops_per_token,
+    peak_flops,
+    quiet_hf,
+    seed_everything,
+    set_threads,
+    write_run_config,
+)
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,7 +86,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
                         "template; use data.template=plain")
     encoded = [encode_pair(tok, p["prompt"], p["response"], cfg.data.template, cfg.data.max_len) for p in pairs]
     order = np.random.default_rng(cfg.run.seed).permutation(len(encoded))
-    n_val = max(1, int(round(cfg.data.val_fraction * len(encoded))))
+    n_val = max(1, round(cfg.data.val_fraction * len(encoded)))
     val = [encoded[i] for i in order[:n_val]][:cfg.eval_examples or None]
     train_set = [encoded[i] for i in order[n_val:]]
     sampler = EpochSampler(len(train_set), cfg.run.seed)

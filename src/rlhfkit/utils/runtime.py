@@ -7,12 +7,15 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from rlhfkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # CPU peak is measured (fp32 sgemm) once per CPU model and thread count, because 2-core machines
 # differ by 2x (185 GFLOP/s on an AVX2 EPYC VM, 350 on an AVX-512 Xeon VM). RLHFKIT_PEAK_FLOPS overrides.
@@ -176,7 +179,7 @@ class GracefulStop:
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> Self:
         import signal
         import threading
 
@@ -185,7 +188,7 @@ class GracefulStop:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         import signal
 
         for s, h in self._old.items():
