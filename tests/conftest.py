@@ -82,6 +82,6 @@ def _kernels_back_on():
     yield
     import sys
 
-    native = sys.modules.get("rlhfkit.models.native")
+    native = sys.modules.get("rlhfkit.accel.native")
     if native is not None:
         native.set_enabled(True)

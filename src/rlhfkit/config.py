@@ -529,19 +529,27 @@ _OPTIM_HELP = ("optimizer and schedule; batch_size = completions per forward/bac
 
 
 @dataclass
-class GRPOConfig:
-    """GRPO (Shao et al. 2024): group-relative advantages, clipped surrogate, KL to a reference in the loss."""
+class RLConfig:
+    """The sections of every online RL stage; each stage below adds its own fields (and its defaults)."""
 
     model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
     data: PromptDataConfig = section(PromptDataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
     reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
-    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (added to the loss per token)",
-                           coef=0.0, estimator="k3", ref_cache_mb=0.0)
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
+                                     "over the completion)", ref_cache_mb=0.0)
     optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
     log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
     run: RunConfig = section(RunConfig, "seed, device and run control")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO (Shao et al. 2024): group-relative advantages, clipped surrogate, KL to a reference in the loss."""
+
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (added to the loss per token)",
+                           coef=0.0, estimator="k3", ref_cache_mb=0.0)
     clip: float = opt(0.2, "PPO-style clip range of the probability ratio")
     clip_high: float = opt(0.0, "upper clip range if different from clip (DAPO uses 0.28); 0 = clip")
     scale_rewards: Literal["group", "batch", "none"] = opt(
@@ -563,19 +571,9 @@ class GRPOConfig:
 
 
 @dataclass
-class RLOOConfig:
+class RLOOConfig(RLConfig):
     """RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline over the group, KL in the reward."""
 
-    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
-    rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
-    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
-    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
-                                     "over the completion)", ref_cache_mb=0.0)
-    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
-    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
-    run: RunConfig = section(RunConfig, "seed, device and run control")
     clip: float = opt(0.2, "clip range of the sequence-level probability ratio")
     normalize_advantages: bool = opt(False, "divide advantages by their std over the batch")
 
@@ -587,20 +585,11 @@ class RLOOConfig:
 
 
 @dataclass
-class REINFORCEConfig:
+class REINFORCEConfig(RLConfig):
     """REINFORCE (Williams 1992) with a batch-mean baseline and the KL penalty in the reward."""
 
-    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions", prompts_per_step=32,
                                      samples_per_prompt=2)
-    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
-    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
-                                     "over the completion)", ref_cache_mb=0.0)
-    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
-    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
-    run: RunConfig = section(RunConfig, "seed, device and run control")
     baseline: Literal["mean", "none"] = opt("mean", "subtract the batch-mean reward (lower variance, same "
                                                     "expected gradient up to O(1/batch)) or nothing")
     normalize_advantages: bool = opt(False, "divide advantages by their std over the batch")
@@ -610,20 +599,13 @@ class REINFORCEConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RLConfig):
     """PPO for language models (Ziegler et al. 2019, Ouyang et al. 2022): actor + critic, per-token KL in
     the reward, GAE, clipped policy and value losses, several epochs of minibatches per rollout."""
 
-    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions", prompts_per_step=64,
                                      samples_per_prompt=1)
-    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
     kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (a per-token reward)")
-    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
-    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
-    run: RunConfig = section(RunConfig, "seed, device and run control")
     critic: str = opt("", "critic (value model) to start from: a ScalarHeadModel directory (e.g. a trained "
                           "reward model); empty = a copy of the policy's backbone with a zero-init head")
     gamma: float = opt(1.0, "discount per token")

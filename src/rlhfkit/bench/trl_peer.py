@@ -140,7 +140,7 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
 
     import rlhfkit
     from rlhfkit.config import to_dict
-    from rlhfkit.models import cpu_alloc
+    from rlhfkit.accel import cpu_alloc
 
     train = importlib.import_module(f"rlhfkit.rl.{algo}").train
     run_dir = workdir / f"ours_{algo}"

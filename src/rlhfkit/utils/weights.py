@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-
 _state = {"steps": 0, "writes": 0, "hooked": False}
 
 

@@ -46,9 +46,9 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.models import native
-from rlhfkit.models.activations import gelu, gelu_tanh_and_backward_, gelu_tanh_backward, gelu_tanh_forward
-from rlhfkit.models.native import bias_gelu_tanh_, bias_kv_, bias_residual_, native_ok
+from rlhfkit.accel import native
+from rlhfkit.accel.activations import gelu, gelu_tanh_and_backward_, gelu_tanh_backward, gelu_tanh_forward
+from rlhfkit.accel.native import bias_gelu_tanh_, bias_kv_, bias_residual_, native_ok
 from rlhfkit.utils import weights
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -964,7 +964,7 @@ class GPT2Decoder(_Base):
         return self._head(self._final_norm(x))
 
     def _c_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """step() in one call of ours (rlhfkit_gpt2_step, models/csrc/kernels.c): embeddings, blocks, final
+        """step() in one call of ours (rlhfkit_gpt2_step, accel/csrc/kernels.c): embeddings, blocks, final
         norm and LM head, writing the KV cache and the record as _step_blocks does, with the same values to
         float rounding (tests/test_rollout.py). About 70 torch calls fewer per token."""
         rec, B = self.rec, tokens.size(0)

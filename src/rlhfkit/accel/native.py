@@ -8,7 +8,7 @@ fight them for the cores. Where any of that is missing (no compiler, not Linux, 
 failed build) or RLHFKIT_NATIVE=0, every caller takes torch's ops instead: same results to float
 rounding, slower. `native_status()` says which is in use and why.
 
-Users: models/activations.py (the tanh-GELU), rl/fastdecode.py (a decode step's bias epilogues,
+Users: accel/activations.py (the tanh-GELU), accel/fastdecode.py (a decode step's bias epilogues,
 GPT-2's whole decode step in one call, whose matmuls call the BLAS sgemm torch itself calls:
 `sgemm_address`, and the training passes' attention: `attention_forward` / `attention_backward`) and
 rl/rollout.py (plain sampling in one pass: `sample_rows`).
