@@ -1,5 +1,5 @@
-"""The supervised stages' driver: a stop is agreed by every process; final/ is the best validation model and
-early stopping counts evaluations without improvement (through pretrain, with validation losses set by hand)."""
+"""The supervised stages' driver: a stop is agreed by every process; final/ is the best validation model
+and early stopping counts evaluations without improvement (through pretrain, validation losses by hand)."""
 from __future__ import annotations
 
 import json
@@ -44,7 +44,8 @@ def test_final_is_the_best_model_and_patience_counts_evaluations(corpus, tmp_pat
     from safetensors.torch import load_file
 
     final = load_file(str(run / "final" / "model.safetensors"))
-    at = {n: load_file(str(run / "checkpoints" / f"step-00000{n}" / "model" / "model.safetensors")) for n in (2, 4)}
+    at = {n: load_file(str(run / "checkpoints" / f"step-{n:06d}" / "model" / "model.safetensors"))
+          for n in (2, 4)}
     assert all(torch.equal(final[k], at[2][k]) for k in final)  # final/ holds step 2's weights...
     assert not all(torch.equal(final[k], at[4][k]) for k in final)  # ...not the last ones
     assert [r["loss/val"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss/val" in r] == \

@@ -104,8 +104,9 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     ref_train = reference_logps(model, train_set, bs, pad)
     ref_val = reference_logps(model, val, bs, pad) if val else None
     model.train()
-    model = run.start(model, tok, f"{count_params(model) / 1e6:.2f}M params, {len(train_set)} train / {len(val)} "
-                      f"val pairs, global batch {global_bs} pairs, loss {cfg.loss}, beta {cfg.beta}; {accel.header()}")
+    header = (f"{count_params(model) / 1e6:.2f}M params, {len(train_set)} train / {len(val)} val pairs, "
+              f"global batch {global_bs} pairs, loss {cfg.loss}, beta {cfg.beta}; {accel.header()}")
+    model = run.start(model, tok, header)  # final/ is the last model
 
     def step() -> driver.Step:
         idx = [i for _, i in sampler.indices(run.pos, global_bs)][dist.shard(global_bs)]
@@ -127,4 +128,5 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         return evaluate(dist.unwrap(model), val, ref_val, cfg, pad) if dist.is_main else {}
 
     run.train(step, len(train_set), evaluate=validate if val else None)
-    return run.finish({"train_pairs": len(train_set), "val_pairs": len(val), **(validate() if val else {})})
+    final_eval = validate() if val else {}  # of the last model, the one saved
+    return run.finish({"train_pairs": len(train_set), "val_pairs": len(val), **final_eval})

@@ -70,7 +70,8 @@ def should_stop(dist: Dist, stop: GracefulStop, t_start: float, max_minutes: flo
 
 def setup(stage: str, cfg: Any, precision: str = "fp32") -> Run:
     """Threads, processes, the run directory (runs/<stage> unless log.run_dir) with its config.yaml, and
-    the checkpoint to resume from (run.resume)."""
+    the checkpoint to resume from (run.resume). `precision`: run.precision for the stages that train under
+    autocast (pretrain, SFT)."""
     t_start = time.time()
     set_threads(cfg.run.threads)
     quiet_hf()
@@ -84,6 +85,8 @@ def setup(stage: str, cfg: Any, precision: str = "fp32") -> Run:
 
 @dataclass
 class Run:
+    """One run of a stage: what `setup` found, then what `start` built; `train` and `finish` use both."""
+
     stage: str
     cfg: Any
     dist: Dist
@@ -92,20 +95,26 @@ class Run:
     t_start: float
     step: int = 0
     # Everything saved with a checkpoint besides weights, optimizer and schedule: the data position
-    # ("pos", examples consumed), the best validation loss where the stage selects its best model, tokens
-    # seen where it measures throughput, and the stage's own counters.
+    # ("pos", examples consumed), the best validation loss (and evaluations since) where the stage selects
+    # its best model, tokens seen where it measures throughput.
     state: dict[str, Any] = field(default_factory=dict)
     select: str | None = None  # the validation metric (lower is better) that picks final/; None: the last
-    model: Any = None
+    model: torch.nn.Module | None = None  # wrapped for the processes (DDP, DeepSpeed, ...)
     tok: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    logger: Any = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    logger: MetricLogger | None = None
     meter: Throughput | None = None
 
     @property
     def pos(self) -> int:
         return self.state["pos"]
+
+    @property
+    def best_val(self) -> float | None:
+        """The best `select` value so far; None before the first evaluation."""
+        v = self.state.get("best_val", math.inf)
+        return v if math.isfinite(v) else None
 
     @property
     def global_bs(self) -> int:
@@ -114,7 +123,7 @@ class Run:
         return o.batch_size * o.grad_accum * self.dist.world
 
     def start(self, model: torch.nn.Module, tok: Any, header: str, *, select: str | None = None,
-              seq_len: int | None = None, counters: dict[str, Any] | None = None) -> torch.nn.Module:
+              seq_len: int | None = None) -> torch.nn.Module:
         """Optimizer and LR schedule for `model` (built, seeded, on the device), the resumed state if any,
         the model wrapped for the processes; then the logger and the run's header line. `seq_len`: the
         sequence length for the MFU estimate (and log tokens / throughput); None: no throughput metrics.
@@ -122,7 +131,7 @@ class Run:
         dist, cfg = self.dist, self.cfg
         self.tok, self.select = tok, select
         self.state = {"pos": 0, **({"best_val": math.inf, "bad_evals": 0} if select else {}),
-                      **({"tokens_seen": 0} if seq_len else {}), **(counters or {})}
+                      **({"tokens_seen": 0} if seq_len else {})}
         self.optimizer = make_optimizer(model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim))
         if self.ckpt is not None:
@@ -140,8 +149,8 @@ class Run:
             flops = model_flops_per_token(count_params(model), c.num_hidden_layers, c.hidden_size, seq_len,
                                           frozen=count_params(model, frozen_only=True))
             self.meter = Throughput(flops, peak_flops(dist.device))
-        self.logger = MetricLogger(self.run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=self.step,
-                                   desc=self.stage, is_main=dist.is_main)
+        self.logger = MetricLogger(self.run_dir, cfg.log, total_steps=cfg.optim.max_steps,
+                                   start_step=self.step, desc=self.stage, is_main=dist.is_main)
         self.logger.write(f"{self.stage}: {header}; {dist.world} process(es) on {dist.device}"
                           + (f"; resumed from {self.ckpt} at step {self.step}" if self.ckpt else ""))
         return self.model
@@ -168,8 +177,8 @@ class Run:
             nonlocal saved_step
             saved_step = self.step
             if dist.is_main:
-                save_checkpoint(self.run_dir, self.step, models={"model": dist.unwrap(self.model)}, tokenizer=self.tok,
-                                keep=cfg.log.keep_checkpoints,
+                save_checkpoint(self.run_dir, self.step, models={"model": dist.unwrap(self.model)},
+                                tokenizer=self.tok, keep=cfg.log.keep_checkpoints,
                                 state={"optimizer": self.optimizer.state_dict(),
                                        "scheduler": self.scheduler.state_dict(), **self.state})
             dist.barrier()
@@ -178,9 +187,9 @@ class Run:
             while self.step < cfg.optim.max_steps:
                 s = step()
                 if not math.isfinite(s.loss):
-                    raise TrainingError(f"loss is {s.loss} at step {self.step + 1}; stopped without updating. "
-                                        f"Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'} "
-                                        "(lower optim.lr?)")
+                    last_good = latest_checkpoint(self.run_dir) or "none"
+                    raise TrainingError(f"loss is {s.loss} at step {self.step + 1}; stopped without "
+                                        f"updating. Last good checkpoint: {last_good} (lower optim.lr?)")
                 grad_norm = dist.clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -205,7 +214,7 @@ class Run:
                     self._evaluate(evaluate, samples)
                 early = bool(patience) and self.state["bad_evals"] >= patience
                 if early:
-                    log.write(f"early stop: no validation improvement in {self.state['bad_evals']} evaluations")
+                    log.write(f"early stop: no validation improvement in {patience} evaluations")
                 if (cfg.log.save_every and self.step % cfg.log.save_every == 0) or halt or early:
                     checkpoint()
                 if halt or early:
@@ -213,7 +222,8 @@ class Run:
             if saved_step != self.step:
                 checkpoint()
 
-    def _evaluate(self, evaluate: Callable[[], dict[str, float]], samples: Callable[[int], None] | None) -> None:
+    def _evaluate(self, evaluate: Callable[[], dict[str, float]],
+                  samples: Callable[[int], None] | None) -> None:
         metrics = evaluate()
         self.logger.log(metrics, self.step)
         improved = False

@@ -27,7 +27,7 @@ from rlhfkit.models.factory import build_model, count_params, get_tokenizer
 from rlhfkit.models.ops import causal_lm_loss
 from rlhfkit.train import driver
 from rlhfkit.utils.distributed import Dist
-from rlhfkit.utils.logging import MetricLogger  # noqa: F401  the class the driver logs with (tests hook its log here)
+from rlhfkit.utils.logging import MetricLogger  # noqa: F401  (tests hook MetricLogger.log here)
 from rlhfkit.utils.runtime import seed_everything
 
 
@@ -145,10 +145,10 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     model = build_model(cfg.model, tok).to(dist.device)
     n_params = count_params(model)
     bs, accum, global_bs = cfg.optim.batch_size, cfg.optim.grad_accum, run.global_bs
-    # final/ is the best validation model (module docstring).
-    model = run.start(model, tok, f"{n_params / 1e6:.2f}M params, vocab {len(tok)}, {len(train_docs)} train / "
-                      f"{len(val_docs)} val documents, {len(train_ids)} train tokens ({sampler.n} blocks of {L}), "
-                      f"global batch {global_bs} x {L} tokens", select="loss/val", seq_len=L)
+    header = (f"{n_params / 1e6:.2f}M params, vocab {len(tok)}, {len(train_docs)} train / {len(val_docs)} "
+              f"val documents, {len(train_ids)} train tokens ({sampler.n} blocks of {L}), global batch "
+              f"{global_bs} x {L} tokens")
+    model = run.start(model, tok, header, select="loss/val", seq_len=L)  # final/: the best validation loss
 
     def step() -> driver.Step:
         # The global batch of blocks at pos; this rank takes its slice, in micro-batches.
@@ -171,9 +171,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             run.logger.write(f"  sample: {p + s!r}")
 
     run.train(step, sampler.n, evaluate=validate, samples=samples, patience=cfg.early_stop_patience)
-    best = run.state["best_val"] if math.isfinite(run.state["best_val"]) else None
-    return run.finish({"stopped_early": run.step < cfg.optim.max_steps, "params": n_params, "vocab_size": len(tok),
-                       "train_tokens_seen": run.state["tokens_seen"], "best_val_loss": best,
-                       "val_ppl": math.exp(best) if best is not None else None, "unigram_val_ppl": floor_ppl},
-                      f"best val ppl {math.exp(best) if best is not None else float('nan'):.2f} "
-                      f"(unigram floor {floor_ppl:.1f})")
+    ppl = math.exp(run.best_val) if run.best_val is not None else None
+    return run.finish({"stopped_early": run.step < cfg.optim.max_steps, "params": n_params,
+                       "vocab_size": len(tok), "train_tokens_seen": run.state["tokens_seen"],
+                       "best_val_loss": run.best_val, "val_ppl": ppl, "unigram_val_ppl": floor_ppl},
+                      f"best val ppl {ppl or float('nan'):.2f} (unigram floor {floor_ppl:.1f})")

@@ -25,7 +25,7 @@ from rlhfkit.models.factory import build_model, count_params, get_tokenizer
 from rlhfkit.train import driver
 from rlhfkit.train.pretrain import sample_texts
 from rlhfkit.utils.distributed import Dist
-from rlhfkit.utils.logging import MetricLogger  # noqa: F401  the class the driver logs with (tests hook its log here)
+from rlhfkit.utils.logging import MetricLogger  # noqa: F401  (tests hook MetricLogger.log here)
 from rlhfkit.utils.runtime import seed_everything
 
 
@@ -71,10 +71,10 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     n_params = count_params(model)
     bs, global_bs = cfg.optim.batch_size, run.global_bs
     n_resp = sum(len(x) - n for x, n in train_set)
+    header = (f"{n_params / 1e6:.2f}M params, {len(train_set)} train / {len(val)} val pairs ({n_resp} "
+              f"response tokens per epoch), global batch {global_bs}")
     # final/ is the best validation model; MFU counted at half the longest sequence.
-    model = run.start(model, tok, f"{n_params / 1e6:.2f}M params, {len(train_set)} train / {len(val)} val pairs "
-                      f"({n_resp} response tokens per epoch), global batch {global_bs}",
-                      select="loss/val", seq_len=cfg.data.max_len // 2)
+    model = run.start(model, tok, header, select="loss/val", seq_len=cfg.data.max_len // 2)
 
     def step() -> driver.Step:
         # The global batch at pos; normalise by its total response tokens (see module docstring).
@@ -96,15 +96,16 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     def samples(step: int) -> None:
         prompts = [_as_prompt(tok, p, cfg.data.template) for p in cfg.sample_prompts]
         chat = cfg.data.template == "chat"  # the rendered template has its own markers, no BOS
-        for p, s in zip(cfg.sample_prompts, sample_texts(dist.unwrap(model), tok, prompts, add_special_tokens=not chat)):
+        outs = sample_texts(dist.unwrap(model), tok, prompts, add_special_tokens=not chat)
+        for p, s in zip(cfg.sample_prompts, outs):
             run.logger.log_text(f"sample/{p}", s, step)
             run.logger.write(f"  {p!r} -> {s!r}")
 
     run.train(step, len(train_set), evaluate=validate, samples=samples)
-    best = run.state["best_val"] if math.isfinite(run.state["best_val"]) else None
+    best = run.best_val
     return run.finish({"params": n_params, "train_pairs": len(train_set), "val_pairs": len(val),
                        "best_val_loss": best, "val_ppl": math.exp(best) if best is not None else None},
-                      f"best val loss {run.state['best_val']:.4f}")
+                      f"best val loss {best if best is not None else math.inf:.4f}")
 
 
 def _as_prompt(tok: Any, prompt: str, template: str) -> str:
