@@ -31,6 +31,7 @@ import torch
 
 from rlhfkit.errors import TrainingError
 from rlhfkit.models.factory import count_params, lr_lambda, make_optimizer
+from rlhfkit.rl.common import should_stop  # Ctrl-C / SIGTERM / time limit, agreed by every process
 from rlhfkit.utils.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -59,13 +60,6 @@ class Step:
     loss: float
     stats: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
-
-
-def should_stop(dist: Dist, stop: GracefulStop, t_start: float, max_minutes: float) -> bool:
-    """Ctrl-C / SIGTERM or past the time limit, agreed by every process: one may see the signal or the
-    clock a step later than another, and processes stopping at different steps would wait forever."""
-    local = bool(stop.requested) or bool(max_minutes and time.time() - t_start > max_minutes * 60)
-    return dist.sum(float(local)) > 0 if dist.world > 1 else local
 
 
 def setup(stage: str, cfg: Any, precision: str = "fp32") -> Run:
