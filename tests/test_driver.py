@@ -50,3 +50,17 @@ def test_final_is_the_best_model_and_patience_counts_evaluations(corpus, tmp_pat
     assert not all(torch.equal(final[k], at[4][k]) for k in final)  # ...not the last ones
     assert [r["loss/val"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss/val" in r] == \
         pytest.approx([3.0, 2.0, 2.5, 2.0])
+
+
+def test_measuring_the_cpu_peak_draws_nothing_from_the_training_rng(tmp_path, monkeypatch):
+    """A run measures the CPU's peak FLOP/s once per machine (then reads its cache): the first run on a
+    fresh machine must draw the same dropout stream as every later one, or a resume is not exact."""
+    from rlhfkit.utils import runtime
+
+    monkeypatch.setenv("RLHFKIT_DATA_DIR", str(tmp_path))  # nothing cached: it measures
+    monkeypatch.setattr(runtime, "_CPU_PEAK", {})
+    torch.manual_seed(0)
+    assert runtime.peak_flops(torch.device("cpu")) > 0
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4))
