@@ -97,7 +97,8 @@ def cpu_peak_flops() -> float:
     name = f"{key[0]}|{key[1]}"
     if name not in table:
         n = 1024
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        g = torch.Generator().manual_seed(0)  # not the global RNG: measuring must not move a run's stream
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         for _ in range(3):
             a @ b
         best = 0.0
