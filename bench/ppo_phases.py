@@ -31,8 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = script_config(ap, args, "ppo", "ppo_phases")
 
-    from rlhfkit.models import cpu_alloc
-    from rlhfkit.rl import ppo
+    from rlhfkit.accel import cpu_alloc
+    from rlhfkit.rl import driver, ppo
 
     if args.pool_mb:
         cpu_alloc.POOL_CAP = args.pool_mb << 20
@@ -51,9 +51,9 @@ def main() -> None:
             return out
         return wrapper
 
-    for name, label in (("reference_logprobs", "reference forward"), ("completion_values", "critic forward"),
-                        ("completion_logprobs", "policy replay")):
-        setattr(ppo, name, timed(label, getattr(ppo, name)))
+    for name, label in (("ref_logprobs", "reference forward"), ("values", "critic forward"),
+                        ("logprobs", "policy replay")):
+        setattr(driver.RLRun, name, timed(label, getattr(driver.RLRun, name)))
     backward = torch.Tensor.backward
 
     def timed_backward(loss: torch.Tensor, *a, **k):  # the value loss is vf_coef * vl: a MulBackward

@@ -130,10 +130,10 @@ def main() -> None:
                      "call_s_64": time_reward_call(s["model"], probe), "model": s["model"]})
         print(json.dumps(rows[-1]), flush=True)
 
-    lines = [f"Held-out movie snippets: {len(items)} (10% of 10,605 by item hash, split_seed 0); "
-             f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}", "",
-             "| reward model | Pearson r | Spearman | pair acc (gap >= 1) | ECE | train time | "
-             "64-completion call fp32 / bf16 |",
+    lines = [(f"Held-out movie snippets: {len(items)} (10% of 10,605 by item hash, split_seed 0); "
+             f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}"), "",
+             ("| reward model | Pearson r | Spearman | pair acc (gap >= 1) | ECE | train time | "
+             "64-completion call fp32 / bf16 |"),
              "|---|---|---|---|---|---|---|",
              f"| VADER lexicon (compound) | {vader_r:.3f} | | | | | |",
              f"| one human rater vs mean of the others | {human_r:.3f} | | | | | |"]

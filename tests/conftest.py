@@ -68,8 +68,20 @@ def chromium() -> str:
         pytest.skip("RLHFKIT_SKIP_BROWSER=1")
     if not os.access(CHROMIUM, os.X_OK):
         setup = Path(__file__).with_name("setup_browser.sh")
-        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=900, check=False)
         if proc.returncode != 0 or not os.access(CHROMIUM, os.X_OK):
             pytest.fail(f"no Chromium at {CHROMIUM} and {setup.name} could not install it:\n"
                         f"{proc.stderr[-2000:]}\n(set RLHFKIT_SKIP_BROWSER=1 to skip browser tests)")
     return CHROMIUM
+
+
+@pytest.fixture(autouse=True)
+def _kernels_back_on():
+    """A run with run.accel=off switches our kernels off for its process (accel.select); the next test
+    starts from the default again."""
+    yield
+    import sys
+
+    native = sys.modules.get("rlhfkit.accel.native")
+    if native is not None:
+        native.set_enabled(True)

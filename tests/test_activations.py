@@ -1,7 +1,8 @@
-"""Our CPU kernels (models/native.py, models/activations.py): the tanh-GELU and its derivative against
+"""Our CPU kernels (accel/native.py, accel/activations.py): the tanh-GELU and its derivative against
 float64, on contiguous and strided inputs; the decode-step epilogues against torch's ops; the autograd
 wiring, the fallback to torch's, and where the models use them."""
 import math
+import os
 import shutil
 import sys
 
@@ -9,10 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.models import activations as act
-from rlhfkit.models import native
+from rlhfkit.accel import activations as act
+from rlhfkit.accel import native
 
 C = math.sqrt(2 / math.pi)
+# Tests of our kernels themselves; with RLHFKIT_NATIVE=0 the fallback (torch's ops) is what runs, and
+# test_switched_off_it_is_torchs / test_a_failed_build_falls_back_with_the_reason test that instead.
+needs_kernels = pytest.mark.skipif(os.environ.get("RLHFKIT_NATIVE") == "0",
+                                   reason="RLHFKIT_NATIVE=0: our kernels are off")
 
 
 def gelu64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +43,12 @@ def test_the_kernel_is_built_where_a_compiler_is():
     a silent fallback would hide a broken build."""
     if not sys.platform.startswith("linux") or shutil.which("cc") is None:
         pytest.skip("no C compiler here: the fallback is tested below")
+    if os.environ.get("RLHFKIT_NATIVE") == "0":
+        pytest.skip("RLHFKIT_NATIVE=0: our kernels are off on purpose (the fallback is tested below)")
     assert act.native_status().startswith("on"), act.native_status()
 
 
+@needs_kernels
 @pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 70001])  # below, at and across the kernel's blocks
 def test_forward_and_backward_match_float64(n):
     x = inputs(n)
@@ -57,6 +65,7 @@ def test_forward_and_backward_match_float64(n):
     assert scaled_err(dx, torch.ops.aten.gelu_backward(dy, x, approximate="tanh").double()) < 4e-6
 
 
+@needs_kernels
 @pytest.mark.parametrize("n", [1, 4097, 70001])
 def test_activation_and_backward_in_one_pass_match_float64(n):
     """gelu_tanh_and_backward_ (replay's MLP backward): gelu(x) returned and dg * gelu'(x) in place, both
@@ -77,6 +86,7 @@ def test_activation_and_backward_in_one_pass_match_float64(n):
     torch.testing.assert_close(dg2, want, rtol=5e-7, atol=1e-7)
 
 
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 7, 1504])
 def test_backward_with_the_bias_gradient_in_one_pass(rows):
     """gelu_tanh_backward_colsum (the critic's MLP): dy * gelu'(x) as the plain kernel gives it, and its sum
@@ -88,6 +98,7 @@ def test_backward_with_the_bias_gradient_in_one_pass(rows):
     torch.testing.assert_close(colsum.double(), dx.double().sum(0), rtol=0, atol=2e-5 * rows ** 0.5)
 
 
+@needs_kernels
 def test_strided_inputs_are_read_in_place_with_the_same_values():
     """A micro-batch's rows of a time-major (T, B, F) record, as (N, n, F) views: the strided kernels
     give exactly the contiguous kernel's values, in a contiguous result (and into `out`)."""
@@ -156,6 +167,7 @@ def test_nan_and_inf_propagate():
     assert math.isnan(act.gelu_tanh_backward(torch.ones(3), x)[0])
 
 
+@needs_kernels
 def test_backward_in_place_and_strided_inputs():
     x = torch.randn(64, 300)[:, ::3]  # not contiguous
     dy = torch.randn(64, 100)
@@ -167,6 +179,7 @@ def test_backward_in_place_and_strided_inputs():
     torch.testing.assert_close(act.gelu_tanh_forward(x), act.gelu_tanh_forward(x.contiguous()), rtol=0, atol=0)
 
 
+@needs_kernels
 def test_autograd_gradients_equal_torchs():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 33, 64, generator=g) * 2).requires_grad_()
@@ -204,6 +217,7 @@ def test_switched_off_it_is_torchs(monkeypatch):
 
 def test_a_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
+    monkeypatch.delenv("RLHFKIT_NATIVE", raising=False)
     monkeypatch.setenv("RLHFKIT_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-here")
     if not sys.platform.startswith("linux"):
@@ -216,7 +230,7 @@ def test_a_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
 def test_gpt2_models_get_our_module_and_the_same_outputs():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhfkit.rl.common import use_fast_activations
+    from rlhfkit.accel.activations import use_fast_activations
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, activation_function="gelu_new",

@@ -1,4 +1,4 @@
-"""Our attention kernels for training passes (rl/fastdecode.py's _Attention, models/csrc/kernels.c's
+"""Our attention kernels for training passes (accel/fastdecode.py's _Attention, accel/csrc/kernels.c's
 rlhfkit_attention_forward / _backward) against torch's attention in float64: outputs and the gradients of
 qkv and of a shared prefix's keys and values, for causal self-attention, queries at the last positions
 only, prompt prefixes shared by groups of rows, padding masks (a pad query sees itself) and the
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.models import native
-from rlhfkit.rl.fastdecode import _fused_attention_ok, fused_attention
+from rlhfkit.accel import native
+from rlhfkit.accel.fastdecode import _fused_attention_ok, fused_attention
 
 pytestmark = pytest.mark.skipif(not _fused_attention_ok(torch.zeros(1), 16),
                                 reason=f"our kernels are off: {native.native_status()}")

@@ -103,10 +103,10 @@ def test_bool_and_list_flags():
 
 def test_cli_help_lists_every_flag_and_needs_no_torch():
     out = subprocess.run([sys.executable, "-c",
-                          "import sys; from rlhfkit.cli import main\n"
-                          "try: main(['pretrain', '--help'])\n"
-                          "except SystemExit: pass\n"
-                          "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH')"],
+                          ("import sys; from rlhfkit.cli import main\n"
+                           "try: main(['pretrain', '--help'])\n"
+                           "except SystemExit: pass\n"
+                           "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH')")],
                          capture_output=True, text=True, check=True).stdout
     assert "NO_TORCH" in out
     for name, *_ in C.iter_fields(C.PretrainConfig):

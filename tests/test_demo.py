@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-
 SMALL = ["--pretrain.optim.max_steps", "40", "--pretrain.optim.warmup_steps", "5",
          "--pretrain.log.eval_every", "20", "--pretrain.eval_sequences", "16",
          "--ppo.optim.max_steps", "3", "--ppo.rollout.prompts_per_step", "8", "--ppo.rollout.max_new_tokens", "8",

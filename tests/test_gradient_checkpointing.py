@@ -16,11 +16,15 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_grads(a, b):
+def assert_same_grads(a, b, rel: float = 1e-5):
+    """Each gradient within `rel` of its tensor's largest entry: an entry is a sum over positions of terms
+    of about that size, so reordering the sum (another kernel, another CPU) moves it by about
+    sqrt(positions) * 6e-8 of that size in fp32, not by a fraction of its own (possibly cancelled) value."""
     ga, gb = grads(a), grads(b)
     assert ga.keys() == gb.keys() and ga
     for n in ga:
-        assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-5), n
+        scale = float(gb[n].abs().max())
+        assert torch.allclose(ga[n], gb[n], atol=rel * scale + 1e-12, rtol=0), (n, float((ga[n] - gb[n]).abs().max()), scale)
 
 
 def is_checkpointing(model):
@@ -70,6 +74,8 @@ def test_rl_training_forward_is_unchanged(tiny_model, tiny_tokenizer):
         (lp.sum() - 0.1 * ent.sum()).backward()
         out.append(lp.detach())
     assert torch.allclose(out[0], out[1], atol=1e-5)
+    # The two routes sum in different orders (a shared prompt cache vs one pass): compare at fp32's
+    # rounding of sums over the 48 completion positions, relative to each gradient's scale.
     assert_same_grads(plain, ckpt)
 
 

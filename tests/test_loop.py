@@ -92,7 +92,7 @@ def test_human_round_waits_for_labels(policy_and_prompts, tmp_path):
     def person():
         try:
             answer_five()
-        except BaseException as e:  # surface it in the test, not only in the thread
+        except BaseException as e:  # noqa: BLE001  surface it in the test, not only in the thread
             errors.append(e)
 
     def answer_five():

@@ -1,4 +1,4 @@
-"""Replay (rl/fastdecode.py): a rollout's record of its own forward stands in for the first training
+"""Replay (accel/fastdecode.py): a rollout's record of its own forward stands in for the first training
 forward. Log-probabilities and gradients must equal a fresh forward's (to float rounding) for GPT-2 and
 Llama, with left padding, groups, micro-batches of any rows, partial records and early stops; a record
 must never be used once the weights changed or its memory went to a newer rollout."""
@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.rl import fastdecode
-from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs, generate
+from rlhfkit.accel import fastdecode
+from rlhfkit.accel import logprobs as accel_logprobs
+from rlhfkit.rl.rollout import Sampler, SamplingParams, generate
 
 TEXTS = ["The movie was", "I think that this is", "Bad", "A truly wonderful and moving film about"]
 
@@ -48,7 +49,7 @@ def logprobs_and_grads(model, ro, parts, temperature=0.8):
     lps, ents = torch.zeros(ro.completion_ids.shape), torch.zeros(ro.completion_ids.shape)
     for idx in parts:
         part = ro.rows(idx)
-        lp, ent = completion_logprobs(model, part, temperature, with_entropy=True)
+        lp, ent = accel_logprobs(model, part, temperature, with_entropy=True)
         (lp * w[idx]).sum().backward()
         lps[idx], ents[idx] = lp.detach(), ent
     return lps, ents, [p.grad.clone() for p in model.parameters()]
@@ -70,12 +71,12 @@ def test_replay_equals_a_fresh_forward(which, request, tiny_tokenizer):
     assert ro.record is not None and plain.record is None
     assert ro.logz is not None and plain.logz is None  # replay scores against the sampler's normalisers
     assert torch.equal(ro.completion_ids, plain.completion_ids)  # recording does not change sampling
-    from rlhfkit.rl import rollout as rollout_mod
+    from rlhfkit.models import ops
 
     calls, logz_calls = [], []
-    real, real_logz = fastdecode.Record.replay, rollout_mod.logprobs_given_logz
+    real, real_logz = fastdecode.Record.replay, ops.logprobs_given_logz
     fastdecode.Record.replay = lambda self, r: calls.append(1) or real(self, r)
-    rollout_mod.logprobs_given_logz = lambda *a: logz_calls.append(1) or real_logz(*a)
+    ops.logprobs_given_logz = lambda *a: logz_calls.append(1) or real_logz(*a)
     try:
         B = ro.completion_ids.size(0)
         for parts in ([slice(0, B)],                                   # the whole batch
@@ -88,12 +89,12 @@ def test_replay_equals_a_fresh_forward(which, request, tiny_tokenizer):
         assert logz_calls  # and the sampler's log Z scored it (no second log-softmax)
     finally:
         fastdecode.Record.replay = real
-        rollout_mod.logprobs_given_logz = real_logz
+        ops.logprobs_given_logz = real_logz
     # And the sampling-time log-probabilities come back, and entropies with gradients (an entropy bonus)
     # take the full log-softmax: they equal the sampler's.
-    lp = completion_logprobs(model, ro, 0.8)[0]
+    lp = accel_logprobs(model, ro, 0.8)[0]
     assert torch.allclose(lp, ro.logprobs, atol=1e-5)
-    lp, ent = completion_logprobs(model, ro, 0.8, with_entropy=True, entropy_grad=True)
+    lp, ent = accel_logprobs(model, ro, 0.8, with_entropy=True, entropy_grad=True)
     assert ent.requires_grad and torch.allclose(ent.detach(), ro.entropy, atol=1e-5)
 
 
@@ -133,7 +134,7 @@ def saved_bytes(model, ro, rows):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        completion_logprobs(model, ro.rows(rows), 0.8)
+        accel_logprobs(model, ro.rows(rows), 0.8)
     return sum(kept.values())
 
 
@@ -166,7 +167,7 @@ def test_gpt2_replay_takes_the_rollouts_attention_outputs(gpt2, tiny_tokenizer, 
     one-call decode step): the lean replay's backward then runs no attention forward, with the gradients
     of a fresh forward, on left-padded prompts, groups and micro-batches of any rows. A rollout whose steps
     ran elsewhere (not the one-call step) records none and replay computes the attention again."""
-    from rlhfkit.models import native
+    from rlhfkit.accel import native
 
     if native.lib() is None or native.sgemm_address() is None:
         pytest.skip(f"no one-call decode step here (our kernels: {native.native_status()})")
@@ -189,10 +190,17 @@ def test_gpt2_replay_takes_the_rollouts_attention_outputs(gpt2, tiny_tokenizer, 
     assert not rollout(gpt2, tiny_tokenizer).record.attn_ok
 
 
-def test_record_is_not_used_after_the_weights_change(gpt2, tiny_tokenizer):
+@pytest.mark.parametrize("optimizer", ["production", "adamw-foreach", "sgd"])
+def test_record_is_not_used_after_the_weights_change(optimizer, gpt2, tiny_tokenizer):
+    from rlhfkit.config import OptimConfig
+    from rlhfkit.models.factory import make_optimizer
+
     ro = rollout(gpt2, tiny_tokenizer)
-    opt = torch.optim.SGD(gpt2.parameters(), lr=0.5)
+    opt = {"production": lambda: make_optimizer(gpt2, OptimConfig(lr=0.5)),  # fused AdamW: no _version bumps
+           "adamw-foreach": lambda: torch.optim.AdamW(gpt2.parameters(), lr=0.5, foreach=True),
+           "sgd": lambda: torch.optim.SGD(gpt2.parameters(), lr=0.5)}[optimizer]()
     logprobs_and_grads(gpt2, ro, [slice(0, 12)])
+    assert ro.record.usable(gpt2)
     opt.step()  # new weights: the record describes the old ones
     assert not ro.record.usable(gpt2) and not ro.rows(slice(0, 6)).record.usable(gpt2)
     plain = ro.rows(slice(0, 12))

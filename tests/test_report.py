@@ -10,9 +10,8 @@ def test_report_of_a_multi_stage_run(tmp_path):
     ppo = tmp_path / "ppo"
     ppo.mkdir()
     with open(ppo / "metrics.jsonl", "w") as f:
-        for s in range(1, 11):
-            f.write(json.dumps({"step": s, "rollout/reward_mean": 0.1 * s, "kl/mean": 0.01 * s,
-                                "loss/policy": 1.0 / s, "perf/tokens_per_s": 1000.0}) + "\n")
+        f.writelines(json.dumps({"step": s, "rollout/reward_mean": 0.1 * s, "kl/mean": 0.01 * s,
+                                "loss/policy": 1.0 / s, "perf/tokens_per_s": 1000.0}) + "\n" for s in range(1, 11))
     (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 12.5, "kl_mean": 0.05}))
     ev = {"judge_positive_rate_before": {"mean": 0.3, "low": 0.2, "high": 0.4},
           "judge_positive_rate_after": {"mean": 0.7, "low": 0.6, "high": 0.8},

@@ -6,8 +6,13 @@ import math
 import pytest
 import torch
 
-from rlhfkit.train.reward_losses import (bradley_terry_loss, ranking_loss, ranking_pair_indices,
-                                         ranking_to_pairs, regression_loss)
+from rlhfkit.train.reward_losses import (
+    bradley_terry_loss,
+    ranking_loss,
+    ranking_pair_indices,
+    ranking_to_pairs,
+    regression_loss,
+)
 
 
 def sig(x: float) -> float:

@@ -1,4 +1,5 @@
-"""rl/common.py's clip_and_step against torch's clip_grad_norm_ + optimizer.step()."""
+"""The accelerated clip_and_step (rlhfkit.accel) against torch's clip_grad_norm_ + optimizer.step(), which is
+rl/common.py's plain one."""
 from __future__ import annotations
 
 import math
@@ -6,8 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.models import native
-from rlhfkit.rl.common import clip_and_step
+from rlhfkit.accel import clip_and_step, native
 
 
 def _net() -> torch.nn.Module:

@@ -6,6 +6,7 @@ The rule is `rule:vowels` (the fraction of letters that are vowels): a random 2-
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,12 @@ def test_ppo_logs_every_metric_and_samples(setup, tmp_path):
     assert rows[0]["rollout/score_mean"] < rows[0]["rollout/reward_mean"]
     samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 3] and samples[0]["text"].startswith("| prompt | completion")
-    # The reference's prompt cache: steps 1 and 2 draw the 16 prompts once each, step 3 starts the next epoch.
-    assert [r["perf/ref_cache_hit_frac"] for r in rows] == [0.0, 0.0, 1.0]
+    # The reference's prompt cache (accelerated path): steps 1 and 2 draw the 16 prompts once each, step 3
+    # starts the next epoch.
+    if os.environ.get("RLHFKIT_ACCEL", "").lower() != "off":
+        assert [r["perf/ref_cache_hit_frac"] for r in rows] == [0.0, 0.0, 1.0]
+    else:
+        assert all("perf/ref_cache_hit_frac" not in r for r in rows)
 
 
 @pytest.mark.parametrize("algo,cls", [("ppo", PPOConfig), ("grpo", GRPOConfig)])
@@ -134,7 +139,7 @@ def nan_reward_after_two_steps(prompts, completions):
 
 
 def test_nan_loss_stops(setup, tmp_path, monkeypatch):
-    import rlhfkit.rl.ppo as ppo
+    from rlhfkit.rl import ppo
 
     policy, prompts = setup
     cfg = rl_cfg(PPOConfig, policy, prompts, tmp_path / "nanloss", **{

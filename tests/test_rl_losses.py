@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController
-from rlhfkit.rl.losses import (aggregate, clipped_surrogate, dpo_loss, explained_variance, kl_penalty,
-                               policy_loss, reinforce_loss, sequence_policy_loss, value_loss)
+from rlhfkit.rl.losses import (
+    aggregate,
+    clipped_surrogate,
+    dpo_loss,
+    explained_variance,
+    kl_penalty,
+    policy_loss,
+    reinforce_loss,
+    sequence_policy_loss,
+    value_loss,
+)
 
 E = math.e
 
@@ -195,7 +204,7 @@ def test_token_logprobs_in_one_pass_equal_torch_log_softmax():
     against torch's log_softmax in float64 on a strided view (as the reference's time-major logits are),
     peaked rows and a vocabulary that is not a multiple of the vector width; out-of-range ids fall back to
     torch (which raises), and logits with gradients keep autograd's path."""
-    from rlhfkit.models import native
+    from rlhfkit.accel import native
     from rlhfkit.models.ops import gather_logprobs
 
     if not native.native_status().startswith("on"):
@@ -230,7 +239,7 @@ def test_logprobs_given_logz_backward_in_one_pass_equals_torch_ops(temperature, 
     """The logits' gradient of logprobs_given_logz in one pass of ours (native.logz_backward) against the
     torch ops it replaces, on a strided view of a 2,051-entry vocabulary (and on some rows of it: a
     micro-batch of a time-major record), with the gradient laid out as the view is (no copy downstream)."""
-    from rlhfkit.models import native
+    from rlhfkit.accel import native
     from rlhfkit.models.ops import logprobs_given_logz
 
     if not native.native_status().startswith("on"):

@@ -7,9 +7,17 @@ import copy
 import pytest
 import torch
 
-from rlhfkit.rl import fastdecode
-from rlhfkit.rl.rollout import (HFDecoder, SamplingParams, completion_logprobs, generate, left_pad, sample,
-                                sample_next, stream)
+from rlhfkit.accel import fastdecode
+from rlhfkit.rl.rollout import (
+    HFDecoder,
+    SamplingParams,
+    completion_logprobs,
+    generate,
+    left_pad,
+    sample,
+    sample_next,
+    stream,
+)
 
 
 @pytest.fixture
@@ -69,8 +77,8 @@ def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(bud
     takes torch's ops. All three give the same logits, KV cache and recorded layer outputs. The one-call
     step runs both ways of splitting its products between threads (its own column split, native.split_cols,
     and the BLAS's threads) at two threads, where the split and the attention's row tasks are shared out."""
-    from rlhfkit.models import native
-    from rlhfkit.models.native import native_status
+    from rlhfkit.accel import native
+    from rlhfkit.accel.native import native_status
 
     if not native_status().startswith("on"):
         pytest.skip(f"our kernels are {native_status()}")
@@ -128,7 +136,7 @@ def test_the_one_call_step_checks_the_sgemm_it_calls():
     import ctypes
     from pathlib import Path
 
-    from rlhfkit.models import native
+    from rlhfkit.accel import native
 
     if not native.native_status().startswith("on"):
         pytest.skip(f"our kernels are {native.native_status()}")
@@ -230,7 +238,7 @@ def test_plain_sampling_in_one_pass_of_ours_equals_torchs_ops(temperature, monke
     """Plain sampling (no top-k / top-p) runs in one pass of ours (native.sample_rows) where our kernels are
     built: the same tokens at the same uniforms, and the log-probs, log Z and entropies to float rounding
     (both within 5e-5 of float64 values of up to about 70)."""
-    from rlhfkit.models import native
+    from rlhfkit.accel import native
     from rlhfkit.rl import rollout
 
     if not native.native_status().startswith("on"):
@@ -336,7 +344,10 @@ def test_completion_values_and_logprobs_are_those_of_one_full_forward(tiny_gpt2,
 @pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gqa_llama"])
 def test_no_grad_logprobs_take_our_forward_and_match_hf(which, n, request, tiny_tokenizer, monkeypatch):
     """A reference model's log-probs (no gradients, single samples or groups, left padding) run through
-    fastdecode.forward_logits; they equal HF's forward (the path with gradients) and the sampler's."""
+    fastdecode.forward_logits (the accelerated path's); they equal HF's forward (the path with gradients)
+    and the sampler's."""
+    from rlhfkit import accel
+
     model = request.getfixturevalue(which)
     ro = generate(model, tiny_tokenizer, prompts_ids(tiny_tokenizer), SamplingParams(max_new_tokens=7), n=n)
     assert not bool(ro.prompt_mask.all())  # left padding exercised
@@ -345,11 +356,11 @@ def test_no_grad_logprobs_take_our_forward_and_match_hf(which, n, request, tiny_
     monkeypatch.setattr(fastdecode, "forward_logits", lambda m, r: calls.append(1) or real(m, r))
     monkeypatch.setattr(fastdecode, "_fused_linear_gelu", lambda *a: fused.append(1) or real_fused(*a))
     with torch.no_grad():
-        lp_fast, ent_fast = completion_logprobs(model, ro, with_entropy=True)
+        lp_fast, ent_fast = accel.logprobs(model, ro, with_entropy=True)
     assert calls == [1]
     if which == "tiny_gpt2" and fastdecode._fused_gelu_ok(lp_fast):  # GPT-2's matmul + GELU fused
         assert len(fused) == 2 * model.config.n_layer  # every layer, prompt and completion passes
-    lp_hf, ent_hf = completion_logprobs(model, ro, with_entropy=True)  # with gradients: HF's forward
+    lp_hf, ent_hf = accel.logprobs(model, ro, with_entropy=True)  # with gradients: HF's forward
     assert calls == [1]
     assert torch.allclose(lp_fast, lp_hf.detach(), atol=1e-5)
     assert torch.allclose(ent_fast, ent_hf, atol=1e-5)
@@ -357,7 +368,7 @@ def test_no_grad_logprobs_take_our_forward_and_match_hf(which, n, request, tiny_
     if which == "tiny_gpt2":  # the fusion without our kernels: oneDNN's linear with the GELU inside
         monkeypatch.setattr(fastdecode, "native_ok", lambda *t: False)
         with torch.no_grad():
-            lp_onednn, _ = completion_logprobs(model, ro, with_entropy=True)
+            lp_onednn, _ = accel.logprobs(model, ro, with_entropy=True)
         assert torch.allclose(lp_onednn, lp_hf.detach(), atol=1e-5)
 
 
@@ -398,11 +409,14 @@ def test_reference_prompt_cache_skips_seen_prompts_and_gives_the_same_logprobs(w
     assert torch.allclose(sub_cached, sub_plain, atol=1e-5), (sub_cached - sub_plain).abs().max()
 
     # Changed weights: every entry is dropped, and the log-probs are the new model's.
+    from rlhfkit.utils import weights
+
     cache = fastdecode.cache_prompts(model, 64)
     with torch.no_grad():
         reference_logprobs(model, model, ro, 1.0, 8)
         for p in model.parameters():
             p.mul_(1.1)
+        weights.changed()  # a write of weights outside an optimizer step says so (utils/weights.py)
         fastdecode.cache_prompts(model, 0)
         plain_new = reference_logprobs(model, model, ro, 1.0, 8)
         fastdecode._CACHES[model] = cache
@@ -427,13 +441,13 @@ def test_reference_prompt_cache_skips_seen_prompts_and_gives_the_same_logprobs(w
 
 def test_gpt2_critic_runs_our_blocks_with_the_gradients_of_its_own_forward(tiny_gpt2, tiny_tokenizer,
                                                                            monkeypatch):
-    """completion_values of a GPT-2 critic in training (no dropout) takes fastdecode.backbone_hidden, which
+    """The accelerated completion_values of a GPT-2 critic in training (no dropout) takes fastdecode.backbone_hidden, which
     skips the last block's work at the prompt positions: values and every parameter's gradient equal those
     of the critic's own (HF) forward, with left padding."""
-    from rlhfkit.models.heads import ScalarHeadModel
-    from rlhfkit.rl.rollout import completion_values
-
     from transformers import GPT2LMHeadModel
+
+    from rlhfkit.accel import values as completion_values
+    from rlhfkit.models.heads import ScalarHeadModel
 
     cfg = copy.deepcopy(tiny_gpt2.config)
     cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0  # training mode without dropout

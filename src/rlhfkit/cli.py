@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from rlhfkit import __version__
 from rlhfkit.errors import RLHFKitError
@@ -31,10 +31,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
             "DPOConfig", "rlhfkit.train.dpo:train"),
     "eval": ("evaluate a policy vs its reference: proxy/gold reward, judge, KL, win rate, diversity",
              "EvalConfig", "rlhfkit.eval.evaluate:evaluate"),
-    "loop": ("rounds of generate -> feedback (simulated or people in the web app) -> reward model -> RL -> "
-             "eval", "LoopConfig", "rlhfkit.loop:run"),
-    "demo": ("the whole pipeline offline in minutes: pretrain -> reward models on human ratings -> PPO -> "
-             "eval -> report", "DemoConfig", "rlhfkit.demo:run"),
+    "loop": ("rounds of generate -> feedback (simulated or people in the web app) -> reward model -> RL -> eval",
+             "LoopConfig", "rlhfkit.loop:run"),
+    "demo": (("the whole pipeline offline in minutes: pretrain -> reward models on human ratings -> PPO -> "
+              "eval -> report"), "DemoConfig", "rlhfkit.demo:run"),
     "serve": ("serve a model: OpenAI-compatible API with streaming, and a chat page that collects feedback",
               "ServeConfig", "rlhfkit.serve.server:serve"),
 }
@@ -74,7 +74,7 @@ def _usage() -> str:
 def run_stage(name: str, argv: list[str]) -> int:
     from rlhfkit import config
 
-    helptext, cls_name, target = STAGES[name]
+    _, cls_name, target = STAGES[name]
     cls = getattr(config, cls_name)
     cfg = config.parse_config(cls, argv, prog=f"rlhfkit {name}")
     _load(target)(cfg)

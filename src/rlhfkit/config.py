@@ -18,13 +18,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
 from rlhfkit.errors import ConfigError
 
-__all__ = ["ConfigError", "opt", "section", "parse_config", "from_dict", "to_dict", "to_yaml"]
+__all__ = ["ConfigError", "from_dict", "opt", "parse_config", "section", "to_dict", "to_yaml"]
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -164,6 +164,12 @@ class RunConfig:
                 "mapped on its own, freed ones pooled up to 256 MB; lower peak RSS than glibc's heap at the "
                 "same speed; built at first use with c++), system = torch's default, auto = caching on CPU "
                 "where it can be built, else system")
+    accel: Literal["auto", "off"] = opt(
+        "auto", "speed-ups of the RL stages and DPO: auto = each where it applies (our C kernels, our decoders "
+                "for GPT-2 and Llama, replay of the sampling forward, the reference's prompt cache, our CPU "
+                "allocator), all computing what the plain path computes to float rounding; off = plain "
+                "PyTorch/transformers. The environment variable RLHFKIT_ACCEL overrides it. The run header "
+                "says which parts are on and why")
     resume: bool = opt(True, "continue from the newest checkpoint in run_dir if there is one")
     max_minutes: float = opt(0.0, "stop cleanly (with a checkpoint) after this much wall time; 0 = no limit")
 
@@ -525,27 +531,35 @@ def _rl_check(cfg: Any, stage: str) -> None:
                           "half-precision weights set model.dtype (bfloat16 / float16)")
 
 
-_RL_OPTIM = dict(lr=1e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999, batch_size=32,
-                 max_steps=200)
-_RL_LOG = dict(log_every=1, eval_every=20, save_every=50)
+_RL_OPTIM = {"lr": 1e-5, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "beta2": 0.999,
+             "batch_size": 32, "max_steps": 200}
+_RL_LOG = {"log_every": 1, "eval_every": 20, "save_every": 50}
 _OPTIM_HELP = ("optimizer and schedule; batch_size = completions per forward/backward micro-batch "
                "(one optimizer step covers the whole rollout batch)")
 
 
 @dataclass
-class GRPOConfig:
-    """GRPO (Shao et al. 2024): group-relative advantages, clipped surrogate, KL to a reference in the loss."""
+class RLConfig:
+    """The sections of every online RL stage; each stage below adds its own fields (and its defaults)."""
 
     model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
     data: PromptDataConfig = section(PromptDataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
     reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
-    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (added to the loss per token)",
-                           coef=0.0, estimator="k3", ref_cache_mb=0.0)
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
+                                     "over the completion)", ref_cache_mb=0.0)
     optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
     log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
     run: RunConfig = section(RunConfig, "seed, device and run control")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO (Shao et al. 2024): group-relative advantages, clipped surrogate, KL to a reference in the loss."""
+
+    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (added to the loss per token)",
+                           coef=0.0, estimator="k3", ref_cache_mb=0.0)
     clip: float = opt(0.2, "PPO-style clip range of the probability ratio")
     clip_high: float = opt(0.0, "upper clip range if different from clip (DAPO uses 0.28); 0 = clip")
     scale_rewards: Literal["group", "batch", "none"] = opt(
@@ -567,19 +581,9 @@ class GRPOConfig:
 
 
 @dataclass
-class RLOOConfig:
+class RLOOConfig(RLConfig):
     """RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline over the group, KL in the reward."""
 
-    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
-    rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
-    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
-    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
-                                     "over the completion)", ref_cache_mb=0.0)
-    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
-    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
-    run: RunConfig = section(RunConfig, "seed, device and run control")
     clip: float = opt(0.2, "clip range of the sequence-level probability ratio")
     normalize_advantages: bool = opt(False, "divide advantages by their std over the batch")
 
@@ -591,20 +595,11 @@ class RLOOConfig:
 
 
 @dataclass
-class REINFORCEConfig:
+class REINFORCEConfig(RLConfig):
     """REINFORCE (Williams 1992) with a batch-mean baseline and the KL penalty in the reward."""
 
-    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions", prompts_per_step=32,
                                      samples_per_prompt=2)
-    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
-    kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
-                                     "over the completion)", ref_cache_mb=0.0)
-    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
-    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
-    run: RunConfig = section(RunConfig, "seed, device and run control")
     baseline: Literal["mean", "none"] = opt("mean", "subtract the batch-mean reward (lower variance, same "
                                                     "expected gradient up to O(1/batch)) or nothing")
     normalize_advantages: bool = opt(False, "divide advantages by their std over the batch")
@@ -614,20 +609,13 @@ class REINFORCEConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RLConfig):
     """PPO for language models (Ziegler et al. 2019, Ouyang et al. 2022): actor + critic, per-token KL in
     the reward, GAE, clipped policy and value losses, several epochs of minibatches per rollout."""
 
-    model: ModelConfig = section(ModelConfig, "policy to start from (name_or_path is required)")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer; empty path = the model's own")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions", prompts_per_step=64,
                                      samples_per_prompt=1)
-    reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
     kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (a per-token reward)")
-    optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
-    log: LogConfig = section(LogConfig, "metrics, checkpoints and output directory", **_RL_LOG)
-    run: RunConfig = section(RunConfig, "seed, device and run control")
     critic: str = opt("", "critic (value model) to start from: a ScalarHeadModel directory (e.g. a trained "
                           "reward model); empty = a copy of the policy's backbone with a zero-init head")
     gamma: float = opt(1.0, "discount per token")
@@ -1184,7 +1172,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         top = name.split(".")[0]
         g = groups.get(top, parser) if "." in name else parser
         helptext = f.metadata.get("help", "")
-        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=helptext)
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": helptext}
         origin = get_origin(tp)
         if tp is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")

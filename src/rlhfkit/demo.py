@@ -148,10 +148,10 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     print("\n".join([
         "", "== rlhfkit demo: done",
         f"pretrained LM      val perplexity {summary['val_ppl']:.1f} (unigram floor {summary['unigram_val_ppl']:.1f})",
-        f"reward model       Pearson r {summary['rm_pearson_heldout']:.3f} with the human mean on held-out movie "
-        f"snippets (gold RM: {summary['rm_gold_pearson_heldout']:.3f})",
-        f"judge (VADER)      positive rate {_ci_str(ev['judge_positive_rate_before'])} -> "
-        f"{_ci_str(ev['judge_positive_rate_after'])}",
+        (f"reward model       Pearson r {summary['rm_pearson_heldout']:.3f} with the human mean on held-out "
+         f"movie snippets (gold RM: {summary['rm_gold_pearson_heldout']:.3f})"),
+        (f"judge (VADER)      positive rate {_ci_str(ev['judge_positive_rate_before'])} -> "
+         f"{_ci_str(ev['judge_positive_rate_after'])}"),
         f"gold reward        {_ci_str(ev['gold_reward_before'])} -> {_ci_str(ev['gold_reward_after'])}",
         f"proxy reward       {_ci_str(ev['proxy_reward_before'])} -> {_ci_str(ev['proxy_reward_after'])}",
         f"KL to pretrained   {_ci_str(ev['kl_mean'])} nats per completion",

@@ -62,7 +62,7 @@ def split_prompts(cfg: LoopConfig, root: Path) -> tuple[Any, Any]:
 
         texts = [t.replace("\n", " ") for t in load_prompts(cfg.prompts, get_tokenizer(TokenizerConfig(), cfg.policy)).texts]
         order = np.random.default_rng(cfg.seed).permutation(len(texts))
-        n_eval = max(1, int(round(cfg.eval_fraction * len(texts))))
+        n_eval = max(1, round(cfg.eval_fraction * len(texts)))
         eval_f.write_text("\n".join(texts[i] for i in order[:n_eval]) + "\n", encoding="utf-8")
         train_f.write_text("\n".join(texts[i] for i in order[n_eval:]) + "\n", encoding="utf-8")
     train_cfg, eval_cfg = copy.deepcopy(cfg.prompts), copy.deepcopy(cfg.eval.data)
@@ -77,7 +77,8 @@ def generate(cfg: LoopConfig, rd: Round, policy: str, prompt_cfg: Any) -> list[d
     from rlhfkit.config import TokenizerConfig
     from rlhfkit.models.factory import get_tokenizer, load_causal_lm
     from rlhfkit.rl.common import load_prompts
-    from rlhfkit.rl.rollout import SamplingParams, generate as sample
+    from rlhfkit.rl.rollout import SamplingParams
+    from rlhfkit.rl.rollout import generate as sample
 
     tok = get_tokenizer(TokenizerConfig(), policy)
     prompts = load_prompts(prompt_cfg, tok)
@@ -92,8 +93,7 @@ def generate(cfg: LoopConfig, rd: Round, policy: str, prompt_cfg: Any) -> list[d
     rows = [{"prompt": p, "completion": c, "model": policy, "round": rd.n}
             for p, c in zip(ro.prompts, ro.completions)]
     with open(rd.dir / "samples.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return rows
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -139,7 +140,7 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
 
     import rlhfkit
     from rlhfkit.config import to_dict
-    from rlhfkit.models import cpu_alloc
+    from rlhfkit.accel import cpu_alloc
 
     train = importlib.import_module(f"rlhfkit.rl.{algo}").train
     run_dir = workdir / f"ours_{algo}"
@@ -160,7 +161,7 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
         raise RuntimeError(f"expected {steps + 1} steps, saw {len(marks)}")
     timed = marks[1:]
     wall = timed[-1]["t"] - marks[0]["t"]
-    step_times = [b["t"] - a["t"] for a, b in zip(marks, marks[1:])]
+    step_times = [b["t"] - a["t"] for a, b in itertools.pairwise(marks)]
     n_samples = sum(m["samples"] for m in timed)
     n_tokens = sum(m["tokens"] for m in timed)
     med = statistics.median(step_times)
@@ -220,7 +221,7 @@ def load_harness(trl_dir: Path):
 
 def readme_hashes(trl_dir: Path) -> dict[str, str]:
     text = (trl_dir / "README.md").read_text(encoding="utf-8")
-    return {k: m.group(1) for k in ARTIFACT_KEYS if (m := re.search(rf"^{k}\s+([0-9a-f]{{64}})", text, re.M))}
+    return {k: m.group(1) for k in ARTIFACT_KEYS if (m := re.search(rf"^{k}\s+([0-9a-f]{{64}})", text, re.MULTILINE))}
 
 
 def trl_pythons(trl_dir: Path) -> tuple[str, str]:
@@ -257,7 +258,7 @@ def build_value_init(workdir: Path, seed: int) -> str:
 
 def _run(cmd: list[str], log: Path, env: dict | None = None) -> int:
     with open(log, "w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
 
 
 def run_ours(algo: str, args, workdir: Path) -> dict[str, Any]:
@@ -303,8 +304,8 @@ def summarize(rows: list[dict]) -> str:
                 "rew": f"{rs[0]['reward_first_step']:.4f} -> {rs[0]['reward_last_step']:.4f}",
                 "cpu": statistics.median(r.get("cpu_util") or 0 for r in rs)}
 
-    out = ["| trainer | side | runs | median s/step | samples/s | gen tok/s | peak RSS MB | reward first -> last "
-           "| cpu util |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [("| trainer | side | runs | median s/step | samples/s | gen tok/s | peak RSS MB | reward first -> last "
+            "| cpu util |"), "|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for algo in ALGOS:
         got = {}
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     py = ppo_py = ""
     if "trl" in sides:
         print("checking TRL virtualenvs (first build takes a few minutes)...", flush=True)
-        if subprocess.run(["bash", str(trl_dir / "setup_trl_venvs.sh")]).returncode:
+        if subprocess.run(["bash", str(trl_dir / "setup_trl_venvs.sh")], check=False).returncode:
             raise ConfigError(f"{trl_dir / 'setup_trl_venvs.sh'} failed")
         py, ppo_py = trl_pythons(trl_dir)
 
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     out = Path(a.out)
     t_start = time.time()
-    from rlhfkit.utils.runtime import cpu_model   # imports torch: only here, in the orchestrating process
+    from rlhfkit.utils.runtime import cpu_model  # imports torch: only here, in the orchestrating process
 
     machine = {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()}
     for rep in range(a.repeats):

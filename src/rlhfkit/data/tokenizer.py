@@ -9,7 +9,7 @@ so a packed corpus reads BOS doc BOS doc ... and the model learns to end a docum
 from __future__ import annotations
 
 import argparse
-from typing import Iterable
+from collections.abc import Iterable
 
 from rlhfkit.errors import ConfigError
 

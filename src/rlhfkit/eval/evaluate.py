@@ -51,12 +51,12 @@ def sample_all(model: torch.nn.Module, tok: Any, prompt_ids: list[list[int]], te
 @torch.no_grad()
 def sequence_kl(policy: torch.nn.Module, ref: torch.nn.Module, chunks: list, temperature: float) -> list[float]:
     """Per completion: sum_t log pi(y_t | ...) - log ref(y_t | ...), on the policy's own samples."""
-    from rlhfkit.rl.rollout import completion_logprobs
+    from rlhfkit.accel import logprobs  # our forward where it takes the model, else HF's
 
     out: list[float] = []
     for ro in chunks:
-        lp, _ = completion_logprobs(policy, ro, temperature)
-        lr, _ = completion_logprobs(ref, ro, temperature)
+        lp, _ = logprobs(policy, ro, temperature)
+        lr, _ = logprobs(ref, ro, temperature)
         out += ((lp - lr) * ro.completion_mask).sum(-1).tolist()
     return out
 

@@ -7,8 +7,8 @@ does not automatically fool it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 POSITIVE_THRESHOLD = 0.05
 

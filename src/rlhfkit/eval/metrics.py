@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from statistics import NormalDist
-from typing import Sequence
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> tuple[floa
     """Share of items where b beats a (ties count half), with a Wilson interval on the decisive count."""
     wins = sum(1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(scores_a, scores_b))
     n = len(scores_a)
-    rate, lo, hi = wilson_ci(int(round(wins)), n)
+    _, lo, hi = wilson_ci(round(wins), n)
     return (wins / n if n else math.nan), lo, hi
 
 

@@ -13,7 +13,7 @@ Pure numpy on scores and human ratings:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def sample_pairs(groups: Sequence[str], n: int, rng: np.random.Generator) -> tup
         if c < 2:
             continue
         idx = np.flatnonzero(groups == g)
-        k = int(round(n * c / len(groups)))
+        k = round(n * int(c) / len(groups))
         a, b = rng.integers(0, c, k), rng.integers(0, c - 1, k)
         b = b + (b >= a)  # never the same item
         a_all.append(idx[a])

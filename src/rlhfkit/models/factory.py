@@ -106,7 +106,6 @@ def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
 def get_tokenizer(tcfg: TokenizerConfig, model_path: str = "", texts: Any = None):
     """The tokenizer to use: tcfg.path, else the model's own, else train one on `texts`."""
     from rlhfkit.data.tokenizer import load_tokenizer, train_tokenizer
-
     from rlhfkit.models.zoo import resolve_model
 
     if tcfg.path:

@@ -38,7 +38,7 @@ class ScalarHeadModel(nn.Module):
         return self.backbone.config
 
     @classmethod
-    def from_causal_lm(cls, model: nn.Module, init_std: float = 0.0) -> "ScalarHeadModel":
+    def from_causal_lm(cls, model: nn.Module, init_std: float = 0.0) -> ScalarHeadModel:
         """Take the base of a causal LM (dropping its LM head) as the backbone."""
         return cls(model.base_model, init_std)
 
@@ -70,7 +70,7 @@ class ScalarHeadModel(nn.Module):
                   str(path / "scalar_head.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "ScalarHeadModel":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> ScalarHeadModel:
         from safetensors.torch import load_file
         from transformers import AutoModel
 

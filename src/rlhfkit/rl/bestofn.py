@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -76,8 +77,7 @@ def main(argv: list[str]) -> int:
     results = best_of_n(model, tok, prompts, load_reward(a.reward), a.n, params, chat=a.chat)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in results)
     mean_all = sum(sum(r["rewards"]) / len(r["rewards"]) for r in results) / len(results)
     mean_best = sum(r["reward"] for r in results) / len(results)
     for r in results[:10]:

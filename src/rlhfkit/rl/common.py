@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from rlhfkit.errors import ConfigError, DataError, TrainingError
-from rlhfkit.models import native
 from rlhfkit.utils.checkpoint import latest_checkpoint, save_model
 
 
@@ -88,26 +87,17 @@ def load_prompts(dcfg: Any, tok: Any) -> PromptSet:
 # ---------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------
-def use_fast_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap GPT-2's tanh-GELU modules (transformers' Python NewGELUActivation: six elementwise kernels,
-    each output kept for backward; or its GELUTanh: torch's fused but slow kernel) for ours
-    (models/activations.py: one fast kernel forward and one backward, torch's where ours cannot be
-    built). The same function, equal to float rounding (~1e-6). The saved config is unchanged."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    from rlhfkit.models.activations import GELUTanh as FastGELUTanh
-
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if type(child) in (NewGELUActivation, GELUTanh):
-                setattr(mod, child_name, FastGELUTanh())
-    return model
-
-
-def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = True) -> torch.nn.Module:
+def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = True,
+                fast: bool = True) -> torch.nn.Module:
+    """A causal LM for an RL loop; `fast`: with our GELU modules (the accelerated path's)."""
     from rlhfkit.models.factory import load_causal_lm
 
-    model = use_fast_activations(load_causal_lm(path, dtype)).to(device)
+    model = load_causal_lm(path, dtype)
+    if fast:
+        from rlhfkit.accel.activations import use_fast_activations
+
+        model = use_fast_activations(model)
+    model = model.to(device)
     if trainable:
         model.train()
     else:
@@ -115,48 +105,43 @@ def load_policy(path: str, dtype: str, device: torch.device, trainable: bool = T
     return model
 
 
-def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device, ref_cache_mb: float = 0.0
+def policy_and_reference(mcfg: Any, kl_coef: float, device: torch.device, acc: Any = None
                          ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable policy (with LoRA adapters if model.lora_r > 0, gradient checkpointing if asked) and
-    the frozen reference it is penalised against, with a prompt cache of up to ref_cache_mb
-    (fastdecode.PromptCache). With LoRA the reference is the policy itself with its adapters disabled
+    the frozen reference it is penalised against, with a prompt cache of up to acc.ref_cache_mb
+    (fastdecode.PromptCache; `acc`: the run's accel.Accel; None: our modules, no cache). With LoRA the reference is the policy itself with its adapters disabled
     (`reference_logprobs`): the frozen base weights are shared, not copied, and there is no cache."""
     from rlhfkit.models.factory import apply_lora, enable_gradient_checkpointing
-    from rlhfkit.rl.fastdecode import cache_prompts
-
-    policy = load_policy(mcfg.name_or_path, mcfg.dtype, device)
+    fast = acc is None or acc.fast_decode
+    policy = load_policy(mcfg.name_or_path, mcfg.dtype, device, fast=fast)
     if mcfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if mcfg.lora_r:
         policy = apply_lora(policy, mcfg).train()
         return policy, None
-    ref = load_policy(mcfg.name_or_path, mcfg.dtype, device, trainable=False) if kl_coef else None
-    if ref is not None:
-        cache_prompts(ref, ref_cache_mb)
+    ref = load_policy(mcfg.name_or_path, mcfg.dtype, device, trainable=False, fast=fast) if kl_coef else None
+    if ref is not None and acc is not None and acc.ref_cache_mb:
+        from rlhfkit.accel.fastdecode import cache_prompts
+
+        cache_prompts(ref, acc.ref_cache_mb)
     return policy, ref
 
 
-def ref_cache_metrics(ref: torch.nn.Module | None) -> dict[str, float]:
-    """`perf/ref_cache_hit_frac`, the share of this step's prompts the reference found in its prompt
-    cache (kl.ref_cache_mb), where it has one; else nothing."""
-    from rlhfkit.rl.fastdecode import prompt_cache
-
-    cache = None if ref is None else prompt_cache(ref)
-    return {} if cache is None else {"perf/ref_cache_hit_frac": cache.hit_frac()}
-
-
 def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro: Any, temperature: float,
-                       batch_size: int) -> torch.Tensor:
+                       batch_size: int, logprobs: Any = None) -> torch.Tensor:
     """Log-probs (B, C) of the rollout's completions under the reference: the reference model, or (LoRA) the
-    policy with its adapters switched off. No gradients."""
+    policy with its adapters switched off. No gradients. `logprobs`: how to compute them (the run's
+    Accel.logprobs; default: the accelerated parts wherever they apply)."""
     from rlhfkit.models.factory import is_peft
-    from rlhfkit.rl.rollout import completion_logprobs
+
+    if logprobs is None:
+        from rlhfkit.accel import logprobs
 
     model = ref if ref is not None else policy
     off = policy.disable_adapter() if ref is None and is_peft(policy) else contextlib.nullcontext()
     B, G = len(ro.prompts), ro.group_size
     with torch.no_grad(), off:
-        return torch.cat([completion_logprobs(model, ro.rows(mb), temperature)[0]
+        return torch.cat([logprobs(model, ro.rows(mb), temperature)[0]
                           for mb in micro_batches(B, batch_size, G)])
 
 
@@ -170,34 +155,14 @@ def rollout_scores(reward_fn: Any, ro: Any, rcfg: Any,
     return raw, shape_scores(raw, ro.finished, ro.lengths, rcfg.missing_eos_penalty, rcfg.length_penalty)
 
 
-def sequence_rewards(dist: Any, reward_fn: Any, ro: Any, cfg: Any, policy: torch.nn.Module,
-                     ref: torch.nn.Module | None, temperature: float, kl_value: float, step: int,
-                     run_dir: Path) -> tuple[torch.Tensor, ...]:
-    """One reward per completion, as REINFORCE and RLOO use it: the (shaped) score minus kl_value times the
-    sequence KL to the reference (the per-token estimator cfg.kl.estimator summed over the completion; none
-    if cfg.kl.coef is 0). Gathered over the global batch; a NaN reward stops the run before any update.
-    Returns this rank's raw rewards, then the global raw rewards, scores, sequence KLs, lengths, finished
-    flags and rewards."""
-    from rlhfkit.rl.losses import kl_penalty
-
-    raw, scores = rollout_scores(reward_fn, ro, cfg.reward, dist.device)
-    seq_kl = torch.zeros(len(ro.prompts), device=dist.device)
-    if cfg.kl.coef:
-        ref_logprobs = reference_logprobs(policy, ref, ro, temperature, cfg.optim.batch_size)
-        seq_kl = (kl_penalty(ro.logprobs, ref_logprobs, cfg.kl.estimator) * ro.completion_mask).sum(-1)  # (b,)
-    all_raw, all_scores, all_kl, all_lengths, all_finished = global_rows(
-        dist, raw, scores, seq_kl, ro.lengths, ro.finished)
-    check_finite("reward", all_raw, step, run_dir)
-    return raw, all_raw, all_scores, all_kl, all_lengths, all_finished, all_scores - kl_value * all_kl
-
-
 # ---------------------------------------------------------------------------------------------------
 # Processes (see the module docstring)
 # ---------------------------------------------------------------------------------------------------
-def rl_dist(cfg: Any):
-    """The Dist of an RL stage (the step's prompts must split evenly over the processes), with the CPU
-    allocator that run.cpu_allocator asks for in place."""
-    from rlhfkit.models import cpu_alloc
+def rl_dist(cfg: Any) -> tuple[Any, Any]:
+    """The Dist of an RL stage (the step's prompts must split evenly over the processes) and the run's
+    accelerated path (accel.Accel, from run.accel), with the CPU allocator it asks for in place."""
+    from rlhfkit import accel
+    from rlhfkit.accel import cpu_alloc
     from rlhfkit.utils.distributed import Dist
 
     dist = Dist(cfg.run.device)
@@ -205,20 +170,22 @@ def rl_dist(cfg: Any):
     if U % dist.world:
         raise ConfigError(f"rollout.prompts_per_step={U} does not split over {dist.world} processes (each "
                           "process samples whole groups of the same number of prompts)")
-    dist.cpu_allocator = cpu_alloc.use(cfg.run.cpu_allocator, dist.device)
-    return dist
+    acc = accel.select(cfg, dist.device)
+    dist.cpu_allocator = cpu_alloc.use(acc.allocator, dist.device)
+    return dist, acc
 
 
-def allocator_note(dist: Any) -> str:
-    """The run header's word on run.cpu_allocator (CPU runs only)."""
+def run_note(dist: Any, acc: Any) -> str:
+    """The run header's word on the accelerated path and run.cpu_allocator (CPU runs only)."""
+    note = f"; {acc.header()}"
     if dist.device.type != "cpu":
-        return ""
-    from rlhfkit.models.cpu_alloc import NOT_IN_USE
+        return note
+    from rlhfkit.accel.cpu_alloc import NOT_IN_USE
 
     status = getattr(dist, "cpu_allocator", "")
     if status.startswith("on"):
-        return "; CPU allocator: ours (caching)"
-    return "; CPU allocator: torch's" + ("" if status == NOT_IN_USE else f" (ours is {status})")
+        return note + "; CPU allocator: ours (caching)"
+    return note + "; CPU allocator: torch's" + ("" if status == NOT_IN_USE else f" (ours is {status})")
 
 
 def step_uniforms(seed: int, step: int, n_rows: int, n_tokens: int) -> torch.Tensor:
@@ -281,29 +248,10 @@ def samples_table(prompts: list[str], completions: list[str], rewards: torch.Ten
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_(params, max_norm), then optimizer.step(); returns the gradient's norm
-    before clipping. The same update to float rounding, with less work:
-      * the norm is one pass of ours over every gradient (native.grad_norm), where torch takes one norm per
-        tensor and then their norm (torch's get_total_norm where our kernels are off);
-      * with torch's fused Adam / AdamW (make_optimizer's) the clip factor c goes into the step as its
-        grad_scale: the step's own pass divides each gradient by 1 / c, instead of a pass of its own
-        multiplying them by c first."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = native.grad_norm(grads)
-    if norm is None:
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    coef = max_norm / (norm + 1e-6)  # as clip_grad_norm_: no clipping at coef >= 1
-    fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused")
-    if fused and 0.0 < coef < 1.0 and len({g.device for g in grads}) == 1:
-        optimizer.grad_scale = torch.tensor(1.0 / coef, device=grads[0].device)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale
-        return norm
-    if not coef >= 1.0:  # also a NaN norm, which clip_grad_norm_ spreads to every gradient as well
-        torch._foreach_mul_(grads, coef)
+    before clipping. (The accelerated path's Accel.clip_and_step makes the same update with less work.)"""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
-    return norm
+    return float(norm)
 
 
 def micro_batches(n: int, size: int, group: int = 1) -> list[slice]:

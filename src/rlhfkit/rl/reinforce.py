@@ -1,158 +1,38 @@
 """REINFORCE: `rlhfkit reinforce` (Williams 1992, as revisited for LMs by Ahmadian et al. 2024).
 
-Each step: sample completions, reward = score - beta * KL to the frozen initial policy (k1, summed over the
-completion), advantage = reward - the batch-mean reward (baseline "mean") or the reward itself ("none"),
-and one step on -mean(A * log pi(completion)). No ratio, no clipping: every step is on-policy.
-
-The mean baseline leaves the expected gradient unchanged up to a 1/B term (it includes the sample's own
-reward) and cuts variance a lot; RLOO (rl/rloo.py) is the same estimator with a per-prompt leave-one-out
-baseline, which removes that term.
+Each step: reward = score - beta * KL to the frozen initial policy (summed over the completion),
+advantage = reward - the batch-mean reward (baseline "mean") or the reward itself ("none"), and one step on
+-mean(A * log pi(completion)). No ratio, no clipping: every step is on-policy. The mean baseline leaves the
+expected gradient unchanged up to a 1/B term (it includes the sample's own reward) and cuts variance;
+RLOO (rl/rloo.py) is the same estimator with a per-prompt leave-one-out baseline, which removes that term.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
-
-import torch
+from collections.abc import Callable
+from typing import Any
 
 from rlhfkit.config import REINFORCEConfig
-from rlhfkit.data.datasets import EpochSampler
-from rlhfkit.models.factory import count_params, get_tokenizer, lr_lambda, make_optimizer
-from rlhfkit.models.reward import load_reward
+from rlhfkit.rl import driver
 from rlhfkit.rl.advantages import normalize
-from rlhfkit.rl.common import (allocator_note, check_finite, clip_and_step, finish_run, load_prompts, micro_batches,
-                               mine, policy_and_reference, ref_cache_metrics, rl_dist, samples_table, sequence_rewards,
-                               should_stop, step_uniforms)
-from rlhfkit.rl.kl import make_kl_controller
 from rlhfkit.rl.losses import reinforce_loss
-from rlhfkit.rl.rollout import Sampler, SamplingParams, completion_logprobs
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint)
-from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, peak_rss_mb, quiet_hf, seed_everything,
-                                   set_threads, write_run_config)
+
+
+def update(run: driver.RLRun, b: driver.Batch) -> dict[str, float]:
+    cfg = run.cfg
+    rewards, all_kl = run.sequence_rewards(b)  # (B,): score - beta * sequence KL
+    advantages = rewards - rewards.mean() if cfg.baseline == "mean" else rewards
+    if cfg.normalize_advantages:
+        advantages = normalize(advantages)
+    advantages = run.mine(advantages)
+
+    def loss(seq_logprobs, adv):
+        return reinforce_loss(seq_logprobs, adv, normalizer=run.B), {}
+
+    stats = run.sequence_step(b, advantages, loss)
+    del stats["ppo/clipfrac"]  # nothing is clipped
+    return {**stats, "kl/mean": float(all_kl.mean())}
 
 
 def train(cfg: REINFORCEConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Run REINFORCE; returns a summary dict. `on_step(step, metrics)` is called after every optimizer step."""
-    t_start = time.time()
-    set_threads(cfg.run.threads)
-    quiet_hf()
-    dist = rl_dist(cfg)
-    device = dist.device
-    run_dir = default_run_dir("reinforce", cfg.log.run_dir)
-    if dist.is_main:
-        write_run_config(run_dir, cfg)
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
-
-    tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
-    prompts = load_prompts(cfg.data, tok)
-    reward_fn = load_reward(cfg.reward.spec, device)
-    U, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
-    B = U * G
-    params = SamplingParams.from_config(cfg.rollout)
-    order = EpochSampler(len(prompts.ids), cfg.run.seed)
-
-    seed_everything(cfg.run.seed)
-    policy, ref = policy_and_reference(cfg.model, cfg.kl.coef, device, cfg.kl.ref_cache_mb)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(policy, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
-    kl_ctl = make_kl_controller(cfg.kl)
-    step, pos = 0, 0
-    if ckpt is not None:
-        load_weights_into(policy, ckpt / "model")
-        state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl"])
-        step, pos = state["step"], state["pos"]
-    dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights
-
-    sampler = Sampler(policy, tok, cfg.rollout.backend, cfg.model.name_or_path, cfg.run.seed,
-                      cfg.rollout.replay_max_mb)
-    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="reinforce",
-                          is_main=dist.is_main)
-    logger.write(f"reinforce: {count_params(policy) / 1e6:.2f}M params, {len(prompts.ids)} prompts, {U} prompts x "
-                 f"{G} samples per step, reward {cfg.reward.spec}, KL coef {kl_ctl.value}, {dist.world} process(es) on {device}{allocator_note(dist)}"
-                 + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
-    saved_step, history = step, []
-
-    def checkpoint() -> None:
-        nonlocal saved_step
-        saved_step = step
-        if dist.is_main:
-            save_checkpoint(run_dir, step, models={"model": policy}, tokenizer=tok, keep=cfg.log.keep_checkpoints,
-                            state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "kl": kl_ctl.state_dict(), "pos": pos})
-        dist.barrier()
-
-    with GracefulStop() as stop, logger:
-        while step < cfg.optim.max_steps:
-            t0 = time.perf_counter()
-            # 1. Rollout.
-            idx = [i for _, i in order.indices(pos, U)][dist.shard(U)]  # this rank's share of the prompts
-            ro = sampler([prompts.ids[i] for i in idx], params, G, [prompts.texts[i] for i in idx],
-                         step_uniforms(cfg.run.seed, step, B, params.max_new_tokens)[dist.shard(B)])
-            t_gen = time.perf_counter() - t0
-            mask = ro.completion_mask.float()
-
-            # 2. Rewards: score - beta * sequence KL to the reference (global batch), then the baseline; baselines
-            #    and normalisation over the global batch too, this rank keeping its rows.
-            raw, all_raw, all_scores, all_kl, all_lengths, all_finished, rewards = sequence_rewards(
-                dist, reward_fn, ro, cfg, policy, ref, params.temperature, kl_ctl.value, step + 1, run_dir)
-            advantages = rewards - rewards.mean() if cfg.baseline == "mean" else rewards
-            if cfg.normalize_advantages:
-                advantages = normalize(advantages)
-            advantages = mine(dist, advantages)
-
-            # 3. One policy step on -mean(A * log pi(completion)).
-            stats = {"loss": 0.0, "entropy": 0.0}
-            n_tokens = max(dist.sum(mask.sum()), 1.0)  # the global batch's
-            for mb in micro_batches(len(ro.prompts), cfg.optim.batch_size, G):
-                logprobs, entropy = completion_logprobs(policy, ro.rows(mb), params.temperature, with_entropy=True)
-                seq_logprobs = logprobs.sum(-1)  # (b,), already masked
-                loss = reinforce_loss(seq_logprobs, advantages[mb], normalizer=B)
-                loss.backward()
-                stats["loss"] += float(loss.detach())
-                stats["entropy"] += float((entropy * mask[mb]).sum()) / n_tokens
-            stats = {k: dist.sum(v) for k, v in stats.items()}  # each rank's share of the batch means
-            check_finite("loss", stats["loss"], step + 1, run_dir)
-            dist.sum_gradients(trainable)  # the losses are over the global B: the sum is the batch's gradient
-            grad_norm = clip_and_step(optimizer, trainable, cfg.optim.grad_clip or float("inf"))
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            kl_ctl.update(float(all_kl.mean()), B)
-            step += 1
-            pos += U
-
-            # 4. Log.
-            dt = time.perf_counter() - t0
-            n_gen = int(all_lengths.sum())
-            metrics = {
-                "rollout/reward_mean": float(all_raw.mean()), "rollout/reward_std": float(all_raw.std()),
-                "rollout/score_mean": float(all_scores.mean()),
-                "rollout/length_mean": float(all_lengths.float().mean()),
-                "rollout/finished_frac": float(all_finished.float().mean()), "rollout/tokens": n_gen,
-                "loss/policy": stats["loss"], "policy/entropy": stats["entropy"],
-                "kl/mean": float(all_kl.mean()), "kl/coef": kl_ctl.value, "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0], "perf/s_per_step": dt, "perf/gen_s": t_gen,
-                "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": B / dt, "perf/peak_rss_mb": peak_rss_mb(),
-                **ref_cache_metrics(ref),
-            }
-            history.append(metrics["rollout/reward_mean"])
-            logger.advance(1, reward=metrics["rollout/reward_mean"])
-            if step % cfg.log.log_every == 0 or step == cfg.optim.max_steps:
-                logger.log(metrics, step)
-            if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps:
-                logger.log_text("samples", samples_table(ro.prompts, ro.completions, raw), step)
-            if on_step is not None:
-                on_step(step, metrics)
-            halt = should_stop(dist, stop, t_start, cfg.run.max_minutes)  # Ctrl-C, SIGTERM, time limit
-            if (cfg.log.save_every and step % cfg.log.save_every == 0) or halt:
-                checkpoint()
-            if halt:
-                break
-        if saved_step != step:
-            checkpoint()
-
-    return finish_run(dist, run_dir, policy, tok, logger, step, history, kl_ctl.value, t_start)
+    """Run REINFORCE; returns the summary. `on_step(step, metrics)` is called after every step."""
+    return driver.run(cfg, "reinforce", update, on_step=on_step)

@@ -13,20 +13,21 @@ EOS or the token that completed a stop string; `logprobs` are log softmax(logits
 sampled tokens at sampling time, i.e. the log-probabilities of the untruncated tempered policy even when
 top-k / top-p shape the sampling (as in TRL and OpenRLHF: training recomputes exactly these).
 
-Decoders: `fast` (rl/fastdecode.py: GPT-2 and Llama, preallocated cache, minimal per-step Python), `hf`
+Decoders: `fast` (accel/fastdecode.py: GPT-2 and Llama, preallocated cache, minimal per-step Python), `hf`
 (HF forward with its DynamicCache, any causal LM), `vllm` (GPU, imported only when asked for).
 Sampling draws one uniform number per row and inverts the CDF of the (filtered) distribution, instead of
 torch.multinomial's one exponential random number per vocabulary entry.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from rlhfkit.models.native import sample_rows
-from rlhfkit.models.ops import gather_logprobs, logprobs_and_entropy, logprobs_given_logz
+from rlhfkit.accel.native import sample_rows
+from rlhfkit.models.ops import gather_logprobs, logprobs_and_entropy
 
 
 @dataclass
@@ -38,7 +39,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, rcfg: Any) -> "SamplingParams":
+    def from_config(cls, rcfg: Any) -> SamplingParams:
         return cls(rcfg.max_new_tokens, rcfg.temperature, rcfg.top_p, rcfg.top_k, list(rcfg.stop))
 
 
@@ -64,7 +65,7 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
-    def rows(self, idx: slice | torch.Tensor) -> "Rollout":
+    def rows(self, idx: slice | torch.Tensor) -> Rollout:
         """A subset of rows (e.g. a micro-batch). Slices aligned to groups keep `group_size`."""
         g = 1
         if isinstance(idx, slice) and idx.step in (None, 1):
@@ -180,15 +181,13 @@ class HFDecoder:
 
 
 def make_decoder(model: torch.nn.Module, backend: str = "auto"):
-    from rlhfkit.rl import fastdecode
+    """HF's forward (backend hf), or the accelerated path's decoder where it takes the model (auto, fast)."""
+    if backend in ("auto", "fast"):
+        from rlhfkit import accel
 
-    if backend in ("auto", "fast") and fastdecode.supported(model):
-        return fastdecode.make_fast_decoder(model)
-    if backend == "fast":
-        from rlhfkit.errors import ConfigError
-
-        raise ConfigError(f"rollout.backend=fast supports GPT-2 and Llama models, not {type(model).__name__}; "
-                          "use auto or hf")
+        dec = accel.fast_decoder(model, required=backend == "fast")
+        if dec is not None:
+            return dec
     return HFDecoder(model)
 
 
@@ -252,28 +251,17 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
-def _recording_decoder(model, backend: str, U: int, n: int, P: int, max_new: int, replay_mb: float,
-                       reuse: Any = None):
-    """A fast decoder that keeps a Record of its forward (fastdecode's replay) of at most replay_mb MB, or
-    None where replay does not apply. `reuse`: a Record whose memory it may take."""
-    from rlhfkit.rl import fastdecode
-
-    if not replay_mb or backend not in ("auto", "fast") or not fastdecode.can_record(model):
-        return None
-    dec = fastdecode.make_fast_decoder(model)
-    if fastdecode.Record.plan(dec, U, n, P, max_new, replay_mb)[2] == 0:
-        return None  # not even one layer's outputs fit
-    dec.record(model, U, n, P, max_new, replay_mb, reuse)
-    return dec
-
-
 def _generate(model, tok, prompt_ids, params, n, backend, uniforms=None, replay_mb: float = 0, reuse=None,
               decoder=None):
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad(prompt_ids, pad)
     ids, mask = ids.to(device), mask.to(device)
-    dec = _recording_decoder(model, backend, ids.size(0), n, ids.size(1), params.max_new_tokens, replay_mb, reuse)
+    dec = None
+    if replay_mb and backend in ("auto", "fast"):  # the accelerated path keeps a record of this forward
+        from rlhfkit import accel
+
+        dec = accel.recording_decoder(model, ids.size(0), n, ids.size(1), params.max_new_tokens, replay_mb, reuse)
     with torch.inference_mode():  # a record's buffers were made outside it: they may feed autograd later
         return _decode_all(model, tok, ids, mask, params, n, backend, uniforms, dec, decoder)
 
@@ -396,38 +384,18 @@ def stream(model: torch.nn.Module, tok: Any, prompt: str | Sequence[int], backen
 def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float = 1.0,
                         with_entropy: bool = False, entropy_grad: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits / T) of each completion token under `model`: (B, C), differentiable.
-
-    Work saved, all exact:
+    """log softmax(logits / T) of each completion token under `model`: (B, C), differentiable; with
+    `with_entropy` also the entropy of the same distributions (B, C): detached, or with gradients if
+    `entropy_grad` (an entropy bonus). HF's forward, any causal LM. Work saved, all exact:
       * logits only at the C positions that predict completion tokens (not at the prompt);
       * no attention mask when no prompt is padded (right padding after EOS is never attended: causal);
       * a group of n completions of one prompt runs the prompt once: its KV cache (with gradients) is
-        repeated n times and the completions attend to it, like the rollout's own prefill. For the GRPO
-        workload of docs/benchmarks.md (16-token prompts, 32-token completions, groups of 4) that is 25%
-        fewer tokens through the network, forward and backward.
-      * without gradients (a reference model's log-probs), GPT-2 and Llama run through our own forward
-        (fastdecode.forward_logits), without HF's per-call machinery and with GPT-2's GELU fused;
-      * if the rollout kept a record of its sampling forward and `model` is still the model it was sampled
-        from, unchanged, the forward's matmuls are not run again (fastdecode.Record.replay), and neither is
-        the log-softmax over the vocabulary: the logits are the sampler's, so the sampler's log Z gives the
-        log-probabilities (models.ops.logprobs_given_logz) and its entropies are returned as they are
-        (unless the entropy needs gradients).
-    Entropy of the same distributions (B, C) if asked for: detached, or with gradients (entropy bonus).
+        repeated n times and the completions attend to it, like the rollout's own prefill (for 16-token
+        prompts, 32-token completions and groups of 4, 25% fewer tokens through the network).
+    The accelerated path (rlhfkit.accel.Accel.logprobs) computes the same from a rollout's record or with
+    our own forward where those apply, and calls this otherwise.
     """
     comp, G = ro.completion_ids, ro.group_size
-    if ro.record is not None and ro.record.G == G and ro.record.usable(model):
-        first, rest = ro.record.replay(ro)
-        # The logits are the sampling-time ones: so are their normalisers and entropies.
-        return _logprobs_of([(first, comp[:, :1]), (rest, comp[:, 1:])], ro, temperature, with_entropy,
-                            entropy_grad, sampled=True)
-    from rlhfkit.rl import fastdecode
-
-    if (not torch.is_grad_enabled() and fastdecode.supported(model) and fastdecode.dropout_free(model)
-            and comp.size(1) > 1):
-        # No gradients (e.g. the reference's log-probs): our own forward, as replay's but computing everything.
-        first, rest = fastdecode.forward_logits(model, ro)
-        return _logprobs_of([(first, comp[:, :1]), (rest, comp[:, 1:])], ro, temperature, with_entropy,
-                            entropy_grad)
     padded = not bool(ro.prompt_mask.all())
     pos_c = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(comp.size(1) - 1, device=comp.device)
     # A model training with gradient checkpointing refuses a KV cache (HF turns use_cache off), so it
@@ -458,23 +426,13 @@ def completion_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float 
             kw["position_ids"] = (kw["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, logits_to_keep=comp.size(1), use_cache=False, **kw).logits
         parts = [(logits, comp)]
-    return _logprobs_of(parts, ro, temperature, with_entropy, entropy_grad)
+    return logprobs_of(parts, ro, temperature, with_entropy, entropy_grad)
 
 
-def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, entropy_grad: bool,
-                 sampled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """completion_logprobs' result from (logits (B, c, V), tokens (B, c)) pieces covering the completion.
-    `sampled`: the logits are the sampler's own (replay), so where the rollout kept its log Z and entropies
-    they stand in for a log-softmax (not for an entropy that needs gradients)."""
-    scale = temperature not in (0.0, 1.0)
-    if sampled and ro.logz is not None and not entropy_grad:
-        at, lps = 0, []
-        for lg, x in parts:  # the temperature is applied inside (no scaled copy of the logits is kept)
-            logz = ro.logz[:, at:at + x.size(1)]
-            lps.append(logprobs_given_logz(lg, x, logz, temperature if scale else 1.0))
-            at += x.size(1)
-        return torch.cat(lps, 1) * ro.completion_mask, ro.entropy if with_entropy else None
-    if scale:
+def logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, entropy_grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """completion_logprobs' result from (logits (B, c, V), tokens (B, c)) pieces covering the completion."""
+    if temperature not in (0.0, 1.0):
         parts = [(lg / temperature, x) for lg, x in parts]
     if not (with_entropy or entropy_grad):
         return torch.cat([gather_logprobs(lg, x) for lg, x in parts], 1) * ro.completion_mask, None
@@ -484,20 +442,13 @@ def _logprobs_of(parts, ro: Rollout, temperature: float, with_entropy: bool, ent
 
 
 def completion_values(critic: torch.nn.Module, ro: Rollout) -> torch.Tensor:
-    """The critic's value before each completion token: V(prompt + completion[:t]), (B, C). A GPT-2 critic
-    (fastdecode.backbone_supported) runs through our blocks, which skip the last block's work at the
-    prompt positions whose values are not used; any other through its own forward."""
-    from rlhfkit.models.heads import ScalarHeadModel
-    from rlhfkit.rl import fastdecode
-
-    P, C = ro.prompt_ids.size(1), ro.completion_ids.size(1)
+    """The critic's value before each completion token: V(prompt + completion[:t]), (B, C), through its
+    own forward (a ScalarHeadModel handles left-padding positions)."""
+    P = ro.prompt_ids.size(1)
     rest = ro.completion_ids[:, :-1]  # the value after the last token is never used: it is not fed
     ids = torch.cat([ro.prompt_ids, rest], 1)
     mask = torch.cat([ro.prompt_mask, torch.ones_like(rest)], 1)
-    if isinstance(critic, ScalarHeadModel) and fastdecode.backbone_supported(critic.backbone):
-        h = fastdecode.backbone_hidden(critic.backbone, ids, mask, keep=C)  # positions P - 1 .. P + C - 2
-        return critic.values(h) * ro.completion_mask
-    values = critic(ids, mask)  # (B, P + C - 1): ScalarHeadModel handles left-padding positions
+    values = critic(ids, mask)  # (B, P + C - 1)
     return values[:, P - 1:] * ro.completion_mask
 
 
@@ -564,7 +515,8 @@ class VLLMEngine:
 
     def generate(self, tok: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, n: int,
                  prompts: Sequence[str]) -> Rollout:
-        from vllm import SamplingParams as VSP, TokensPrompt
+        from vllm import SamplingParams as VSP
+        from vllm import TokensPrompt
 
         sp = VSP(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
                  max_tokens=params.max_new_tokens, stop=params.stop or None, logprobs=0)

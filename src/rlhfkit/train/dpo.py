@@ -16,27 +16,21 @@ Departures from the usual recipe, and why:
 """
 from __future__ import annotations
 
-import json
-import math
-import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from rlhfkit.accel import select as select_accel
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.datasets import EpochSampler, collate_sft, encode_pair
 from rlhfkit.data.sources import read_jsonl_records
-from rlhfkit.errors import DataError, TrainingError
-from rlhfkit.models.factory import build_model, count_params, get_tokenizer, lr_lambda, make_optimizer
+from rlhfkit.errors import DataError
+from rlhfkit.models.factory import build_model, count_params, get_tokenizer
 from rlhfkit.models.ops import gather_logprobs
 from rlhfkit.rl.losses import dpo_loss
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
-                                      save_model)
-from rlhfkit.utils.distributed import Dist
-from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, quiet_hf, seed_everything, set_threads,
-                                   write_run_config)
+from rlhfkit.train import driver
+from rlhfkit.utils.runtime import seed_everything
 
 Pair = tuple[tuple[list[int], int], tuple[list[int], int]]  # ((ids, n_prompt) chosen, (ids, n_prompt) rejected)
 
@@ -90,110 +84,49 @@ def evaluate(model, pairs, ref, cfg, pad_id) -> dict[str, float]:
 
 
 def train(cfg: DPOConfig) -> dict[str, Any]:
-    t_start = time.time()
-    set_threads(cfg.run.threads)
-    quiet_hf()
-    dist = Dist(cfg.run.device)
-    run_dir = default_run_dir("dpo", cfg.log.run_dir)
-    if dist.is_main:
-        write_run_config(run_dir, cfg)
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+    run = driver.setup("dpo", cfg)
+    dist = run.dist
+    accel = select_accel(cfg, dist.device)  # our log-prob kernels, or torch's ops (run.accel=off)
 
     tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
     pairs = load_pairs(cfg, tok)
     order = np.random.default_rng(cfg.run.seed).permutation(len(pairs))
-    n_val = int(round(cfg.data.val_fraction * len(pairs))) if len(pairs) > 1 else 0
+    n_val = round(cfg.data.val_fraction * len(pairs)) if len(pairs) > 1 else 0
     val = [pairs[i] for i in order[:n_val]]
     train_set = [pairs[i] for i in order[n_val:]]
     sampler = EpochSampler(len(train_set), cfg.run.seed)
 
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, tok).to(dist.device)
-    # Reference log-probs of every pair, from the starting model, once (see module docstring).
-    bs = cfg.optim.batch_size
-    ref_train = reference_logps(model, train_set, bs, tok.pad_token_id)
-    ref_val = reference_logps(model, val, bs, tok.pad_token_id) if val else None
+    # Reference log-probs of every pair, from the starting model (not a resumed checkpoint's), once (see
+    # module docstring): (n, 2).
+    bs, global_bs, pad = cfg.optim.batch_size, run.global_bs, tok.pad_token_id
+    ref_train = reference_logps(model, train_set, bs, pad)
+    ref_val = reference_logps(model, val, bs, pad) if val else None
     model.train()
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
-    step, pos = 0, 0
-    if ckpt is not None:
-        load_weights_into(model, ckpt / "model")
-        state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, pos = state["step"], state["pos"]
-    model, optimizer = dist.prepare(model, optimizer)
+    header = (f"{count_params(model) / 1e6:.2f}M params, {len(train_set)} train / {len(val)} val pairs, "
+              f"global batch {global_bs} pairs, loss {cfg.loss}, beta {cfg.beta}; {accel.header()}")
+    model = run.start(model, tok, header)  # final/ is the last model
 
-    accum = cfg.optim.grad_accum
-    global_bs = bs * accum * dist.world
-    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step, desc="dpo",
-                          is_main=dist.is_main)
-    logger.write(f"dpo: {count_params(model) / 1e6:.2f}M params, {len(train_set)} train / {len(val)} val pairs, "
-                 f"global batch {global_bs} pairs, loss {cfg.loss}, beta {cfg.beta}"
-                 + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
-    saved_step = step
+    def step() -> driver.Step:
+        idx = [i for _, i in sampler.indices(run.pos, global_bs)][dist.shard(global_bs)]
+        sums = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0}
+        for mb in run.micro_batches(idx):
+            c, r = completion_logps(model, [train_set[i] for i in mb], pad)  # (b,), (b,)
+            ref_b = ref_train[mb].to(c.device)
+            loss, st = dpo_loss(c, r, ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+            # Mean over the global batch: this micro-batch's share (DDP averages over ranks).
+            dist.backward(loss * len(mb) * dist.world / global_bs)
+            w = len(mb) / (bs * cfg.optim.grad_accum)
+            sums["loss"] += float(loss.detach()) * w
+            for key in ("margin", "accuracy", "reward_chosen", "reward_rejected"):
+                sums[key] += float(st[key]) * w
+        return driver.Step(dist.mean(sums.pop("loss")), {f"dpo/{k}": dist.mean(v) for k, v in sums.items()})
 
-    def checkpoint() -> None:
-        nonlocal saved_step
-        saved_step = step
-        if dist.is_main:
-            save_checkpoint(run_dir, step, models={"model": dist.unwrap(model)}, tokenizer=tok,
-                            keep=cfg.log.keep_checkpoints,
-                            state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "pos": pos})
-        dist.barrier()
+    def validate() -> dict[str, float]:
+        # One process evaluates, on the whole validation set; the others go on.
+        return evaluate(dist.unwrap(model), val, ref_val, cfg, pad) if dist.is_main else {}
 
-    with GracefulStop() as stop, logger:
-        while step < cfg.optim.max_steps:
-            idx = [i for _, i in sampler.indices(pos, global_bs)][dist.shard(global_bs)]
-            sums = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0}
-            for k in range(accum):
-                mb = idx[k * bs:(k + 1) * bs]
-                with dist.no_sync(model, sync=(k == accum - 1)):
-                    c, r = completion_logps(model, [train_set[i] for i in mb], tok.pad_token_id)
-                    ref_b = ref_train[mb].to(c.device)
-                    loss, st = dpo_loss(c, r, ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
-                    # Mean over the global batch: this micro-batch's share (DDP averages over ranks).
-                    dist.backward(loss * len(mb) * dist.world / global_bs)
-                w = len(mb) / (bs * accum)
-                sums["loss"] += float(loss.detach()) * w
-                for key in ("margin", "accuracy", "reward_chosen", "reward_rejected"):
-                    sums[key] += float(st[key]) * w
-            step_loss = dist.mean(sums["loss"])
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"loss is {step_loss} at step {step + 1}; stopped without updating. "
-                                    f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
-            grad_norm = dist.clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pos += global_bs
-            logger.advance(1, loss=step_loss)
-            if step % cfg.log.log_every == 0 or step == cfg.optim.max_steps:
-                logger.log({"loss/train": step_loss, **{f"dpo/{k}": dist.mean(v) for k, v in sums.items() if k != "loss"},
-                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": pos / len(train_set)},
-                           step)
-            if val and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps):
-                if dist.is_main:
-                    logger.log(evaluate(dist.unwrap(model), val, ref_val, cfg, tok.pad_token_id), step)
-            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
-            if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time:
-                checkpoint()
-            if stop.requested or over_time:
-                break
-        if saved_step != step:
-            checkpoint()
-
-    summary: dict[str, Any] = {}
-    if dist.is_main:
-        final = save_model(run_dir / "final", dist.unwrap(model), tok)
-        summary = {"steps": step, "train_pairs": len(train_set), "val_pairs": len(val),
-                   "wall_s": round(time.time() - t_start, 1), "final_model": str(final)}
-        if val:
-            summary.update(evaluate(dist.unwrap(model), val, ref_val, cfg, tok.pad_token_id))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        logger.write(f"done: {step} steps; model in {final}")
-    dist.barrier()
-    return summary
+    run.train(step, len(train_set), evaluate=validate if val else None)
+    final_eval = validate() if val else {}  # of the last model, the one saved
+    return run.finish({"train_pairs": len(train_set), "val_pairs": len(val), **final_eval})

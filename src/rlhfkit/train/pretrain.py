@@ -13,11 +13,7 @@ Departures from the usual recipe, and why:
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,15 +23,12 @@ from rlhfkit.config import PretrainConfig
 from rlhfkit.data.datasets import EpochSampler
 from rlhfkit.data.sources import load_texts
 from rlhfkit.errors import TrainingError
-from rlhfkit.models.factory import build_model, count_params, get_tokenizer, lr_lambda, make_optimizer
+from rlhfkit.models.factory import build_model, count_params, get_tokenizer
 from rlhfkit.models.ops import causal_lm_loss
-from rlhfkit.utils.checkpoint import (latest_checkpoint, load_trainer_state, load_weights_into, save_checkpoint,
-                                      save_model)
+from rlhfkit.train import driver
 from rlhfkit.utils.distributed import Dist
-from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, Throughput, default_run_dir, model_flops_per_token,
-                                   peak_flops, quiet_hf, seed_everything, set_threads,
-                                   write_run_config)
+from rlhfkit.utils.logging import MetricLogger  # noqa: F401  (tests hook MetricLogger.log here)
+from rlhfkit.utils.runtime import seed_everything
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,7 +36,7 @@ from rlhfkit.utils.runtime import (GracefulStop, Throughput, default_run_dir, mo
 # ---------------------------------------------------------------------------------------------------
 def split_documents(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     order = np.random.default_rng(seed).permutation(len(texts))
-    n_val = max(1, int(round(val_fraction * len(texts))))
+    n_val = max(1, round(val_fraction * len(texts)))
     return [texts[i] for i in order[n_val:]], [texts[i] for i in order[:n_val]]
 
 
@@ -122,19 +115,13 @@ def sample_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new_t
 
 
 def train(cfg: PretrainConfig) -> dict[str, Any]:
-    t_start = time.time()
-    set_threads(cfg.run.threads)
-    quiet_hf()
-    dist = Dist(cfg.run.device, cfg.run.precision)
-    run_dir = default_run_dir("pretrain", cfg.log.run_dir)
-    if dist.is_main:
-        write_run_config(run_dir, cfg)
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+    run = driver.setup("pretrain", cfg, cfg.run.precision)
+    dist = run.dist
 
     # Data and tokenizer. A resumed run reuses the tokenizer it trained, so ids never change mid-run.
     texts = load_texts(cfg.data.source, cfg.data.text_field, cfg.data.max_docs)
     train_docs, val_docs = split_documents(texts, cfg.data.val_fraction, cfg.run.seed)
-    tok_dir = run_dir / "tokenizer"
+    tok_dir = run.run_dir / "tokenizer"
     if dist.is_main and (cfg.tokenizer.path or not (tok_dir / "tokenizer.json").exists()):
         get_tokenizer(cfg.tokenizer, cfg.model.name_or_path, train_docs).save_pretrained(tok_dir)
     dist.barrier()  # the other ranks read what rank 0 trained (or copied), never a half-written file
@@ -154,121 +141,38 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                                   .astype(np.int64))
     floor_ppl = unigram_ppl(train_ids, val_blocks[:, 1:].numpy().ravel(), len(tok))
 
-    # Model, optimizer, schedule.
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, tok).to(dist.device)
     n_params = count_params(model)
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
-    step, pos, best_val, bad_evals, tokens_seen = 0, 0, math.inf, 0, 0
-    if ckpt is not None:
-        load_weights_into(model, ckpt / "model")
-        state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, pos, best_val = state["step"], state["pos"], state["best_val"]
-        bad_evals, tokens_seen = state["bad_evals"], state["tokens_seen"]
-    model, optimizer = dist.prepare(model, optimizer)
-    model.train()
+    bs, accum, global_bs = cfg.optim.batch_size, cfg.optim.grad_accum, run.global_bs
+    header = (f"{n_params / 1e6:.2f}M params, vocab {len(tok)}, {len(train_docs)} train / {len(val_docs)} "
+              f"val documents, {len(train_ids)} train tokens ({sampler.n} blocks of {L}), global batch "
+              f"{global_bs} x {L} tokens")
+    model = run.start(model, tok, header, select="loss/val", seq_len=L)  # final/: the best validation loss
 
-    bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum
-    global_bs = bs * accum * dist.world
-    mcfg = dist.unwrap(model).config
-    flops_tok = model_flops_per_token(n_params, mcfg.num_hidden_layers, mcfg.hidden_size, L,
-                                      frozen=count_params(model, frozen_only=True))
-    meter = Throughput(flops_tok, peak_flops(dist.device))
-    logger = MetricLogger(run_dir, cfg.log, total_steps=cfg.optim.max_steps, start_step=step,
-                          desc="pretrain", is_main=dist.is_main)
-    logger.write(f"pretrain: {n_params / 1e6:.2f}M params, vocab {len(tok)}, {len(train_docs)} train / "
-                 f"{len(val_docs)} val documents, {len(train_ids)} train tokens ({sampler.n} blocks of {L}), "
-                 f"global batch {global_bs} x {L} tokens, {dist.world} process(es) on {dist.device}"
-                 + (f"; resumed from {ckpt} at step {step}" if ckpt else ""))
+    def step() -> driver.Step:
+        # The global batch of blocks at pos; this rank takes its slice, in micro-batches.
+        rows = sampler.batch(run.pos, global_bs)[dist.shard(global_bs)]  # (bs * accum, L + 1)
+        step_loss = 0.0
+        for mb in run.micro_batches(rows):
+            mb = mb.to(dist.device)
+            loss, _ = causal_lm_loss(model(input_ids=mb[:, :-1]).logits, mb[:, 1:])
+            dist.backward(loss / accum)  # equal token counts, so the mean of means is exact
+            step_loss += loss.item() / accum
+        return driver.Step(dist.mean(step_loss), tokens=global_bs * L)
 
-    saved_step = step
+    def validate() -> dict[str, float]:
+        val_loss = evaluate(model, val_blocks, bs, dist)
+        return {"loss/val": val_loss, "ppl/val": math.exp(val_loss), "ppl/unigram": floor_ppl}
 
-    def checkpoint() -> None:
-        nonlocal saved_step
-        saved_step = step
-        if dist.is_main:
-            save_checkpoint(run_dir, step, models={"model": dist.unwrap(model)}, tokenizer=tok, keep=cfg.log.keep_checkpoints,
-                            state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "pos": pos, "best_val": best_val, "bad_evals": bad_evals,
-                                   "tokens_seen": tokens_seen})
-        dist.barrier()
+    def samples(step: int) -> None:
+        for p, s in zip(cfg.sample_prompts, sample_texts(dist.unwrap(model), tok, cfg.sample_prompts)):
+            run.logger.log_text(f"sample/{p}", p + s, step)
+            run.logger.write(f"  sample: {p + s!r}")
 
-    with GracefulStop() as stop, logger:
-        while step < cfg.optim.max_steps:
-            # One optimizer step over the global batch; this rank takes its slice, in micro-batches.
-            rows = sampler.batch(pos, global_bs)[dist.shard(global_bs)]
-            step_loss = 0.0
-            for k in range(accum):
-                mb = rows[k * bs:(k + 1) * bs].to(dist.device)
-                with dist.no_sync(model, sync=(k == accum - 1)):
-                    loss, _ = causal_lm_loss(model(input_ids=mb[:, :-1]).logits, mb[:, 1:])
-                    dist.backward(loss / accum)  # equal token counts, so the mean of means is exact
-                step_loss += loss.item() / accum
-            if not math.isfinite(step_loss):
-                last = latest_checkpoint(run_dir)
-                raise TrainingError(f"loss is {step_loss} at step {step + 1}; stopped without updating. "
-                                    f"Last good checkpoint: {last or 'none'} (lower optim.lr?)")
-            grad_norm = dist.clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pos += global_bs
-            tokens_seen += global_bs * L
-            meter.tick(global_bs * L)
-            logger.advance(1, loss=step_loss)
-
-            if step % cfg.log.log_every == 0 or step == cfg.optim.max_steps:
-                m = {"loss/train": dist.mean(step_loss), "lr": scheduler.get_last_lr()[0],
-                     "grad_norm": grad_norm, "tokens": tokens_seen, "epoch": pos / sampler.n, **meter.read()}
-                logger.log(m, step)
-            over_time = cfg.run.max_minutes and time.time() - t_start > cfg.run.max_minutes * 60
-            # Evaluate on schedule, at the end, and whenever the run stops early (time limit, Ctrl-C).
-            evals_now = ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.optim.max_steps
-                         or over_time or stop.requested)
-            if evals_now:
-                val_loss = evaluate(model, val_blocks, bs, dist)
-                improved = val_loss < best_val
-                best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
-                logger.log({"loss/val": val_loss, "ppl/val": math.exp(val_loss), "ppl/unigram": floor_ppl}, step)
-                if dist.is_main:
-                    if improved:
-                        save_model(run_dir / "best", dist.unwrap(model), tok)
-                    for p, s in zip(cfg.sample_prompts, sample_texts(dist.unwrap(model), tok, cfg.sample_prompts)):
-                        logger.log_text(f"sample/{p}", p + s, step)
-                        logger.write(f"  sample: {p + s!r}")
-            early = cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience
-            if early:
-                logger.write(f"early stop: no validation improvement in {bad_evals} evaluations")
-            if (cfg.log.save_every and step % cfg.log.save_every == 0) or stop.requested or over_time or early:
-                checkpoint()
-            if stop.requested or over_time or early:
-                break
-        if saved_step != step:
-            checkpoint()
-
-    # final/ = best validation model (or the last one if no evaluation ran).
-    summary: dict[str, Any] = {}
-    if dist.is_main:
-        final = run_dir / "final"
-        if (run_dir / "best").exists():
-            if final.exists():
-                shutil.rmtree(final)
-            shutil.copytree(run_dir / "best", final)
-        else:
-            save_model(final, dist.unwrap(model), tok)
-        wall = time.time() - t_start
-        summary = {"steps": step, "stopped_early": bool(step < cfg.optim.max_steps), "params": n_params,
-                   "vocab_size": len(tok), "train_tokens_seen": tokens_seen,
-                   "best_val_loss": best_val if math.isfinite(best_val) else None,
-                   "val_ppl": math.exp(best_val) if math.isfinite(best_val) else None,
-                   "unigram_val_ppl": floor_ppl, "wall_s": round(wall, 1),
-                   "final_model": str(final)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        logger.write(f"done: best val ppl {summary['val_ppl'] or float('nan'):.2f} (unigram floor "
-                     f"{floor_ppl:.1f}) after {step} steps, {wall:.0f}s; model in {final}")
-    dist.barrier()
-    return summary
+    run.train(step, sampler.n, evaluate=validate, samples=samples, patience=cfg.early_stop_patience)
+    ppl = math.exp(run.best_val) if run.best_val is not None else None
+    return run.finish({"stopped_early": run.step < cfg.optim.max_steps, "params": n_params,
+                       "vocab_size": len(tok), "train_tokens_seen": run.state["tokens_seen"],
+                       "best_val_loss": run.best_val, "val_ppl": ppl, "unigram_val_ppl": floor_ppl},
+                      f"best val ppl {ppl or float('nan'):.2f} (unigram floor {floor_ppl:.1f})")

@@ -63,7 +63,7 @@ def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> tup
     rewards: (B, K), column 0 the best completion. mask: (B, K), 1 for real completions (a ranking of
     k < K completions fills columns 0..k-1). Rankings with fewer than 2 completions are skipped.
     """
-    B, K = rewards.shape
+    K = rewards.shape[1]
     mask = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
     better, worse = ranking_pair_indices(K)
     diff = rewards[:, better] - rewards[:, worse]  # (B, P) with P = K(K-1)/2

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhfkit.utils import weights
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -136,6 +138,7 @@ def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
     for f in files:
         sd.update(load_file(str(f)))
     target = unwrap(model)
+    weights.changed()  # caches of work from the old weights (replay records, prompt caches) are stale
     if (model_dir / "adapter_config.json").exists():
         from peft import set_peft_model_state_dict
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -102,9 +103,12 @@ class Dist:
             return
         import torch.distributed as td
 
+        from rlhfkit.utils import weights
+
         with torch.no_grad():
             for p in params:
                 td.broadcast(p.data, src=0)
+        weights.changed()
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (sum) the gradients of params over ranks, one flat buffer per dtype. For loops that

@@ -10,9 +10,12 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhfkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # Metrics shown in the one-line summary, in this order, when present.
 _HEADLINE = ("loss/train", "loss/val", "ppl/val", "loss/policy", "loss/value", "rollout/reward_mean",
@@ -72,9 +75,8 @@ class MetricLogger:
         # On resume, drop lines from after the checkpoint so the curve has no duplicated steps.
         old = [r for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= start_step]
         with open(self.jsonl_path, "w", encoding="utf-8") as f:
-            for r in old:
-                f.write(json.dumps(r) + "\n")
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+            f.writelines(json.dumps(r) + "\n" for r in old)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115  closed by close()
         if self.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -174,10 +176,10 @@ class MetricLogger:
             self._mlflow.end_run()
             self._mlflow = None
 
-    def __enter__(self) -> "MetricLogger":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -7,12 +7,15 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from rlhfkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # CPU peak is measured (fp32 sgemm) once per CPU model and thread count, because 2-core machines
 # differ by 2x (185 GFLOP/s on an AVX2 EPYC VM, 350 on an AVX-512 Xeon VM). RLHFKIT_PEAK_FLOPS overrides.
@@ -94,7 +97,8 @@ def cpu_peak_flops() -> float:
     name = f"{key[0]}|{key[1]}"
     if name not in table:
         n = 1024
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        g = torch.Generator().manual_seed(0)  # not the global RNG: measuring must not move a run's stream
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         for _ in range(3):
             a @ b
         best = 0.0
@@ -176,7 +180,7 @@ class GracefulStop:
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> Self:
         import signal
         import threading
 
@@ -185,7 +189,7 @@ class GracefulStop:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         import signal
 
         for s, h in self._old.items():

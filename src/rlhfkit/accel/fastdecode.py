@@ -46,9 +46,10 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.models import native
-from rlhfkit.models.activations import gelu, gelu_tanh_and_backward_, gelu_tanh_backward, gelu_tanh_forward
-from rlhfkit.models.native import bias_gelu_tanh_, bias_kv_, bias_residual_, native_ok
+from rlhfkit.accel import native
+from rlhfkit.accel.activations import gelu, gelu_tanh_and_backward_, gelu_tanh_backward, gelu_tanh_forward
+from rlhfkit.accel.native import bias_gelu_tanh_, bias_kv_, bias_residual_, native_ok
+from rlhfkit.utils import weights
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -425,11 +426,6 @@ def head_logits(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, b
     return _SavedLinear.apply(h, weight, bias, y.view(*h.shape[:2], y.size(-1)), False)
 
 
-def _versions(model: torch.nn.Module) -> tuple[int, ...]:
-    """Every parameter's version counter: an optimizer step (in place) changes them."""
-    return tuple(p._version for p in model.parameters())
-
-
 class Record:
     """The outputs of every linear layer (and the LM head) of one rollout's forward, for `replay`.
 
@@ -437,8 +433,8 @@ class Record:
     comp[i][j]: (max_new - 1, B, F_j), at the completion tokens fed back, time-major so that decode step s
     writes its output straight into comp[i][j][s]; first: (U, V) logits of the prompts' last position;
     logits: (max_new - 1, B, V) of the steps. The buffers are made before decoding (outside inference
-    mode: they feed autograd later). Valid for the model it was recorded with while its parameters are
-    unchanged (`usable`)."""
+    mode: they feed autograd later). Valid for the model it was recorded with while its weights are
+    unchanged: no optimizer step and no load since (`usable`, by utils/weights.py's stamp)."""
 
     def __init__(self, model: torch.nn.Module, dec: _Base, U: int, G: int, P: int, max_new: int,
                  budget_mb: float, reuse: Record | None = None) -> None:
@@ -446,7 +442,7 @@ class Record:
         rollout's): its memory is taken over if large enough, and it stops being usable."""
         like = dec.weight_like
         B, n = U * G, max(max_new - 1, 0)
-        self.model, self.versions, self.root, self.released = model, _versions(model), self, False
+        self.model, self.stamp, self.root, self.released = model, weights.stamp(model), self, False
         self.U, self.G, self.P, self.s, self.n = U, G, P, -1, 0
         self.keep, self.keep_logits, need = self.plan(dec, U, G, P, max_new, budget_mb)
         # The attention's output and log-sum-exp at every position of each fully recorded GPT-2 layer, as
@@ -528,7 +524,7 @@ class Record:
     def usable(self, model: torch.nn.Module) -> bool:
         """True while `model` is the recorded one, unchanged, and gradients are being recorded."""
         return (not self.root.released and model is self.model and torch.is_grad_enabled()
-                and _versions(model) == self.versions)
+                and weights.stamp(model) == self.stamp)
 
     def rows(self, idx: slice | torch.Tensor, group: int) -> Record:
         """The record of some rows (as Rollout.rows: `group` is the sub-rollout's group size, the
@@ -968,7 +964,7 @@ class GPT2Decoder(_Base):
         return self._head(self._final_norm(x))
 
     def _c_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """step() in one call of ours (rlhfkit_gpt2_step, models/csrc/kernels.c): embeddings, blocks, final
+        """step() in one call of ours (rlhfkit_gpt2_step, accel/csrc/kernels.c): embeddings, blocks, final
         norm and LM head, writing the KV cache and the record as _step_blocks does, with the same values to
         float rounding (tests/test_rollout.py). About 70 torch calls fewer per token."""
         rec, B = self.rec, tokens.size(0)
@@ -1195,12 +1191,12 @@ class PromptCache:
     its padding (positions count real tokens, pad keys are masked), so an entry serves any batch; the
     products may round differently in a batch of another size (tests/test_rollout.py). Entries are
     dropped, least recently used first, beyond `max_mb`, and all of them if the model's weights change
-    (parameter versions, as Record.usable)."""
+    (utils/weights.py's stamp, as Record.usable)."""
 
     def __init__(self, max_mb: float) -> None:
         self.max_bytes = int(max_mb * 2**20)
         self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.bytes, self.hits, self.misses, self.versions = 0, 0, 0, None
+        self.bytes, self.hits, self.misses, self.stamp = 0, 0, 0, None
         self._seen = (0, 0)  # hits and misses at the last hit_frac()
 
     def hit_frac(self) -> float:
@@ -1218,10 +1214,10 @@ class PromptCache:
         """Keys and values per layer ((N, Hkv, P, hd) each, zeros at pad slots) and the hidden states
         (N, 1, D) of prompts `ids` (N, P) left-padded by `mask`; compute(rows) runs the prompt pass
         (replay's prompt_pass: its kv list and hidden states) for the rows it lacks."""
-        versions = _versions(model)
-        if versions != self.versions:
+        stamp = weights.stamp(model)
+        if stamp != self.stamp:
             self.clear()
-            self.versions = versions
+            self.stamp = stamp
         N, P = ids.shape
         lengths = mask.long().sum(-1).tolist()
         keys = [tuple(ids[r, P - n:].tolist()) for r, n in enumerate(lengths)]

@@ -1,4 +1,4 @@
-"""GPT-2's tanh-GELU with a faster CPU kernel of our own (csrc/kernels.c, via models/native.py), and
+"""GPT-2's tanh-GELU with a faster CPU kernel of our own (csrc/kernels.c, via accel/native.py), and
 torch's as the fallback.
 
 torch's tanh-GELU evaluates tanh with an exact but slow vector routine: on the trl-peer workload its
@@ -7,17 +7,17 @@ x / (1 + e^(-2u)) with a polynomial e^y the compiler vectorises: about 4x faster
 training and decode shapes, and within 2e-7 of the float64 values (torch's backward: 2e-6); see
 tests/test_activations.py and docs/benchmarks.md. It reads a strided (d0, d1, n) input in place (a
 micro-batch's rows of a time-major record) and writes a contiguous result. Where our kernels are off
-(models/native.py says when), gelu() is torch's F.gelu: same results to float rounding, slower.
+(accel/native.py says when), gelu() is torch's F.gelu: same results to float rounding, slower.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.models.native import i64, lib, native_ok, native_status, ptr, rows_of
+from rlhfkit.accel.native import i64, lib, native_ok, native_status, ptr, rows_of
 
 __all__ = ["GELUTanh", "gelu", "gelu_tanh_and_backward_", "gelu_tanh_backward", "gelu_tanh_forward",
-           "native_status"]
+           "native_status", "use_fast_activations"]
 
 
 def gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,21 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 class GELUTanh(torch.nn.Module):
-    """The tanh-GELU as a module (what rl.common.use_fast_activations puts in GPT-2's MLPs)."""
+    """The tanh-GELU as a module (what use_fast_activations puts in GPT-2's MLPs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gelu(x, "tanh")
+
+
+def use_fast_activations(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap GPT-2's tanh-GELU modules (transformers' Python NewGELUActivation: six elementwise kernels,
+    each output kept for backward; or its GELUTanh: torch's fused but slow kernel) for ours
+    (one fast kernel forward and one backward, torch's where ours cannot be built). The same function, equal to float rounding (~1e-6). The saved config is unchanged."""
+    from transformers.activations import GELUTanh as HFGELUTanh
+    from transformers.activations import NewGELUActivation
+
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) in (NewGELUActivation, HFGELUTanh):
+                setattr(mod, child_name, GELUTanh())
+    return model

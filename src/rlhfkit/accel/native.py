@@ -8,7 +8,7 @@ fight them for the cores. Where any of that is missing (no compiler, not Linux, 
 failed build) or RLHFKIT_NATIVE=0, every caller takes torch's ops instead: same results to float
 rounding, slower. `native_status()` says which is in use and why.
 
-Users: models/activations.py (the tanh-GELU), rl/fastdecode.py (a decode step's bias epilogues,
+Users: accel/activations.py (the tanh-GELU), accel/fastdecode.py (a decode step's bias epilogues,
 GPT-2's whole decode step in one call, whose matmuls call the BLAS sgemm torch itself calls:
 `sgemm_address`, and the training passes' attention: `attention_forward` / `attention_backward`) and
 rl/rollout.py (plain sampling in one pass: `sample_rows`).
@@ -141,14 +141,23 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def lib() -> ctypes.CDLL | None:
+    if not _state.get("enabled", True):
+        return None
     if "lib" not in _state:
         _state["lib"], _state["status"] = _load()
     return _state["lib"]
 
 
+def set_enabled(on: bool) -> None:
+    """Use our kernels (where they load) or torch's ops, from now on in this process: the run's choice
+    (accel.select, from run.accel)."""
+    _state["enabled"] = bool(on)
+
+
 def native_status() -> str:
     """'on (path)' if our kernels are in use, else 'off (why)'."""
-    lib()
+    if lib() is None and not _state.get("enabled", True):
+        return "off (run.accel=off)"
     return _state["status"]
 
 
@@ -325,8 +334,8 @@ def split_cols() -> int:
     """1 where the decode step (rlhfkit_gpt2_step) should split each product's columns between torch's
     threads itself, each thread calling sgemm on its share (mm_cols in kernels.c): torch's BLAS is MKL,
     which runs on the calling thread alone inside a parallel region, and at a decode step's 64 rows that
-    beats MKL's own threading (docs/benchmarks.md). 0 elsewhere: a BLAS with threads of its own would start
-    them from each of ours."""
+    beats MKL's own threading (alone, hot in cache: 298-360 -> 358-388 GFLOP/s at the trl-peer policy's
+    shapes). 0 elsewhere: a BLAS with threads of its own would start them from each of ours."""
     return int(torch.backends.mkl.is_available())
 
 

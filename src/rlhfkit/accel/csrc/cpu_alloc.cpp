@@ -1,4 +1,4 @@
-/* A caching allocator for torch's large CPU tensors, built at first use by rlhfkit/models/cpu_alloc.py
+/* A caching allocator for torch's large CPU tensors, built at first use by rlhfkit/accel/cpu_alloc.py
    (C++ against torch's own headers, linked to libc10) and installed with c10::SetCPUAllocator.
 
    Why: an RL step allocates and frees the same few hundred large blocks (activations, gradients, logits

@@ -1,9 +1,9 @@
-/* Float32 CPU kernels of our own, built at first use by rlhfkit/models/native.py (with -fopenmp:
+/* Float32 CPU kernels of our own, built at first use by rlhfkit/accel/native.py (with -fopenmp:
    loaded after torch, the OpenMP runtime it links is torch's own, so the loops below run on torch's
    threads):
-   - GPT-2's tanh-GELU and its derivative (models/activations.py), on contiguous arrays or on rows
+   - GPT-2's tanh-GELU and its derivative (accel/activations.py), on contiguous arrays or on rows
      of a strided (d0, d1, n) view such as a micro-batch's rows of a time-major record;
-   - the epilogues of a decode step's linear layers (rl/fastdecode.py): the bias added in place to
+   - the epilogues of a decode step's linear layers (accel/fastdecode.py): the bias added in place to
      a product written without it, fused with what reads it next (the GELU, the KV-cache writes, the
      residual add), one pass instead of torch's two or three small ops;
    - GPT-2's whole decode step in one call, and plain sampling in one pass (further down);
@@ -218,7 +218,7 @@ void rlhfkit_bias_residual(float *y, const float *b, float *x, int64_t rows, int
     }
 }
 
-/* A whole GPT-2 decode step in one call (rl/fastdecode.py, GPT2Decoder._c_step): the embeddings, every
+/* A whole GPT-2 decode step in one call (accel/fastdecode.py, GPT2Decoder._c_step): the embeddings, every
    block and the final norm, then the LM head, for one new token per row. The matmuls are the BLAS sgemm
    that torch's own mm calls (its address is handed in: `sgemm`), the rest is ours: layer norms, the bias
    epilogues above, and the attention of one query per row over the KV cache (scores, softmax and the
@@ -548,7 +548,7 @@ void rlhfkit_logz_backward(const float *x, int64_t d0, int64_t d1, int64_t V, in
     }
 }
 
-/* Attention of a training pass (rl/fastdecode.py), forward and backward, for the short sequences of RL
+/* Attention of a training pass (accel/fastdecode.py), forward and backward, for the short sequences of RL
    fine-tuning (tens to a few hundred positions), where torch's flash-attention kernel spends more time in
    its block set-up, its zero-filled gradients and the copies around it than in arithmetic.
 

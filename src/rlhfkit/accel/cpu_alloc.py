@@ -6,12 +6,12 @@ that: on `rlhfkit bench trl-peer`'s GRPO at micro-batch 32 it holds 275 MB while
 use. This allocator gives every block of 256 KiB or more its own mapping, keeps freed ones in a pool of at
 most 256 MB (reused by size class, the most recently freed first) and unmaps the rest, so RSS is what is
 in use plus at most the pool. Measured on that workload: peak RSS 601-604 MB against 626-633 MB, at the
-same speed (docs/benchmarks.md, "Fifth pass"). The cap is 256 MB because PPO's step cycles through more
-than 128 MB of freed blocks: with 128 MB it mapped about 93 new blocks a step and ran 8% slower
-("Sixth pass"); GRPO and RLOO never fill 128 MB.
+same speed (docs/benchmarks.md). The cap is 256 MB because PPO's step cycles through more than 128 MB of
+freed blocks: with 128 MB it mapped about 93 new blocks a step and ran 8% slower; GRPO and RLOO never fill
+128 MB.
 
 It is C++ against torch's own headers, compiled at first use with `c++` (or $CXX, about 1 s), cached
-under the data directory like our kernels (models/native.py), and installed process-wide with
+under the data directory like our kernels (accel/native.py), and installed process-wide with
 c10::SetCPUAllocator. `run.cpu_allocator` chooses: "auto" (the RL trainers' default) installs it on CPU
 runs where it can be built, "caching" insists (an error says why it cannot), "system" leaves torch's own
 allocator, or turns ours off if an earlier run in this process installed it. RLHFKIT_NATIVE=0 turns it off
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.accel.native import built_library, open_library
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.native import built_library, open_library
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_alloc.cpp"
 THRESHOLD = 256 << 10  # requests from this size on are ours
