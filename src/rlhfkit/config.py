@@ -326,9 +326,14 @@ class RewardModelConfig:
                             "with AMX or AVX-512 BF16; scores move by ~1e-3)")
     gradient_checkpointing: bool = opt(False, "deep: recompute the backbone's activations in backward to save "
                                               "memory (same gradients)")
+    tokens_per_pass: int = opt(2048, "deep: run each micro-batch in forward/backward passes of at most this many "
+                                     "padded tokens (texts x longest text), adding up the gradients: the same "
+                                     "step, with activation memory bounded by this instead of by batch size x "
+                                     "max_len; 0 = the whole micro-batch in one pass")
 
     def check(self) -> None:
         _positive(self, "max_len")
+        _non_negative(self, "tokens_per_pass")
         _non_negative(self, "lora_r")
         if not self.backbone:
             raise ConfigError(f"{here('backbone')} is empty: use 'minilm', an HF model directory or a GGUF file")

@@ -153,16 +153,16 @@ class Encoder:
         if not texts:
             return torch.zeros(0, self.dim, device=self.device)
         prompts = [""] * len(texts) if prompts is None else prompts
-        # Similar lengths share a batch.
-        order = sorted(range(len(texts)), key=lambda i: len(prompts[i]) + len(texts[i]))
-        out = torch.empty(len(texts), self.dim, device=self.device)
-        for s in range(0, len(texts), self.batch_size):
+        rows, where = unique_rows(self.text_tokenizer.ids(prompts, texts))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+        out = torch.empty(len(rows), self.dim, device=self.device)
+        for s in range(0, len(rows), self.batch_size):
             idx = order[s:s + self.batch_size]
-            enc = self.text_tokenizer.batch([prompts[i] for i in idx], [texts[i] for i in idx], self.device)
+            enc = self.text_tokenizer.pad([rows[i] for i in idx], self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 h = self.model(**enc).last_hidden_state  # (B, T, H)
             out[idx] = mean_pool(h.float(), enc["attention_mask"])
-        return out
+        return out[where.to(self.device)]
 
     def encode(self, texts: Sequence[str], prompts: Sequence[str] | None = None,
                progress: bool = False) -> np.ndarray:
@@ -188,6 +188,14 @@ class Encoder:
             _write_chunk(root, [h for h, _ in missing], vecs, self.spec)
             cache.update({h: v for (h, _), v in zip(missing, vecs)})
         return np.stack([cache[h] for h in hashes]) if texts else np.zeros((0, self.dim), np.float32)
+
+
+def unique_rows(rows: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """The distinct token rows, and for each input row its index among them: texts that are the same
+    tokens (two replies cut off the same long prompt) are computed once, so they score exactly alike."""
+    first: dict[tuple[int, ...], int] = {}
+    where = [first.setdefault(tuple(r), len(first)) for r in rows]
+    return [list(r) for r in first], torch.tensor(where, dtype=torch.long)
 
 
 def _load_cache(root: Path) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.embeddings import MINILM, Encoder
+from rlhfkit.models.embeddings import MINILM, Encoder, unique_rows
 from rlhfkit.models.heads import ScalarHeadModel, last_token_index
 from rlhfkit.models.ops import masked_mean
 from rlhfkit.models.reward import RewardFunction
@@ -177,14 +177,14 @@ class DeepRewardModel(TextRewardModel):
     def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         was_training = self.net.training
         self.net.eval()
-        order = sorted(range(len(completions)), key=lambda i: len(prompts[i]) + len(completions[i]))
-        out = torch.empty(len(completions))
-        for s in range(0, len(completions), self.batch_size):
+        rows, where = unique_rows(self.text_tokenizer.ids(prompts, completions))  # same tokens, same score
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out = torch.empty(len(rows))
+        for s in range(0, len(rows), self.batch_size):
             idx = order[s:s + self.batch_size]
-            out[idx] = self.forward(**self.tokenize([prompts[i] for i in idx],
-                                                    [completions[i] for i in idx])).cpu()
+            out[idx] = self.forward(**self.text_tokenizer.pad([rows[i] for i in idx], self.device)).cpu()
         self.net.train(was_training)
-        return out
+        return out[where]
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         path = Path(path)

@@ -101,7 +101,10 @@ class TextTokenizer:
     def batch(self, prompts: Sequence[str], completions: Sequence[str],
               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """input_ids and attention_mask (B, T), padded on the right to the longest kept text."""
-        rows = self.ids(prompts, completions)
+        return self.pad(self.ids(prompts, completions), device)
+
+    def pad(self, rows: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Token id rows (from ids) -> input_ids and attention_mask (B, T), padded on the right."""
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else pad
         T = max((len(r) for r in rows), default=0)

@@ -136,12 +136,18 @@ def loss_weight(kind: str, batch: list[Example]) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
-def comparison_accuracy(score: Scorer, rankings: list[Ranking]) -> dict:
+def comparison_accuracy(score: Scorer, rankings: list[Ranking], cutter: TextTokenizer | None = None) -> dict:
     """Strict pairwise accuracy, ties and ties-as-half over every pair the rankings imply
-    (M.pair_metrics)."""
+    (M.pair_metrics). With the model's cutter, a pair whose two texts are the same tokens after cutting is
+    a tie whatever float noise of batching says."""
     pairs = [p for rk in rankings for p in ranking_to_pairs([(rk.prompt, c) for c in rk.completions])]
-    s = score([t for p in pairs for t in p]).reshape(-1, 2)
-    return M.pair_metrics(s[:, 0] - s[:, 1])
+    flat = [t for p in pairs for t in p]
+    diff = score(flat).reshape(-1, 2) @ np.array([1.0, -1.0])
+    if cutter is not None and pairs:
+        rows = cutter.ids([p for p, _ in flat], [c for _, c in flat])
+        cutter.take_stats()  # counted once, by cut_split
+        diff[np.array([a == b for a, b in zip(rows[0::2], rows[1::2])])] = 0.0
+    return M.pair_metrics(diff)
 
 
 def val_score(score: Scorer, rated: list[RatedText], rankings: list[Ranking]) -> float:
@@ -153,7 +159,7 @@ def val_score(score: Scorer, rated: list[RatedText], rankings: list[Ranking]) ->
 
 
 def evaluate(score: Scorer, rated: list[RatedText], rankings: list[Ranking],
-             scale: float | None, raters: str, seed: int) -> dict[str, Any]:
+             scale: float | None, raters: str, seed: int, cutter: TextTokenizer | None = None) -> dict[str, Any]:
     """Full metrics on a split, per domain. scale None = fit the preference scale here (validation only)."""
     out: dict[str, Any] = {}
     if rated:
@@ -175,7 +181,7 @@ def evaluate(score: Scorer, rated: list[RatedText], rankings: list[Ranking],
                 m["vader_lexicon_r"] = M.pearson(lexicon, [np.mean(ratings[i]) for i in sel])
             out[d] = m
     if rankings:
-        out["comparisons"] = comparison_accuracy(score, rankings)
+        out["comparisons"] = comparison_accuracy(score, rankings, cutter)
     return out
 
 
@@ -255,6 +261,27 @@ def build_deep(cfg: RewardConfig, device: torch.device) -> DeepRewardModel:
                            truncation=cfg.model.truncation)
 
 
+def passes(batch: list[Example], rows: list[list[int]], budget: int) -> list[tuple[list[Example], list[list[int]]]]:
+    """Split a micro-batch (and its token rows, in the order of its texts) into consecutive runs of
+    examples whose padded size (texts x longest text) stays within budget tokens; an example larger than
+    the budget is a pass of its own. budget 0: one pass."""
+    out: list[tuple[list[Example], list[list[int]]]] = []
+    part: list[Example] = []
+    part_rows: list[list[int]] = []
+    pos = 0
+    for e in batch:
+        mine = rows[pos:pos + len(e.texts)]
+        pos += len(e.texts)
+        longest = max([len(r) for r in part_rows + mine])
+        if part and budget and (len(part_rows) + len(mine)) * longest > budget:
+            out.append((part, part_rows))
+            part, part_rows = [], []
+        part, part_rows = part + [e], part_rows + mine
+    if part:
+        out.append((part, part_rows))
+    return out
+
+
 def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[int], list[Example]],
              val_rated: list[RatedText], val_rankings: list[Ranking], run_dir: Path,
              logger: MetricLogger, dist: Dist | None = None) -> dict:
@@ -316,14 +343,19 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
             step_loss, stats, step_tokens = 0.0, {}, 0
             for k in range(oc.grad_accum):
                 batch = mine[k * oc.batch_size:(k + 1) * oc.batch_size]
-                enc = rm.tokenize([p for e in batch for p, _ in e.texts], [c for e in batch for _, c in e.texts])
-                loss, st = batch_loss(kind, rm.forward(**enc), batch)
-                share = loss_weight(kind, batch) / total_w
-                (loss * share).backward()
-                step_loss += loss.item() * share
-                for name, v in st.items():
-                    stats[name] = stats.get(name, 0.0) + float(v) * share
-                step_tokens += int(enc["attention_mask"].sum())
+                rows = rm.text_tokenizer.ids([p for e in batch for p, _ in e.texts],
+                                             [c for e in batch for _, c in e.texts])
+                # Passes of at most model.tokens_per_pass padded tokens: activation memory is bounded
+                # whatever the batch size and text length, and the gradients add up to the same step.
+                for part, part_rows in passes(batch, rows, cfg.model.tokens_per_pass):
+                    enc = rm.text_tokenizer.pad(part_rows, rm.device)
+                    loss, st = batch_loss(kind, rm.forward(**enc), part)
+                    share = loss_weight(kind, part) / total_w
+                    (loss * share).backward()
+                    step_loss += loss.item() * share
+                    for name, v in st.items():
+                        stats[name] = stats.get(name, 0.0) + float(v) * share
+                    step_tokens += int(enc["attention_mask"].sum())
             step_loss = dist.sum(step_loss)
             stats = {name: dist.sum(v) for name, v in stats.items()}
             tokens += int(dist.sum(step_tokens))
@@ -453,7 +485,7 @@ def evaluate_files(files: list[str], score: Scorer, cutter: TextTokenizer, cfg: 
         say = logger.write if logger is not None else print
         if warn:
             say(warn)
-        m = evaluate(score, data.rated, data.rankings, scale, "all", seed)
+        m = evaluate(score, data.rated, data.rankings, scale, "all", seed, cutter)
         m["truncation"] = cut
         out[f] = m
         for name, v in m.items():
@@ -614,9 +646,9 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         ref = [ref[i] for i in sorted(np.random.default_rng(cfg.run.seed).permutation(len(ref))[:N_REFERENCE])]
         raw = score(ref)
         rm.norm_mean, rm.norm_std = float(raw.mean()), float(raw.std()) or 1.0
-        val = evaluate(score, rated["val"], rankings["val"], None, dc.raters, cfg.run.seed)
+        val = evaluate(score, rated["val"], rankings["val"], None, dc.raters, cfg.run.seed, cutter)
         scale = val["all"]["preference_scale"] if "all" in val else 1.0  # never fitted on test
-        test = evaluate(score, rated["test"], rankings["test"], scale, dc.raters, cfg.run.seed + 1)
+        test = evaluate(score, rated["test"], rankings["test"], scale, dc.raters, cfg.run.seed + 1, cutter)
         for name, m in test.items():
             if name != "all":
                 logger.log({f"test/{name}/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, fit.get("steps", 0),
