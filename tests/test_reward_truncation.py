@@ -107,6 +107,10 @@ def test_long_prompts_train_without_ties_at_the_default_length(tmp_path, long_pa
     out = capsys.readouterr().out
     assert "longer than model.max_len=128" in out and "no test split" not in out
     assert f"test.jsonl.gz comparisons: pair_acc {m['pair_acc']:.3f}" in out and "peak RSS" in out
+    # RL scoring goes through the same interface and the same rule: two replies to one long prompt differ.
+    long = next(r for r in recs if r["prompt"].count("weather") > 1)
+    z = load_reward(s["model"])([long["prompt"]] * 2, [long["chosen"], long["rejected"]])
+    assert z[0] - z[1] > 0.1
     # The old rule cuts the replies off every long prompt: those test pairs tie, and the training pairs
     # that became identical are dropped (and counted).
     base["model"]["truncation"] = "right"
@@ -120,6 +124,8 @@ def test_long_prompts_train_without_ties_at_the_default_length(tmp_path, long_pa
     assert "comparisons have identical texts after cutting (dropped from training)" in capsys.readouterr().out
     # The saved model keeps its rule: scoring through the reward interface cuts the same way.
     rm = load_reward(s["model"])
+    z = rm([long["prompt"]] * 2, [long["chosen"], long["rejected"]])
+    assert abs(z[0] - z[1]) < 1e-5  # the same tokens (up to the last bits of a matrix product)
     assert rm.truncation == "right" and json.loads(
         (tmp_path / "right" / "run" / "final" / "reward_config.json").read_text())["truncation"] == "right"
 
