@@ -16,9 +16,16 @@ from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.models.reward import load_reward
 from rlhfkit.models.reward_text import TextTokenizer
 from rlhfkit.train import reward as R
-from tests.test_reward import cfg_for, synthetic_texts, tiny_lm_dir, write_jsonl  # noqa: F401 (fixture)
+from tests.test_reward import cfg_for, synthetic_texts, write_jsonl
 
 FILLER = "the user said that the weather was fine and then asked about the time of day again . "
+
+
+@pytest.fixture
+def tiny_lm_dir(tmp_path, tiny_model, tiny_tokenizer):
+    from rlhfkit.utils.checkpoint import save_model
+
+    return str(save_model(tmp_path / "tiny_lm", tiny_model, tiny_tokenizer))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +152,7 @@ def test_eval_model_scores_a_file_without_training(tmp_path, long_pairs, tiny_lm
 
 
 def test_gzipped_exports_read_as_plain_ones(tmp_path, long_pairs):
-    train, test, _ = long_pairs
+    _, test, _ = long_pairs
     plain = tmp_path / "test.jsonl"
     plain.write_bytes(gzip.decompress(test.read_bytes()))
     a, b = load_reward_data([str(test)], []), load_reward_data([str(plain)], [])
@@ -172,7 +179,7 @@ def test_passes_bound_the_padded_size_and_keep_every_example():
     # Budget 40: (3, 5) + (2, 2) = 4 x 5 = 20; + (9, 1) = 6 x 9 = 54 > 40, so a new pass: (9, 1) + (4, 4)
     # = 4 x 9 = 36; + (2, 2) = 54 > 40: the last example alone.
     parts = R.passes(ex, rows, 40)
-    assert [len(p) for p, _ in parts] == [2, 2, 1] and sum((r for _, r in parts), []) == rows
+    assert [len(p) for p, _ in parts] == [2, 2, 1] and [r for _, rs in parts for r in rs] == rows
     assert [len(p) for p, _ in R.passes(ex, rows, 0)] == [5]
 
 

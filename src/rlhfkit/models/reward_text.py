@@ -37,7 +37,7 @@ class CutStats:
     completion_cut: int = 0      # ... of which the completion lost tokens
     longest: int = 0             # tokens of the longest text before cutting
 
-    def add(self, other: "CutStats") -> None:
+    def add(self, other: CutStats) -> None:
         self.texts += other.texts
         self.cut += other.cut
         self.prompt_cut += other.prompt_cut
