@@ -289,10 +289,10 @@ def test_regression_on_pairs_only_is_a_clear_error(tmp_path, pairs_file):
 
 def test_length_grouped_batches_keep_every_example_once():
     rng = np.random.default_rng(0)
-    ex = [R.Example(["x" * int(n)]) for n in rng.integers(1, 200, 1000)]
+    ex = [R.Example([("", "x" * int(n))]) for n in rng.integers(1, 200, 1000)]
     out = R.length_grouped(ex, 8, rng)
     assert sorted(map(id, out)) == sorted(map(id, ex))
-    spread = [np.ptp([len(e.texts[0]) for e in out[i:i + 8]]) for i in range(0, 992, 8)]
+    spread = [np.ptp([len(e.texts[0][1]) for e in out[i:i + 8]]) for i in range(0, 992, 8)]
     assert np.mean(spread) < 20  # vs ~170 for random batches of lengths 1..199
 
 

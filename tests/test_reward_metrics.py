@@ -26,13 +26,27 @@ def test_pairwise_accuracy_by_hand():
     means = np.array([0.0, 1.0, 2.5, 3.0])
     scores = np.array([0.0, 2.0, 1.0, 3.0])
     # Pairs with |mean gap| >= 1: (1,0) (2,0) (3,0) (2,1) (3,1) -> the scores get (2,1) wrong: 4 / 5.
-    acc, n = M.pairwise_accuracy(scores, means, 1.0)
-    assert (acc, n) == (pytest.approx(0.8), 5)
+    m = M.pairwise_accuracy(scores, means, 1.0)
+    assert (m["pair_acc"], m["n_pairs"], m["ties"]) == (pytest.approx(0.8), 5, 0)
     # Pairs across groups are not compared: group a = {0, 1}, b = {2, 3} -> only (1, 0) qualifies.
-    acc, n = M.pairwise_accuracy(scores, means, 1.0, ["a", "a", "b", "b"])
-    assert (acc, n) == (1.0, 1)
-    # A score tie counts one half.
-    assert M.pairwise_accuracy(np.array([1.0, 1.0]), np.array([0.0, 2.0]), 1.0) == (0.5, 1)
+    m = M.pairwise_accuracy(scores, means, 1.0, ["a", "a", "b", "b"])
+    assert (m["pair_acc"], m["n_pairs"]) == (1.0, 1)
+    # A score tie is not a win; counted as such, and as half a win in the ties-as-half figure.
+    m = M.pairwise_accuracy(np.array([1.0, 1.0]), np.array([0.0, 2.0]), 1.0)
+    assert (m["pair_acc"], m["ties"], m["tie_share"], m["pair_acc_ties_half"]) == (0.0, 1, 1.0, 0.5)
+
+
+def test_pair_metrics_count_ties_apart_by_hand():
+    # 10 pairs: 6 right, 3 tied, 1 wrong -> strict 0.6, ties 3 (0.3), ties as half (6 + 1.5) / 10 = 0.75.
+    d = np.array([1, 2, 3, 0.5, 0.1, 9, 0, 0, 0, -1.0])
+    m = M.pair_metrics(d)
+    assert (m["pair_acc"], m["ties"], m["tie_share"], m["pair_acc_ties_half"], m["n_pairs"]) == (
+        pytest.approx(0.6), 3, pytest.approx(0.3), pytest.approx(0.75), 10)
+    # Wilson 95% for 6 / 10: centre (0.6 + 1.96^2 / 20) / (1 + 1.96^2 / 10) = 0.79208 / 1.38416 = 0.57225,
+    # half-width 1.96 sqrt(0.024 + 1.96^2 / 400) / 1.38416 = 0.25958 -> [0.31267, 0.83183].
+    assert (m["pair_acc_lo"], m["pair_acc_hi"]) == (pytest.approx(0.31267, abs=1e-4),
+                                                    pytest.approx(0.83183, abs=1e-4))
+    assert M.wilson_interval(0, 0) != M.wilson_interval(0, 0)  # nan: nothing to count
 
 
 def test_rater_preference_by_hand():
@@ -88,7 +102,8 @@ def test_encoder_cache_reuses_features_and_is_keyed_by_model(tmp_path, tiny_mode
     assert np.allclose(first, alone, atol=1e-5)
     calls = []
     real_call = Encoder.__call__
-    monkeypatch.setattr(Encoder, "__call__", lambda self, t: (calls.append(list(t)), real_call(self, t))[1])
+    monkeypatch.setattr(Encoder, "__call__",
+                        lambda self, t, p=None: (calls.append(list(t)), real_call(self, t, p))[1])
     again = enc.encode(texts[::-1] + ["new text"])
     assert calls == [["new text"]]  # only the unseen text went through the model
     assert np.allclose(again[:3], first[::-1])

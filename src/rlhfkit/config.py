@@ -331,14 +331,25 @@ class RewardModelConfig:
                                                 "one with the best validation score is kept")
     layers: int = opt(-1, "linear: pool the output of the encoder's first N transformer blocks only (-1 = all; "
                           "0 = the token embeddings alone, the fastest features to score with)")
-    max_len: int = opt(128, "truncate each text to this many tokens")
+    max_len: int = opt(128, "tokens of prompt + completion the model reads (special tokens included); longer "
+                            "texts are cut by model.truncation")
+    truncation: Literal["left", "right", "error"] = opt(
+        "left", "how a text longer than max_len is cut: left = keep the completion whole (its first max_len "
+                "tokens if it alone is longer) and cut the prompt from the left; right = cut the joined text "
+                "from the right (a long prompt leaves nothing of the completion); error = refuse such texts. "
+                "Saved with the model: RL scoring, evaluation and labelers cut the same way")
     bf16: bool = opt(False, "run the encoder / backbone under bfloat16 autocast (fast on GPUs and on CPUs "
                             "with AMX or AVX-512 BF16; scores move by ~1e-3)")
     gradient_checkpointing: bool = opt(False, "deep: recompute the backbone's activations in backward to save "
                                               "memory (same gradients)")
+    tokens_per_pass: int = opt(2048, "deep: run each micro-batch in forward/backward passes of at most this many "
+                                     "padded tokens (texts x longest text), adding up the gradients: the same "
+                                     "step, with activation memory bounded by this instead of by batch size x "
+                                     "max_len; 0 = the whole micro-batch in one pass")
 
     def check(self) -> None:
         _positive(self, "max_len")
+        _non_negative(self, "tokens_per_pass")
         _non_negative(self, "lora_r")
         if not self.backbone:
             raise ConfigError(f"{here('backbone')} is empty: use 'minilm', an HF model directory or a GGUF file")
@@ -370,7 +381,8 @@ class RewardDataConfig:
                "gold and a proxy reward model learn from different people")
     test_fraction: float = opt(0.1, "fraction of items held out for the final test, never trained on; an "
                                     "item's split is a hash of its id and split_seed, so it is the same in "
-                                    "every run and every mix of domains")
+                                    "every run and every mix of domains (docs/formats.md: what the id is "
+                                    "for each kind of record); 0 = no test split (use eval.file)")
     val_fraction: float = opt(0.05, "fraction of items held out for validation (picks the L2 penalty or "
                                     "the best step, and the preference scale)")
     split_seed: int = opt(0, "seed of the item split")
@@ -379,10 +391,10 @@ class RewardDataConfig:
     def check(self) -> None:
         if not self.source:
             raise ConfigError(f"{here('source')} is empty")
-        if not 0.0 < self.test_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0 or \
+        if not 0.0 <= self.test_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0 or \
                 self.test_fraction + self.val_fraction >= 1.0:
-            raise ConfigError(f"{here('test_fraction')} and {here('val_fraction')} must be in (0, 1) and sum "
-                              "to less than 1")
+            raise ConfigError(f"{here('test_fraction')} must be in [0, 1), {here('val_fraction')} in (0, 1), "
+                              "and they must sum to less than 1")
         _non_negative(self, "max_items")
 
 
@@ -412,12 +424,26 @@ class RewardLossConfig:
 
 
 @dataclass
+class RewardEvalConfig:
+    file: list = opt([], "feedback files (pairs, rankings, edits or ratings; .jsonl, .json or .jsonl.gz) to "
+                         "evaluate the reward model on, every record of them (no split), after training or "
+                         "with eval.model instead of training")
+    model: str = opt("", "a saved reward model directory: evaluate it on eval.file and train nothing")
+
+    def check(self) -> None:
+        if self.model and not self.file:
+            raise ConfigError(f"{here('model')} needs {here('file')}: the files to evaluate it on")
+
+
+@dataclass
 class RewardConfig:
     """Train a reward model on human ratings, pairs, rankings or edits; measure it on held-out items."""
 
     model: RewardModelConfig = section(RewardModelConfig, "linear or deep reward model, features / backbone")
     data: RewardDataConfig = section(RewardDataConfig, "feedback to learn from and the held-out split")
     loss: RewardLossConfig = section(RewardLossConfig, "training objective")
+    eval: RewardEvalConfig = section(RewardEvalConfig, "held-out files to evaluate on, or a saved model to "
+                                                       "evaluate without training")
     optim: OptimConfig = opt(OptimConfig(lr=5e-5, warmup_steps=30, weight_decay=0.01, max_steps=600),
                              "deep: optimizer, schedule and batch sizes (batch_size counts ratings, pairs or "
                              "rankings); linear fits are closed-form (regression) or L-BFGS (bt, ranking)")
@@ -425,9 +451,15 @@ class RewardConfig:
     run: RunConfig = section(RunConfig, "seed, device and run control")
     epochs: float = opt(0.0, "deep: if > 0, set optim.max_steps to cover this many passes over the training "
                              "examples")
+    select: Literal["best", "last"] = opt(
+        "best", "deep: keep the step with the best validation score (ties go to the later step) or the "
+                "last step (a small validation set picks a best step largely by chance)")
 
     def check(self) -> None:
         _non_negative(self, "epochs")
+        if self.select == "last" and self.model.kind == "linear":
+            raise ConfigError(f"{here('select')}=last is for deep reward models (a linear fit has no steps; "
+                              "validation picks its L2 penalty)")
 
 
 

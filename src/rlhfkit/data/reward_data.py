@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhfkit.data.sources import VADER_DOMAINS, read_jsonl_records, vader_items
+from rlhfkit.data.sources import VADER_DOMAINS, read_jsonl_records, read_text_file, vader_items
 from rlhfkit.errors import DataError
 
 
@@ -83,10 +83,11 @@ def load_reward_data(sources: list[str], domains: list[str], raters: str = "all"
                 data.rated.append(RatedText(it.id, it.domain, "", it.text,
                                             [float(r) for r in rater_half(it.ratings, raters)],
                                             [float(r) for r in it.ratings]))
-        elif src.endswith((".jsonl", ".json")):
+        elif src.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
             _load_export(Path(src), raters, data)
         else:
-            raise DataError(f"reward data source {src!r}: expected 'vader' or a feedback export .jsonl file")
+            raise DataError(f"reward data source {src!r}: expected 'vader' or a feedback export file (.jsonl, "
+                            ".json, or either gzipped: .jsonl.gz)")
     if not data.rated and not data.rankings:
         raise DataError(f"no reward training data in {', '.join(sources)}")
     return data
@@ -105,8 +106,8 @@ def _load_export(path: Path, raters: str, data: RewardData) -> None:
         raise DataError(f"{path}:1: cannot tell the export kind: expected a 'rating', 'chosen', 'completions' or "
                         f"'edited' field (docs/formats.md), got {', '.join(first) or 'no fields'}")
     records = read_jsonl_records(path, required)  # again, now checking the kind's string fields
-    if path.suffix == ".jsonl":
-        lines = [i for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    if not path.name.endswith((".json", ".json.gz")):
+        lines = [i for i, ln in enumerate(read_text_file(path).splitlines(), 1) if ln.strip()]
         where = [f"{path}:{i}" for i in lines]
     else:
         where = [f"{path}: item {i}" for i in range(len(records))]

@@ -263,21 +263,33 @@ def chatterbot_pairs() -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------------
 # Local files and HF datasets
 # --------------------------------------------------------------------------------------------------
-def read_jsonl_records(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Records of a .jsonl (one object per line) or .json (a list of objects) file.
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file, gzip-compressed if its name ends in .gz; errors name the file (and line)."""
+    import gzip
 
-    Errors name the file, the line and what is wrong; `required` fields must be present and strings.
-    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{p}: not a readable gzip file ({e})") from None
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{p}:{line}: not valid UTF-8 ({e.reason})") from None
+
+
+def read_jsonl_records(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Records of a .jsonl (one object per line) or .json (a list of objects) file, either gzipped (.gz).
+
+    Errors name the file, the line and what is wrong; `required` fields must be present and strings.
+    """
+    p = Path(path)
+    text = read_text_file(p)
     records: list[tuple[int, Any]] = []
-    if p.suffix == ".json":
+    if p.name.endswith((".json", ".json.gz")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -2,7 +2,10 @@
 
 Pure numpy on scores and human ratings:
   pearson / spearman        model score vs the human mean rating of each text
-  pairwise_accuracy         over all pairs of texts (of one domain) whose human means differ by >= min_diff
+  pair_metrics              accuracy of score differences over pairs, said three ways: strict (a tie is
+                            wrong), ties (count and share) and ties-as-half; with a 95% Wilson interval
+  pairwise_accuracy         pair_metrics over all pairs of texts (of one domain) whose human means differ
+                            by >= min_diff
   rater_preference          P(a random rater of text a rates it above a random rater of text b), ties 1/2:
                             the empirical preference a Bradley-Terry probability should match
   preference_scale / ece    temperature of sigmoid(s * (r_a - r_b)) fitted to rater preferences, and the
@@ -44,21 +47,44 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion k / n; (nan, nan) for n = 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(mid - half), float(mid + half)
+
+
+def pair_metrics(diffs: np.ndarray) -> dict:
+    """Accuracy of score differences (preferred minus other), (P,) -> counts and shares. A tie (equal
+    scores, e.g. two texts identical after truncation) is not a win: `pair_acc` is strict, `ties` and
+    `tie_share` say how many, `pair_acc_ties_half` counts each as half a win (what a coin flip would get).
+    The interval is Wilson's for the strict accuracy, treating pairs as independent (pairs expanded from
+    one ranking are not, so it is then too narrow)."""
+    d = np.asarray(diffs, float)
+    n, wins, ties = len(d), int((d > 0).sum()), int((d == 0).sum())
+    lo, hi = wilson_interval(wins, n)
+    nan = float("nan")
+    return {"pair_acc": wins / n if n else nan, "pair_acc_lo": lo, "pair_acc_hi": hi, "ties": ties,
+            "tie_share": ties / n if n else nan, "pair_acc_ties_half": (wins + 0.5 * ties) / n if n else nan,
+            "n_pairs": n}
+
+
 def pairwise_accuracy(scores: np.ndarray, means: np.ndarray, min_diff: float = 1.0,
-                      groups: Sequence[str] | None = None) -> tuple[float, int]:
-    """Fraction of pairs (within a group) with |mean_a - mean_b| >= min_diff that the scores order the
-    same way (a score tie counts 1/2). Returns (accuracy, number of pairs)."""
+                      groups: Sequence[str] | None = None) -> dict:
+    """pair_metrics over the pairs (within a group) with |mean_a - mean_b| >= min_diff, the differences
+    taken higher-rated minus lower-rated."""
     scores, means = np.asarray(scores, float), np.asarray(means, float)
     groups = np.asarray(groups if groups is not None else [""] * len(scores))
-    right, total = 0.0, 0
+    diffs = []
     for g in np.unique(groups):
         s, m = scores[groups == g], means[groups == g]
         dm = m[:, None] - m[None, :]  # (n, n); each unordered pair appears once with dm > 0
         ds = s[:, None] - s[None, :]
-        sel = dm >= min_diff
-        right += float((ds[sel] > 0).sum() + 0.5 * (ds[sel] == 0).sum())
-        total += int(sel.sum())
-    return (right / total if total else float("nan")), total
+        diffs.append(ds[dm >= min_diff])
+    return pair_metrics(np.concatenate(diffs) if diffs else np.zeros(0))
 
 
 def rater_preference(a: Sequence[float], b: Sequence[float]) -> float:
@@ -140,14 +166,17 @@ def rating_metrics(scores: np.ndarray, ratings: Sequence[Sequence[float]], group
     """All agreement metrics of raw scores with rated texts. `scale` = the preference scale to use for
     calibration (None: fit it here, which is only fair on a validation split)."""
     means = np.array([np.mean(r) for r in ratings])
-    acc, n_pairs = pairwise_accuracy(scores, means, 1.0, groups)
+    pm = pairwise_accuracy(scores, means, 1.0, groups)
     a, b = sample_pairs(groups, n_cal_pairs, rng)
     target = np.array([rater_preference(ratings[i], ratings[j]) for i, j in zip(a, b)])
     diffs = scores[a] - scores[b]
     s = preference_scale(diffs, target) if scale is None else scale
     cal, table = ece(_sigmoid(s * diffs), target)
     return {"pearson": pearson(scores, means), "spearman": spearman(scores, means),
-            "pair_acc_gap1": acc, "n_pairs_gap1": n_pairs, "ece": cal, "preference_scale": s,
+            "pair_acc_gap1": pm["pair_acc"], "pair_acc_gap1_lo": pm["pair_acc_lo"],
+            "pair_acc_gap1_hi": pm["pair_acc_hi"], "ties_gap1": pm["ties"],
+            "pair_acc_gap1_ties_half": pm["pair_acc_ties_half"], "n_pairs_gap1": pm["n_pairs"],
+            "ece": cal, "preference_scale": s,
             # The raw scores of a Bradley-Terry model are logits: how calibrated are they untouched?
             "ece_raw": ece(_sigmoid(diffs), target)[0], "n": len(scores), "reliability": table}
 

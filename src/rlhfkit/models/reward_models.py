@@ -4,7 +4,9 @@
     deep    a transformer backbone + scalar head (ScalarHeadModel), pooled over the text
 
 Both score the text prompt + completion exactly as the policy produced it (a completion continues its
-prompt; a free-standing snippet has an empty prompt), and return rewards normalised to mean 0 / std 1 on
+prompt; a free-standing snippet has an empty prompt), cut to max_len tokens by one rule
+(rlhfkit.models.reward_text: by default the prompt loses tokens from the left and the completion is kept
+whole), and return rewards normalised to mean 0 / std 1 on
 the reference set recorded at training time. A saved model is a directory:
 
     reward_config.json     kind, normalisation, how it was trained, its evaluation metrics
@@ -27,10 +29,11 @@ from typing import Any
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.embeddings import MINILM, Encoder
+from rlhfkit.models.embeddings import MINILM, Encoder, unique_rows
 from rlhfkit.models.heads import ScalarHeadModel, last_token_index
 from rlhfkit.models.ops import masked_mean
 from rlhfkit.models.reward import RewardFunction
+from rlhfkit.models.reward_text import TextTokenizer
 
 CONFIG_FILE = "reward_config.json"
 CAUSAL_TYPES = ("llama", "gpt2", "mistral", "qwen2", "qwen3", "gemma", "phi3")
@@ -51,22 +54,22 @@ class TextRewardModel(RewardFunction):
         self.info = dict(info or {})
         self.name = self.info.get("name", self.kind)
 
-    def raw_scores(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unnormalised scores: (N,) float32 on the CPU."""
-        raise NotImplementedError
+    truncation = "left"
 
-    def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return (self.raw_scores(texts) - self.norm_mean) / self.norm_std
+    def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """Unnormalised scores of prompt + completion: (N,) float32 on the CPU."""
+        raise NotImplementedError
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        return self.score_texts([join_text(p, c) for p, c in zip(prompts, completions)])
+        return (self.raw_scores(prompts, completions) - self.norm_mean) / self.norm_std
 
     def write_config(self, path: Path, extra: dict[str, Any]) -> None:
         cfg = {"kind": self.kind, "format_version": 1,
                "normalization": {"mean": self.norm_mean, "std": self.norm_std},
-               "text": "prompt + completion, concatenated as generated", **self.info, **extra}
+               "text": "prompt + completion, concatenated as generated", "truncation": self.truncation,
+               **self.info, **extra}
         (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
 
 
@@ -82,13 +85,14 @@ class LinearRewardModel(TextRewardModel):
         self.encoder = encoder
         self.w, self.b = w.float().cpu(), float(b)  # (D,), scalar
         self.feat_mean, self.feat_std = feat_mean.float().cpu(), feat_std.float().cpu()  # (D,) each
+        self.truncation = encoder.truncation
 
     def from_features(self, phi: torch.Tensor) -> torch.Tensor:
         """Raw scores of precomputed features: (N, D) -> (N,)."""
         return ((phi.float().cpu() - self.feat_mean) / self.feat_std) @ self.w + self.b
 
-    def raw_scores(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.from_features(self.encoder(list(texts)))
+    def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        return self.from_features(self.encoder(list(completions), list(prompts)))
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from safetensors.torch import save_file
@@ -105,7 +109,7 @@ class LinearRewardModel(TextRewardModel):
             encoder = "encoder"
         features = {"encoder": encoder, "encoder_source": self.encoder.spec, "pooling": "mean",
                     "layers": self.encoder.layers, "max_len": self.encoder.max_len, "bf16": self.encoder.bf16,
-                    "dim": self.encoder.dim}
+                    "dim": self.encoder.dim, "truncation": self.encoder.truncation}
         self.write_config(path, {"features": features, **(extra or {})})
         return path
 
@@ -117,8 +121,9 @@ def load_linear(path: str | Path, device: str | torch.device = "cpu") -> LinearR
     cfg = json.loads((path / CONFIG_FILE).read_text())
     feat = cfg["features"]
     spec = MINILM if feat["encoder"] == MINILM else str(path / feat["encoder"])
+    # Models saved before the truncation rule was recorded cut their texts from the right.
     enc = Encoder(spec, device=device, max_len=feat["max_len"], bf16=feat.get("bf16", False),
-                  layers=feat.get("layers", -1))
+                  layers=feat.get("layers", -1), truncation=feat.get("truncation", "right"))
     t = load_file(str(path / "linear.safetensors"))
     return LinearRewardModel(enc, t["w"], float(t["b"][0]), t["feat_mean"], t["feat_std"],
                              **_norm_kw(cfg))
@@ -139,7 +144,7 @@ class DeepRewardModel(TextRewardModel):
     kind = "deep"
 
     def __init__(self, net: ScalarHeadModel, tokenizer: Any, pooling: str = "mean", max_len: int = 128,
-                 batch_size: int = 64, bf16: bool = False, **kw: Any) -> None:
+                 batch_size: int = 64, bf16: bool = False, truncation: str = "left", **kw: Any) -> None:
         super().__init__(**kw)
         causal = getattr(net.config, "model_type", "") in CAUSAL_TYPES
         if pooling == "cls" and causal:
@@ -147,15 +152,16 @@ class DeepRewardModel(TextRewardModel):
                               "seeing the text; use 'last' or 'mean'")
         self.net, self.tokenizer, self.pooling = net, tokenizer, pooling
         self.max_len, self.batch_size, self.bf16 = max_len, batch_size, bf16
+        self.truncation = truncation
+        self.text_tokenizer = TextTokenizer(tokenizer, max_len, truncation)
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+    def tokenize(self, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask (B, T) of prompt + completion, cut by the truncation rule."""
+        return self.text_tokenizer.batch(prompts, completions, self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Differentiable raw scores: (B, T) -> (B,) float32."""
@@ -169,16 +175,17 @@ class DeepRewardModel(TextRewardModel):
         return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
     @torch.no_grad()
-    def raw_scores(self, texts: Sequence[str]) -> torch.Tensor:
+    def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         was_training = self.net.training
         self.net.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts))
-        for s in range(0, len(texts), self.batch_size):
+        rows, where = unique_rows(self.text_tokenizer.ids(prompts, completions))  # same tokens, same score
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out = torch.empty(len(rows))
+        for s in range(0, len(rows), self.batch_size):
             idx = order[s:s + self.batch_size]
-            out[idx] = self.forward(**self.tokenize([texts[i] for i in idx])).cpu()
+            out[idx] = self.forward(**self.text_tokenizer.pad([rows[i] for i in idx], self.device)).cpu()
         self.net.train(was_training)
-        return out
+        return out[where]
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         path = Path(path)
@@ -197,5 +204,5 @@ def load_deep(path: str | Path, device: str | torch.device = "cpu") -> DeepRewar
     net = ScalarHeadModel.from_pretrained(path).to(device).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "right"  # saved with the model; set again in case an older tokenizer config says left
-    return DeepRewardModel(net, tok, cfg["pooling"], cfg["max_len"],
-                           bf16=cfg.get("bf16", False), **_norm_kw(cfg))
+    return DeepRewardModel(net, tok, cfg["pooling"], cfg["max_len"], bf16=cfg.get("bf16", False),
+                           truncation=cfg.get("truncation", "right"), **_norm_kw(cfg))

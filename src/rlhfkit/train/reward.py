@@ -25,6 +25,7 @@ A linear model's fit (closed form / L-BFGS on cached features) runs on rank 0 wh
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,8 @@ from rlhfkit.eval import reward_metrics as M
 from rlhfkit.models.embeddings import Encoder, load_base_model
 from rlhfkit.models.factory import apply_lora, enable_gradient_checkpointing, lr_lambda, make_optimizer
 from rlhfkit.models.heads import ScalarHeadModel
-from rlhfkit.models.reward_models import DeepRewardModel, LinearRewardModel
+from rlhfkit.models.reward_models import DeepRewardModel, LinearRewardModel, TextRewardModel
+from rlhfkit.models.reward_text import CutStats, TextTokenizer, cut_message
 from rlhfkit.train.reward_losses import bradley_terry_loss, ranking_loss, ranking_to_pairs, regression_loss
 from rlhfkit.utils.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rlhfkit.utils.distributed import Dist
@@ -62,7 +64,7 @@ N_REFERENCE = 2048  # training texts the normalisation mean/std are measured on
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class Example:
-    texts: list[str]      # one rated text, or completions best first (a pair is K = 2)
+    texts: list[tuple[str, str]]  # (prompt, completion): one rated text, or completions best first (a pair is K = 2)
     target: float = 0.0   # regression: standardised mean rating
     weight: float = 1.0   # regression: relative number of ratings behind the target (target=individual)
     margin: float = 0.0   # bt: margin in reward units
@@ -73,20 +75,27 @@ def make_examples(cfg: RewardConfig, rated: list[RatedText], rankings: list[Rank
     loss = cfg.loss
     if loss.kind == "regression":
         n_avg = float(np.mean([len(it.ratings) for it in rated]))
-        ex = [Example([it.text], (it.mean - y_mu) / y_sd,
+        ex = [Example([(it.prompt, it.completion)], (it.mean - y_mu) / y_sd,
                       len(it.ratings) / n_avg if loss.target == "individual" else 1.0) for it in rated]
     elif loss.kind == "bt":
         ex = [Example([c, r], margin=loss.margin * rk.margin)
-              for rk in rankings for c, r in ranking_to_pairs([rk.prompt + c for c in rk.completions])]
-        ex += [Example([rated[i].text, rated[j].text], margin=loss.margin * gap)
+              for rk in rankings for c, r in ranking_to_pairs([(rk.prompt, c) for c in rk.completions])]
+        ex += [Example([_pc(rated[i]), _pc(rated[j])], margin=loss.margin * gap)
                for i, j, gap in rated_pairs(rated, loss.per_item, loss.min_gap, rng)]
     else:  # ranking: each ranking stays one example (InstructGPT), rated texts give K-wise rankings
-        ex = [Example([rk.prompt + c for c in rk.completions]) for rk in rankings]
+        ex = [Example([(rk.prompt, c) for c in rk.completions]) for rk in rankings]
         n_groups = len(rated) * loss.per_item // loss.group_size
-        ex += [Example([rated[i].text for i in g])
+        ex += [Example([_pc(rated[i]) for i in g])
                for g in rated_groups(rated, n_groups, loss.group_size, loss.min_gap, rng)]
     order = rng.permutation(len(ex))
     return [ex[i] for i in order]
+
+
+def _pc(it: RatedText) -> tuple[str, str]:
+    return it.prompt, it.completion
+
+
+Scorer = Callable[[list[tuple[str, str]]], np.ndarray]  # raw scores of (prompt, completion) texts
 
 
 def length_grouped(examples: list[Example], batch_size: int, rng: np.random.Generator) -> list[Example]:
@@ -96,7 +105,7 @@ def length_grouped(examples: list[Example], batch_size: int, rng: np.random.Gene
     window = batch_size * 50
     full, partial = [], []
     for s in range(0, len(examples), window):
-        part = sorted(examples[s:s + window], key=lambda e: max(len(t) for t in e.texts))
+        part = sorted(examples[s:s + window], key=lambda e: max(len(p) + len(c) for p, c in e.texts))
         for i in range(0, len(part), batch_size):
             (full if len(part[i:i + batch_size]) == batch_size else partial).append(part[i:i + batch_size])
     return [e for i in rng.permutation(len(full)) for e in full[i]] + [e for b in partial for e in b]
@@ -127,26 +136,34 @@ def loss_weight(kind: str, batch: list[Example]) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
-def comparison_accuracy(score: Callable[[list[str]], np.ndarray], rankings: list[Ranking]) -> dict:
-    pairs = [p for rk in rankings for p in ranking_to_pairs([rk.prompt + c for c in rk.completions])]
-    s = score([t for p in pairs for t in p]).reshape(-1, 2)
-    return {"pair_acc": float(np.mean((s[:, 0] > s[:, 1]) + 0.5 * (s[:, 0] == s[:, 1]))), "n_pairs": len(pairs)}
+def comparison_accuracy(score: Scorer, rankings: list[Ranking], cutter: TextTokenizer | None = None) -> dict:
+    """Strict pairwise accuracy, ties and ties-as-half over every pair the rankings imply
+    (M.pair_metrics). With the model's cutter, a pair whose two texts are the same tokens after cutting is
+    a tie whatever float noise of batching says."""
+    pairs = [p for rk in rankings for p in ranking_to_pairs([(rk.prompt, c) for c in rk.completions])]
+    flat = [t for p in pairs for t in p]
+    diff = score(flat).reshape(-1, 2) @ np.array([1.0, -1.0])
+    if cutter is not None and pairs:
+        rows = cutter.ids([p for p, _ in flat], [c for _, c in flat])
+        cutter.take_stats()  # counted once, by cut_split
+        diff[np.array([a == b for a, b in zip(rows[0::2], rows[1::2])])] = 0.0
+    return M.pair_metrics(diff)
 
 
-def val_score(score: Callable[[list[str]], np.ndarray], rated: list[RatedText], rankings: list[Ranking]) -> float:
+def val_score(score: Scorer, rated: list[RatedText], rankings: list[Ranking]) -> float:
     """What model selection maximises: Pearson r with the mean rating of the validation texts, or (no
-    rated texts) pairwise accuracy on validation comparisons."""
+    rated texts) strict pairwise accuracy on validation comparisons."""
     if rated:
-        return M.pearson(score([it.text for it in rated]), [it.mean for it in rated])
+        return M.pearson(score([_pc(it) for it in rated]), [it.mean for it in rated])
     return comparison_accuracy(score, rankings)["pair_acc"] if rankings else float("nan")
 
 
-def evaluate(score: Callable[[list[str]], np.ndarray], rated: list[RatedText], rankings: list[Ranking],
-             scale: float | None, raters: str, seed: int) -> dict[str, Any]:
+def evaluate(score: Scorer, rated: list[RatedText], rankings: list[Ranking],
+             scale: float | None, raters: str, seed: int, cutter: TextTokenizer | None = None) -> dict[str, Any]:
     """Full metrics on a split, per domain. scale None = fit the preference scale here (validation only)."""
     out: dict[str, Any] = {}
     if rated:
-        s = score([it.text for it in rated])
+        s = score([_pc(it) for it in rated])
         domains = np.array([it.domain for it in rated])
         ratings = [it.all_ratings for it in rated]
         allm = M.rating_metrics(s, ratings, domains, scale, np.random.default_rng(seed))
@@ -164,7 +181,7 @@ def evaluate(score: Callable[[list[str]], np.ndarray], rated: list[RatedText], r
                 m["vader_lexicon_r"] = M.pearson(lexicon, [np.mean(ratings[i]) for i in sel])
             out[d] = m
     if rankings:
-        out["comparisons"] = comparison_accuracy(score, rankings)
+        out["comparisons"] = comparison_accuracy(score, rankings, cutter)
     return out
 
 
@@ -202,7 +219,7 @@ def fit_linear(cfg: RewardConfig, enc: Encoder, examples: list[Example], val_rat
                val_rankings: list[Ranking], logger: MetricLogger) -> tuple[LinearRewardModel, dict]:
     texts = sorted({t for e in examples for t in e.texts})
     row = {t: i for i, t in enumerate(texts)}
-    X = torch.from_numpy(enc.encode(texts, progress=True))  # (N, D), from the disk cache when seen before
+    X = torch.from_numpy(enc.encode([c for _, c in texts], [p for p, _ in texts], progress=True))  # (N, D)
     mu, sd = X.mean(0), X.std(0).clamp(min=1e-6)
     Z = (X - mu) / sd
     flat = torch.tensor([row[t] for e in examples for t in e.texts])
@@ -219,8 +236,14 @@ def fit_linear(cfg: RewardConfig, enc: Encoder, examples: list[Example], val_rat
                 "solver": "closed_form" if cfg.loss.kind == "regression" else "lbfgs"}
 
 
-def _cached_scorer(rm: LinearRewardModel, enc: Encoder) -> Callable[[list[str]], np.ndarray]:
-    return lambda texts: rm.from_features(torch.from_numpy(enc.encode(texts))).numpy()
+def _cached_scorer(rm: LinearRewardModel, enc: Encoder) -> Scorer:
+    """Raw scores from the disk cache of features (the texts seen in training are not encoded again)."""
+    return lambda pcs: rm.from_features(torch.from_numpy(enc.encode([c for _, c in pcs],
+                                                                   [p for p, _ in pcs]))).numpy()
+
+
+def _model_scorer(rm: Any) -> Scorer:
+    return lambda pcs: rm.raw_scores([p for p, _ in pcs], [c for _, c in pcs]).numpy()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,7 +257,29 @@ def build_deep(cfg: RewardConfig, device: torch.device) -> DeepRewardModel:
     if cfg.model.lora_r:
         # Adapters on every linear layer of the backbone; the scalar head is trained in full.
         net.backbone = apply_lora(backbone, cfg.model, causal_lm=False)
-    return DeepRewardModel(net.to(device), tok, cfg.model.pooling, cfg.model.max_len, bf16=cfg.model.bf16)
+    return DeepRewardModel(net.to(device), tok, cfg.model.pooling, cfg.model.max_len, bf16=cfg.model.bf16,
+                           truncation=cfg.model.truncation)
+
+
+def passes(batch: list[Example], rows: list[list[int]], budget: int) -> list[tuple[list[Example], list[list[int]]]]:
+    """Split a micro-batch (and its token rows, in the order of its texts) into consecutive runs of
+    examples whose padded size (texts x longest text) stays within budget tokens; an example larger than
+    the budget is a pass of its own. budget 0: one pass."""
+    out: list[tuple[list[Example], list[list[int]]]] = []
+    part: list[Example] = []
+    part_rows: list[list[int]] = []
+    pos = 0
+    for e in batch:
+        mine = rows[pos:pos + len(e.texts)]
+        pos += len(e.texts)
+        longest = max([len(r) for r in part_rows + mine])
+        if part and budget and (len(part_rows) + len(mine)) * longest > budget:
+            out.append((part, part_rows))
+            part, part_rows = [], []
+        part, part_rows = part + [e], part_rows + mine
+    if part:
+        out.append((part, part_rows))
+    return out
 
 
 def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[int], list[Example]],
@@ -298,14 +343,19 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
             step_loss, stats, step_tokens = 0.0, {}, 0
             for k in range(oc.grad_accum):
                 batch = mine[k * oc.batch_size:(k + 1) * oc.batch_size]
-                enc = rm.tokenize([t for e in batch for t in e.texts])
-                loss, st = batch_loss(kind, rm.forward(**enc), batch)
-                share = loss_weight(kind, batch) / total_w
-                (loss * share).backward()
-                step_loss += loss.item() * share
-                for name, v in st.items():
-                    stats[name] = stats.get(name, 0.0) + float(v) * share
-                step_tokens += int(enc["attention_mask"].sum())
+                rows = rm.text_tokenizer.ids([p for e in batch for p, _ in e.texts],
+                                             [c for e in batch for _, c in e.texts])
+                # Passes of at most model.tokens_per_pass padded tokens: activation memory is bounded
+                # whatever the batch size and text length, and the gradients add up to the same step.
+                for part, part_rows in passes(batch, rows, cfg.model.tokens_per_pass):
+                    enc = rm.text_tokenizer.pad(part_rows, rm.device)
+                    loss, st = batch_loss(kind, rm.forward(**enc), part)
+                    share = loss_weight(kind, part) / total_w
+                    (loss * share).backward()
+                    step_loss += loss.item() * share
+                    for name, v in st.items():
+                        stats[name] = stats.get(name, 0.0) + float(v) * share
+                    step_tokens += int(enc["attention_mask"].sum())
             step_loss = dist.sum(step_loss)
             stats = {name: dist.sum(v) for name, v in stats.items()}
             tokens += int(dist.sum(step_tokens))
@@ -328,9 +378,9 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
                 t_log, tok_log = time.time(), tokens
             if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == oc.max_steps:
                 # Every rank scores the validation set (the same numbers); rank 0 keeps the best weights.
-                v = val_score(lambda t: rm.raw_scores(t).numpy(), val_rated, val_rankings)
+                v = val_score(_model_scorer(rm), val_rated, val_rankings)
                 logger.log({"val/score": v}, step)
-                if v > best_val or not have_best:
+                if cfg.select == "best" and (v >= best_val or not have_best):  # ties: the later step
                     best_val, have_best = v, True
                     if dist.is_main:
                         torch.save(net.state_dict(), best_file.with_suffix(".tmp"))
@@ -344,20 +394,142 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
                 break
         if saved != step:
             checkpoint()
-    if not have_best and dist.is_main:  # stopped before the first evaluation: keep the last weights
-        torch.save(net.state_dict(), best_file)
-    dist.barrier()
-    net.load_state_dict(torch.load(best_file, map_location=rm.device, weights_only=True))
+    if cfg.select == "best":
+        if not have_best and dist.is_main:  # stopped before the first evaluation: keep the last weights
+            torch.save(net.state_dict(), best_file)
+        dist.barrier()
+        net.load_state_dict(torch.load(best_file, map_location=rm.device, weights_only=True))
+    else:  # select last: the weights as they are; report the last validation score
+        best_val = val_score(_model_scorer(rm), val_rated, val_rankings)
     if cfg.model.lora_r:  # fold the adapters in: the saved model is a plain backbone, no peft to load it
         net.backbone = net.backbone.merge_and_unload()
-    return {"steps": step, "stopped_early": step < oc.max_steps, "val_score": best_val, "tokens": tokens,
+    return {"steps": step, "stopped_early": step < oc.max_steps, "val_score": best_val, "select": cfg.select,
+            "tokens": tokens,
             "train_s": round(time.time() - t0, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Truncation, counts, the run's last line
+# ---------------------------------------------------------------------------------------------------
+def cut_split(cutter: TextTokenizer, rated: list[RatedText], rankings: list[Ranking]) -> tuple[list[Ranking], dict]:
+    """Cut every text of a split by the model's rule (rlhfkit.models.reward_text) and count what it did:
+    texts cut, and comparisons whose completions became the same tokens. Returns the rankings without
+    those duplicates (a lower-ranked copy is dropped; a pair then has nothing left to compare) and the
+    counts. Training uses the returned rankings; evaluation keeps them all (identical texts score as ties,
+    which the metrics count)."""
+    cutter.take_stats()
+    texts = [_pc(it) for it in rated] + [(rk.prompt, c) for rk in rankings for c in rk.completions]
+    ids = cutter.ids([p for p, _ in texts], [c for _, c in texts])
+    st = cutter.take_stats()
+    pos, kept, identical = len(rated), [], 0
+    for rk in rankings:
+        rows = ids[pos:pos + len(rk.completions)]
+        pos += len(rk.completions)
+        seen: set[tuple[int, ...]] = set()
+        comps = []
+        for c, r in zip(rk.completions, rows):
+            if tuple(r) not in seen:
+                seen.add(tuple(r))
+                comps.append(c)
+        identical += len(comps) < len(rk.completions)
+        if len(comps) >= 2:
+            kept.append(dataclasses.replace(rk, completions=comps))
+    return kept, {"texts": st.texts, "cut": st.cut, "prompt_cut": st.prompt_cut,
+                  "completion_cut": st.completion_cut, "longest": st.longest, "identical_after_cut": identical}
+
+
+def cut_warning(name: str, c: dict, cfg: RewardConfig, dropped: bool) -> str:
+    """A warning line for a split whose texts were cut, or ''."""
+    if not c["cut"]:
+        return ""
+    line = f"warning: {name}: " + cut_message(CutStats(c["texts"], c["cut"], c["prompt_cut"], c["completion_cut"],
+                                                       c["longest"]), cfg.model.max_len, cfg.model.truncation)
+    if c["identical_after_cut"]:
+        line += (f"; {c['identical_after_cut']} comparisons have identical texts after cutting ("
+                 + ("dropped from training" if dropped else "kept, they score as ties") + ")")
+    return line
+
+
+def split_counts(rated: list[RatedText], rankings: list[Ranking]) -> str:
+    n_pairs = sum(len(rk.completions) * (len(rk.completions) - 1) // 2 for rk in rankings)
+    parts = ([f"{n_pairs} pairs" + (f" ({len(rankings)} comparisons)" if n_pairs != len(rankings) else "")]
+             if rankings else []) + ([f"{len(rated)} rated texts"] if rated else [])
+    return " + ".join(parts) or "0"
+
+
+def headline(m: dict) -> str:
+    """The metrics of one evaluation, as the run's last line says them."""
+    if "n_pairs" in m:  # comparisons
+        return (f"pair_acc {m['pair_acc']:.3f} [{m['pair_acc_lo']:.3f}, {m['pair_acc_hi']:.3f}] strict, "
+                f"ties {m['ties']} ({100 * m['tie_share']:.1f}%), ties as half {m['pair_acc_ties_half']:.3f}, "
+                f"{m['n_pairs']} pairs")
+    return (f"pearson {m['pearson']:.3f}, spearman {m['spearman']:.3f}, pair_acc_gap1 {m['pair_acc_gap1']:.3f} "
+            f"strict (ties {m['ties_gap1']}), ece {m['ece']:.3f}, {m['n']} texts")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB; Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def evaluate_files(files: list[str], score: Scorer, cutter: TextTokenizer, cfg: RewardConfig, scale: float,
+                   logger: MetricLogger | None, seed: int) -> dict[str, Any]:
+    """Every record of each file (no split), cut by the model's rule: metrics per file."""
+    out = {}
+    for f in files:
+        data = load_reward_data([f], [], "all")
+        _, cut = cut_split(cutter, data.rated, data.rankings)
+        warn = cut_warning(Path(f).name, cut, cfg, dropped=False)
+        say = logger.write if logger is not None else print
+        if warn:
+            say(warn)
+        m = evaluate(score, data.rated, data.rankings, scale, "all", seed, cutter)
+        m["truncation"] = cut
+        out[f] = m
+        for name, v in m.items():
+            if isinstance(v, dict) and ("n_pairs" in v or "pearson" in v) and name != "all":
+                say(f"eval {Path(f).name} {name}: {headline(v)}")
+    return out
+
+
+def evaluate_saved(cfg: RewardConfig) -> dict[str, Any]:
+    """`--eval.model DIR --eval.file FILE`: score files with a saved reward model; train nothing."""
+    from rlhfkit.models.reward import load_reward
+
+    t0 = time.time()
+    set_threads(cfg.run.threads)
+    quiet_hf()
+    rm = load_reward(cfg.eval.model, Dist(cfg.run.device).device)
+    if not isinstance(rm, TextRewardModel):
+        raise ConfigError(f"eval.model={cfg.eval.model!r} is not a trained reward model directory")
+    cutter = rm.encoder.text_tokenizer if isinstance(rm, LinearRewardModel) else rm.text_tokenizer
+    # The model's own length and rule, whatever the command line says.
+    cfg.model.max_len, cfg.model.truncation = cutter.max_len, cutter.truncation
+    scale = float(rm.info.get("preference_scale", rm.norm_std)) / rm.norm_std  # for raw scores
+    print(f"evaluating {cfg.eval.model} ({rm.kind}, max_len {cutter.max_len}, truncation {cutter.truncation})",
+          flush=True)
+    files = evaluate_files(cfg.eval.file, _model_scorer(rm), cutter, cfg, scale, None, cfg.run.seed)
+    run_dir = default_run_dir("reward", cfg.log.run_dir)
+    out = {"model": cfg.eval.model, "eval_files": files, "peak_rss_mb": peak_rss_mb(),
+           "wall_s": round(time.time() - t0, 1)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.json").write_text(json.dumps(out, indent=1, default=float))
+    print(f"done in {out['wall_s']:.0f}s; peak RSS {out['peak_rss_mb']:.0f} MB; metrics in {run_dir / 'eval.json'}",
+          flush=True)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # Train
 # ---------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------------------------------
 def train(cfg: RewardConfig) -> dict[str, Any]:
+    if cfg.eval.model:
+        return evaluate_saved(cfg)
     t_start = time.time()
     # The backbone may be the output of an earlier stage (so it is not checked at parse time): check it now,
     # before any work.
@@ -399,6 +571,19 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
                         "rankings or edits use loss.kind bt or ranking")
     if not rated["train"] and not rankings["train"]:
         raise DataError("no training items left after the held-out split")
+    # The model (or the encoder) first: its tokenizer decides what truncation does to the data.
+    if cfg.model.kind == "linear":
+        enc = Encoder(cfg.model.backbone, device=device, max_len=cfg.model.max_len, bf16=cfg.model.bf16,
+                      layers=cfg.model.layers, truncation=cfg.model.truncation)
+        cutter = enc.text_tokenizer
+    else:
+        rm = build_deep(cfg, device)
+        cutter = rm.text_tokenizer
+    cuts = {}
+    for sp in SPLITS:
+        kept, cuts[sp] = cut_split(cutter, rated[sp], rankings[sp])
+        if sp == "train":  # a pair of identical texts teaches nothing (and scores as a tie)
+            rankings[sp] = kept
     y = np.array([it.mean for it in rated["train"]]) if rated["train"] else np.zeros(1)
     y_mu, y_sd = float(y.mean()), float(y.std()) or 1.0
 
@@ -418,47 +603,59 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     if cfg.model.kind == "deep" and cfg.epochs:
         oc.max_steps = max(1, math.ceil(cfg.epochs * len(first) / (oc.batch_size * oc.grad_accum * dist.world)))
         oc.warmup_steps = min(oc.warmup_steps, oc.max_steps // 10)
-    counts = ", ".join(f"{s}: {len(rated[s])} rated / {len(rankings[s])} comparisons" for s in SPLITS)
+    counts = ", ".join(f"{sp} {split_counts(rated[sp], rankings[sp])}" for sp in SPLITS)
     logger = MetricLogger(run_dir, cfg.log, total_steps=oc.max_steps if cfg.model.kind == "deep" else 0,
                           desc="reward", config=to_dict(cfg), is_main=dist.is_main)
     logger.write(f"reward: {cfg.model.kind} on {cfg.model.backbone}, loss {cfg.loss.kind}, raters {dc.raters}; "
                  f"{counts}; {len(first)} examples per epoch"
                  + (f"; skipped {data.skipped}" if data.skipped else ""))
+    for sp in SPLITS:
+        warn = cut_warning(sp, cuts[sp], cfg, dropped=sp == "train")
+        if warn:
+            logger.write(warn)
+    # Selection reads validation: say how little of it there is.
+    n_val_pairs = sum(len(rk.completions) * (len(rk.completions) - 1) // 2 for rk in rankings["val"])
+    small = (len(rated["val"]) < 100) if rated["val"] else n_val_pairs < 400
+    if cfg.model.kind == "linear" or cfg.select == "best":
+        what = "the L2 penalty" if cfg.model.kind == "linear" else "the best step"
+        logger.write(f"{'warning: ' if small else ''}validation ({split_counts(rated['val'], rankings['val'])}) "
+                     f"picks {what}" + (": that few give an accuracy within about +-"
+                                        f"{1 / math.sqrt(max(n_val_pairs, len(rated['val']), 1)):.2f} (95%), so "
+                                        "the pick is largely chance; raise data.val_fraction"
+                                        + (" or use --select last" if cfg.model.kind == "deep" else "")
+                                        if small else ""))
 
     # 2. Fit.
     with logger:
         if cfg.model.kind == "linear":
-            enc = Encoder(cfg.model.backbone, device=device, max_len=cfg.model.max_len, bf16=cfg.model.bf16,
-                          layers=cfg.model.layers)
             t_fit = time.time()
             rm, fit = fit_linear(cfg, enc, first, rated["val"], rankings["val"], logger)
             fit["train_s"] = round(time.time() - t_fit, 1)
             score = _cached_scorer(rm, enc)
         else:
-            rm = build_deep(cfg, device)
             fit = fit_deep(cfg, rm, epoch_examples, rated["val"], rankings["val"], run_dir, logger, dist)
             if not dist.is_main:  # rank 0 normalises, evaluates and saves
                 dist.barrier()
                 return {}
 
-            def score(texts: list[str]) -> np.ndarray:
-                return rm.raw_scores(texts).numpy()
+            score = _model_scorer(rm)
 
         # 3. Normalise on training texts, then evaluate: validation fits the preference scale, test is
         # read once with it.
-        ref = sorted({t for e in first for t in e.texts})
+        ref = sorted({t for e in first for t in e.texts})  # (prompt, completion) pairs
         ref = [ref[i] for i in sorted(np.random.default_rng(cfg.run.seed).permutation(len(ref))[:N_REFERENCE])]
         raw = score(ref)
         rm.norm_mean, rm.norm_std = float(raw.mean()), float(raw.std()) or 1.0
-        val = evaluate(score, rated["val"], rankings["val"], None, dc.raters, cfg.run.seed)
+        val = evaluate(score, rated["val"], rankings["val"], None, dc.raters, cfg.run.seed, cutter)
         scale = val["all"]["preference_scale"] if "all" in val else 1.0  # never fitted on test
-        test = evaluate(score, rated["test"], rankings["test"], scale, dc.raters, cfg.run.seed + 1)
+        test = evaluate(score, rated["test"], rankings["test"], scale, dc.raters, cfg.run.seed + 1, cutter)
         for name, m in test.items():
             if name != "all":
                 logger.log({f"test/{name}/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, fit.get("steps", 0),
                            echo=False)
                 logger.write(f"test {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()
                                                          if isinstance(v, float)))
+        files = evaluate_files(cfg.eval.file, score, cutter, cfg, scale, logger, cfg.run.seed + 2)
 
     # 4. Save the model with how it was trained and how it scores.
     wall = time.time() - t_start
@@ -467,22 +664,28 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
              "training": {"config": to_dict(cfg), **fit, "wall_s": round(wall, 1),
                           "n_train_rated": len(rated["train"]), "n_train_comparisons": len(rankings["train"]),
                           "split": "split.json of the run directory", "reference_texts": len(ref)},
-             "eval": {"val": val, "test": test}}
+             "eval": {"val": val, "test": test, "files": files, "truncation": cuts}}
     final, tmp = run_dir / "final", run_dir / ".tmp-final"  # written aside, then renamed: never half a model
     shutil.rmtree(tmp, ignore_errors=True)
     rm.save(tmp, extra)
     shutil.copy(run_dir / "split.json", tmp / "split.json")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    head = test.get("movie") or test.get("all") or test.get("comparisons") or {}
+    rss = peak_rss_mb()
     summary = {"model": str(final), "kind": cfg.model.kind, "backbone": cfg.model.backbone, "loss": cfg.loss.kind,
                "raters": dc.raters, "domains": dc.domains, **fit, "wall_s": round(wall, 1),
                "n_train_rated": len(rated["train"]), "n_train_comparisons": len(rankings["train"]),
+               "n": {sp: {"rated": len(rated[sp]), "comparisons": len(rankings[sp])} for sp in SPLITS},
                "test": {k: {m: v for m, v in d.items() if m != "reliability"} for k, d in test.items()},
-               "val_score": fit.get("val_score")}
+               "eval_files": {f: {k: {m: v for m, v in d.items() if m != "reliability"} if isinstance(d, dict) else d
+                                  for k, d in ev.items()} for f, ev in files.items()},
+               "truncation": cuts, "val_score": fit.get("val_score"), "peak_rss_mb": rss}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"done in {wall:.0f}s: test " + ", ".join(f"{k} {v:.3f}" for k, v in head.items()
-                                                     if k in ("pearson", "spearman", "pair_acc_gap1", "ece",
-                                                              "pair_acc")) + f"; model in {final}", flush=True)
+    # The last line: how many examples each split had, and the held-out metrics said plainly.
+    head = [f"test {name}: {headline(m)}" for name, m in test.items() if name != "all"]
+    head += [f"{Path(f).name} {name}: {headline(m)}" for f, ev in files.items() for name, m in ev.items()
+             if name not in ("all", "truncation")]
+    print(f"done in {wall:.0f}s: {counts}; " + ("; ".join(head) or "no test split, no eval.file")
+          + f"; peak RSS {rss:.0f} MB; model in {final}", flush=True)
     dist.barrier()
     return summary
