@@ -9,12 +9,14 @@ is named for):
   * resource limits set before it starts: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), the size
     of any file it writes, its stdout / stderr included (RLIMIT_FSIZE: output is capped, the writer is
     killed by SIGXFSZ), no core files, few open files, and no new processes (RLIMIT_NPROC, set by the
-    harness just before the untrusted code runs: a fork bomb gets EAGAIN);
+    harness just before the untrusted code runs: a fork bomb gets EAGAIN; the kernel does not apply it
+    to root, e.g. in a container running as root, where the audit hook and the PID namespace stop it);
   * a fresh temporary directory as cwd, HOME and TMPDIR, deleted afterwards; an environment with nothing
     inherited (no tokens or keys from the parent's environment variables); Python in isolated mode (-I);
   * where the kernel lets an unprivileged user make namespaces (`unshare`, util-linux): a network
-    namespace with no interfaces (no network at all, not even loopback to the host's services) and a
-    mount namespace in which every file system is read-only except the sandbox's own directory; then a
+    namespace with no interfaces (no network at all, not even loopback to the host's services), a
+    mount namespace in which every file system is read-only except the sandbox's own directory, and a
+    PID namespace (when the program ends or is killed, every process it started dies with it); then a
     second user namespace, so the code holds no capability to undo that;
   * inside Python, before the untrusted code: an audit hook (PEP 578, cannot be removed from Python) that
     refuses sockets, new processes (fork, exec, spawn, system, subprocess), ctypes / loading native
@@ -33,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,7 @@ exec(compile(_src, "program.py", "exec"), _g)
 _LOCKDOWN = r'''
 d="$1"; shift
 mount --bind "$d" "$d" || exit 97
+cd "$d" || exit 97  # the bind mount, not the directory under it (which is about to become read-only)
 for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   case "$m" in "$d"|/proc|/proc/*|/sys|/sys/*) continue;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null
@@ -107,6 +111,7 @@ class Result:
     timed_out: bool               # killed after Limits.wall_s
     killed_by: str | None         # the signal that ended it (SIGKILL, SIGXCPU, SIGXFSZ, ...), if any
     isolation: str                # "namespaces+rlimits+audit" or "rlimits+audit"
+    cpu_s: float = 0.0            # CPU seconds it used
 
     @property
     def ok(self) -> bool:
@@ -119,7 +124,7 @@ def namespaces_available() -> bool:
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return False
     try:
-        r = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "--mount", "true"],
+        r = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "true"],
                            capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -160,29 +165,39 @@ def run_python(code: str, limits: Limits | None = None, isolate: bool | None = N
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
         cmd = [sys.executable, "-I", "-B", "harness.py"]
         if ns:
-            cmd = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--", "/bin/sh", "-c", _LOCKDOWN,
+            cmd = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--kill-child", "--",
+                   "/bin/sh", "-c", _LOCKDOWN,
                    "lockdown", str(work), *cmd]
         with open(out_dir / "stdout", "wb") as fo, open(out_dir / "stderr", "wb") as fe:
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
                                     start_new_session=True, preexec_fn=_limit(lim), close_fds=True)  # noqa: PLW1509 - setrlimit only
-            timed_out = False
-            try:
-                proc.wait(timeout=lim.wall_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out, deadline = False, time.monotonic() + lim.wall_s
+            try:  # wait4: the exit status and the CPU time of the program (and what it waited for)
+                while True:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if time.monotonic() > deadline:
+                        timed_out = True
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        pid, status, usage = os.wait4(proc.pid, 0)
+                        break
+                    time.sleep(0.005)
             finally:
                 try:  # the whole group: anything it started dies with it
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait()
-        rc = proc.returncode
-        killed = signal.Signals(-rc).name if rc is not None and rc < 0 else None
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        cpu = usage.ru_utime + usage.ru_stime
+        killed = signal.Signals(-rc).name if rc < 0 else None
         if ns and rc == 97:
             raise RuntimeError("sandbox: could not set up the mount namespace")
+        if not timed_out and cpu >= lim.cpu_s:  # (under namespaces the signal reaches us as unshare's exit 1)
+            killed = "SIGXCPU"
         return Result(rc, _read(out_dir / "stdout", lim.output_bytes), _read(out_dir / "stderr", lim.output_bytes),
                       timed_out, "SIGKILL" if timed_out else killed,
-                      "namespaces+rlimits+audit" if ns else "rlimits+audit")
+                      "namespaces+rlimits+audit" if ns else "rlimits+audit", round(cpu, 3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
