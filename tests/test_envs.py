@@ -89,6 +89,15 @@ def test_batch_of_episodes_equals_episodes_one_at_a_time(policy, tiny_tokenizer,
     torch.testing.assert_close(lp, ro.logprobs, atol=2e-5, rtol=0)
 
 
+def test_each_episode_starts_from_its_own_seed(policy):
+    model, tok = policy
+    es = [envs.make("guess_number", low=1, high=4) for _ in range(12)]
+    run_episodes(model, tok, es, list(range(12)), SamplingParams(max_new_tokens=1), backend="hf")
+    fresh = envs.make("guess_number", low=1, high=4)
+    assert [e.secret for e in es] == [fresh.reset(seed=s)[1]["secret"] for s in range(12)]
+    assert len({e.secret for e in es}) > 1
+
+
 def test_environment_tokens_get_no_gradient(policy):
     from rlhfkit.rl.losses import aggregate, clipped_surrogate
 

@@ -749,6 +749,11 @@ class EvalConfig:
                               "as vader:movie); empty = skip")
     ppl_docs: int = opt(200, "how many of those texts")
     samples_in_report: int = opt(20, "prompts whose before/after completions are kept in eval.json")
+    env: EnvConfig = section(EnvConfig, "evaluate in an environment instead: success rate and pass@k on held-out "
+                                        "episodes (split=test where the environment has splits); rollout."
+                                        "samples_per_prompt = episodes per problem")
+    env_problems: int = opt(100, "env.name: how many held-out problems (episode seeds 0..N-1)")
+    pass_k: list[int] = opt([1], "env.name: the k of each pass@k reported (k <= rollout.samples_per_prompt)")
     out: str = opt("", "where to write eval.json; empty = next to the policy (its run directory)")
     run: RunConfig = section(RunConfig, "seed, device and run control")
 
@@ -756,6 +761,15 @@ class EvalConfig:
         if not self.policy:
             raise ConfigError("eval needs policy (a model directory)")
         _non_negative(self, "ppl_docs", "samples_in_report")
+        _positive(self, "env_problems")
+        if self.env.name:
+            if self.data.source != PromptDataConfig().source or self.reward or self.gold:
+                raise ConfigError(f"env.name={self.env.name} brings its own problems and reward: remove "
+                                  "data.source / reward / gold")
+            bad = [k for k in self.pass_k if not 1 <= k <= self.rollout.samples_per_prompt]
+            if bad:
+                raise ConfigError(f"pass_k={bad}: each k must be in 1..rollout.samples_per_prompt="
+                                  f"{self.rollout.samples_per_prompt}")
 
 
 # ---- serving ----

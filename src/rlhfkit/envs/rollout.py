@@ -129,7 +129,7 @@ def run_episodes(model: torch.nn.Module, tok: Any, envs: Sequence[Env], seeds: S
     prompt_ids, prompt_texts, history = [], [], []
     for i, (env, s) in enumerate(zip(envs, seeds)):
         try:
-            obs, _ = call_with_timeout(lambda s=s, env=env: env.reset(seed=s), None, step_timeout_s)
+            obs, _ = call_with_timeout(lambda seed, env=env: env.reset(seed=seed), s, step_timeout_s)
             msgs = check_observation(obs, f"{name}.reset(seed={s})")
         except Exception as e:
             raise EnvError(f"environment {name}: reset(seed={s}) failed: {type(e).__name__}: {e}") from e
