@@ -171,3 +171,20 @@ def test_env_config_section(tmp_path):
     ppo = PPOConfig()
     ppo.model.name_or_path, ppo.env.name = "x", "guess_number"
     check_config(ppo)  # every RL stage takes an environment
+
+
+def test_gae_runs_over_policy_tokens_only():
+    from rlhfkit.rl.advantages import gae, last_token_index
+
+    # One episode: policy token, environment token, policy token; reward 1 at the end; gamma = lam = 1.
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.25, 9.0, 0.5, 9.0]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, 1.0, 1.0)
+    # A_2 = 1 - 0.5; A_0 = (0 + V_2 - V_0) + A_2 = 0.25 + 0.5: the environment token is skipped, not an end.
+    assert adv.tolist() == [[0.75, 0.0, 0.5, 0.0]] and ret.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    # A right-padded mask (single turn) is unchanged: lambda < 1, hand-computed.
+    adv, _ = gae(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.5, 7.0]]), torch.tensor([[1.0, 1.0, 0.0]]),
+                 1.0, 0.5)
+    assert adv.tolist() == [[0.25, 0.5, 0.0]]  # A_1 = 1 - 0.5; A_0 = (0 + 0.5 - 0.5) + 0.5 * 0.5
+    assert last_token_index(torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])).tolist() == [2, 1, 0]

@@ -115,3 +115,34 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
     assert pass_at_k(4, 1, 2) == pytest.approx(1 - (3 / 4) * (2 / 3))  # 1 - C(3,2)/C(4,2) = 0.5
     assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
+
+
+def test_a_broken_environment_is_skipped_and_counted_or_stops_the_run(policy_dir, tmp_path, capsys):
+    from rlhfkit.envs import EnvError
+    from rlhfkit.rl import grpo
+    from rlhfkit.utils.logging import read_jsonl
+
+    over = {"env.name": "tests.env_utils:Broken", "env.kwargs": {"how": "raise", "at": 2},
+            "optim.max_steps": 1, "rollout.prompts_per_step": 2}
+    grpo.train(env_cfg(GRPOConfig, policy_dir, tmp_path / "skip", **over))
+    row = [r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if "env/errors" in r][0]
+    assert row["env/errors"] == 8 and row["rollout/reward_mean"] == 0.0  # every episode: scored 0, counted
+    assert "episode skipped: environment tests.env_utils:Broken, episode seed" in capsys.readouterr().out
+    with pytest.raises(EnvError, match="turn 2: KeyError: 'boom'.*env.on_error=skip"):
+        grpo.train(env_cfg(GRPOConfig, policy_dir, tmp_path / "stop", **over, **{"env.on_error": "stop"}))
+
+
+def test_grpo_on_a_reasoning_task(tmp_path, tiny_tokenizer, tiny_model_cfg):
+    pytest.importorskip("reasoning_gym")
+    from rlhfkit.rl import grpo
+    from rlhfkit.utils.logging import read_jsonl
+    from tests.rl_utils import make_policy_dir
+
+    tiny_model_cfg.max_seq_len = 128
+    policy = make_policy_dir(tmp_path, tiny_tokenizer, tiny_model_cfg)
+    cfg = env_cfg(GRPOConfig, policy, tmp_path / "run", **{"env.kwargs": {"task": "chain_sum", "size": 50},
+                                                           "env.name": "reasoning", "data.template": "chat",
+                                                           "rollout.max_new_tokens": 6, "rollout.prompts_per_step": 2})
+    grpo.train(cfg)
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "env/success_rate" in r]
+    assert len(rows) == 2 and rows[0]["env/turns_mean"] == 1.0
