@@ -74,6 +74,9 @@ def test_tiny_policy_learns_the_guessing_game_with_grpo(policy_dir, tmp_path, ca
     assert after["low"] > before["high"], (before, after)  # held-out (split=test) episodes
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "env/success_rate" in r]
     assert len(rows) == 40 and all(r["env/errors"] == 0 for r in rows)
+    from rlhfkit.eval.report import build_report
+
+    assert "Environment success rate" in build_report(tmp_path / "run").read_text()  # the curve
     header = capsys.readouterr().out.splitlines()[0]
     assert "environment guess_number" in header and "up to 3 turns per episode" in header
     assert "replay record is single-turn only" in header
@@ -114,6 +117,10 @@ def test_eval_cli_reports_success_rate_and_pass_at_k(policy_dir, tmp_path, capsy
     assert ev["pass@4_after"]["mean"] >= ev["pass@1_after"]["mean"]
     assert ev["success_rate_after"] == ev["success_rate_before"]  # the same model, the same episodes
     assert "success_rate" in capsys.readouterr().out
+    from rlhfkit.eval.report import build_report
+
+    html = build_report(tmp_path).read_text()
+    assert "success rate" in html and "pass@4" in html  # before/after table and bars
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -133,7 +140,7 @@ def test_a_broken_environment_is_skipped_and_counted_or_stops_the_run(policy_dir
     over = {"env.name": "tests.env_utils:Broken", "env.kwargs": {"how": "raise", "at": 2}, "env.step_timeout_s": 5.0,
             "optim.max_steps": 1, "rollout.prompts_per_step": 2}
     grpo.train(env_cfg(GRPOConfig, policy_dir, tmp_path / "skip", **over))
-    row = [r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if "env/errors" in r][0]
+    row = next(r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if "env/errors" in r)
     assert row["env/errors"] == 8 and row["rollout/reward_mean"] == 0.0  # every episode: scored 0, counted
     assert "episode skipped: environment tests.env_utils:Broken, episode seed" in capsys.readouterr().out
     with pytest.raises(EnvError, match="turn 2: KeyError: 'boom'.*env.on_error=skip"):
