@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from rlhfkit.config import EnvConfig, GRPOConfig, PPOConfig, REINFORCEConfig, RLOOConfig, check_config
+from rlhfkit.config import EnvConfig, GRPOConfig, PPOConfig, REINFORCEConfig, RLOOConfig
 from tests.env_utils import word_tokenizer
+from tests.rl_utils import rl_cfg
 
 GAME = {"low": 1, "high": 4, "max_turns": 3}
 
@@ -29,23 +30,13 @@ def policy_dir(tmp_path):
 
 
 def env_cfg(cls, policy, run_dir, **over):
-    cfg = cls()
-    cfg.model.name_or_path = policy
-    cfg.env.name, cfg.env.kwargs = "guess_number", dict(GAME)
-    cfg.rollout.max_new_tokens = 2
-    cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt = 8, 4
-    cfg.optim.lr, cfg.optim.max_steps = 3e-3, 2
-    cfg.log.run_dir, cfg.log.tensorboard, cfg.log.progress = str(run_dir), False, False
-    cfg.log.save_every = cfg.log.eval_every = 0
-    cfg.run.threads = 1
-    for k, v in over.items():
-        obj = cfg
-        *head, last = k.split(".")
-        for h in head:
-            obj = getattr(obj, h)
-        setattr(obj, last, v)
-    check_config(cfg)
-    return cfg
+    """rl_utils' small config with the guessing game in place of prompts + reward (both left at their
+    defaults, which an environment requires)."""
+    from rlhfkit.config import PromptDataConfig
+
+    base = {"env.name": "guess_number", "env.kwargs": dict(GAME), "rollout.max_new_tokens": 2,
+            "rollout.prompts_per_step": 8, "rollout.samples_per_prompt": 4, "optim.max_steps": 2}
+    return rl_cfg(cls, policy, PromptDataConfig().source, run_dir, **{**base, **over})
 
 
 def success(model_dir, problems=100):
