@@ -56,7 +56,7 @@ def policy():
 def _episodes(model, tok, seeds, uniforms, template="plain", **kw):
     es = [envs.make("guess_number", low=1, high=4, max_turns=3) for _ in seeds]
     return run_episodes(model, tok, es, seeds, SamplingParams(max_new_tokens=3, temperature=1.0), template,
-                        backend="hf", uniforms=uniforms, **kw)
+                        uniforms=uniforms, **kw)
 
 
 @pytest.mark.parametrize("template", ["plain", "chat"])
@@ -92,7 +92,7 @@ def test_batch_of_episodes_equals_episodes_one_at_a_time(policy, tiny_tokenizer,
 def test_each_episode_starts_from_its_own_seed(policy):
     model, tok = policy
     es = [envs.make("guess_number", low=1, high=4) for _ in range(12)]
-    run_episodes(model, tok, es, list(range(12)), SamplingParams(max_new_tokens=1), backend="hf")
+    run_episodes(model, tok, es, list(range(12)), SamplingParams(max_new_tokens=1))
     fresh = envs.make("guess_number", low=1, high=4)
     assert [e.secret for e in es] == [fresh.reset(seed=s)[1]["secret"] for s in range(12)]
     assert len({e.secret for e in es}) > 1
@@ -128,19 +128,19 @@ def test_bad_environment_is_reported_with_its_episode(policy, how, match):
     model, tok = policy
     sp = SamplingParams(max_new_tokens=2)
     es = [Broken(how, at=2), Broken("raise", at=99)]
-    eps = run_episodes(model, tok, es, [0, 1], sp, backend="hf", on_error="skip", step_timeout_s=0.5, name="broken")
+    eps = run_episodes(model, tok, es, [0, 1], sp, on_error="skip", step_timeout_s=0.5, name="broken")
     assert eps.errors[1] is None and float(eps.returns[1]) == 1.5  # the good episode: 3 turns x 0.5
     assert eps.errors[0] is not None and pytest.importorskip("re").search(match, eps.errors[0])
     assert "episode seed 0, turn 2" in eps.errors[0] and float(eps.returns[0]) == 0.0
     assert float(eps.ro.step_rewards[0].abs().sum()) == 0.0 and int(eps.turns[0]) == 2
     with pytest.raises(envs.EnvError, match="broken, episode seed 0, turn 2.*env.on_error=skip"):
-        run_episodes(model, tok, [Broken(how, at=2)], [0], sp, backend="hf", on_error="stop", step_timeout_s=0.5,
+        run_episodes(model, tok, [Broken(how, at=2)], [0], sp, on_error="stop", step_timeout_s=0.5,
                      name="broken")
 
 
 def test_step_rewards_sit_on_each_turns_last_policy_token(policy):
     model, tok = policy
-    eps = run_episodes(model, tok, [Broken("raise", at=99)], [0], SamplingParams(max_new_tokens=2), backend="hf")
+    eps = run_episodes(model, tok, [Broken("raise", at=99)], [0], SamplingParams(max_new_tokens=2))
     m, r = eps.ro.completion_mask[0], eps.ro.step_rewards[0]
     ends = [t for t in range(len(m)) if m[t] == 1 and (t + 1 == len(m) or m[t + 1] == 0)]
     assert len(ends) == 3 and r[ends].tolist() == [0.5] * 3 and float(r.sum()) == 1.5

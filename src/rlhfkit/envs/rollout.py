@@ -5,17 +5,21 @@
     eps.ro.completion_mask   # 1 on the policy's tokens only: environment / tool / user tokens get no gradient
     eps.returns, eps.success, eps.turns, eps.errors
 
-Each round samples one turn for every live episode in one batch (rollout.generate: per-turn token budget
-max_new_tokens, EOS and stop strings end a turn), steps each environment with the turn's text, and appends
-the environment's answer to that episode's tokens. The Rollout a trainer sees is token-in, token-out: the
-sampled ids are kept as sampled (never re-tokenized), the environment's text is tokenized once and
-appended, `logprobs` are the sampling-time log-probs on policy tokens and 0 elsewhere, and `step_rewards`
-(B, C) holds each step's reward on the last token of the policy turn that earned it (PPO's GAE uses them;
-GRPO/RLOO/REINFORCE use the return, their sum).
+Each round samples one turn for every live episode in one batch (per-turn token budget max_new_tokens; EOS
+and stop strings end a turn), steps each environment with the turn's text, and appends the environment's
+answer to that episode's tokens. One KV cache holds every episode's transcript for the whole episode: a
+turn starts by feeding only what is new (the previous turn's last token and the environment's answer),
+never the transcript again. Rows that have finished their turn or their episode are fed padding that the
+attention mask hides. This runs HF's forward (any causal LM); our fast decoder serves single-turn rollouts.
 
-Each round re-reads the episode's whole transcript (a fresh prefill per turn): the decoder's KV cache is
-kept within a turn, not across turns. The accelerated path's replay record covers single-turn rollouts
-only, so a multi-turn Rollout has record=None and its training forward is the plain one.
+The Rollout a trainer sees is token-in, token-out: the sampled ids are kept as sampled (never
+re-tokenized), the environment's text is tokenized once and appended, `logprobs` are the sampling-time
+log-probs on policy tokens and 0 elsewhere, and `step_rewards` (B, C) holds each step's reward on the last
+token of the policy turn that earned it (PPO's GAE uses them; GRPO/RLOO/REINFORCE use the return, their
+sum).
+
+The accelerated path's replay record covers single-turn rollouts only, so a multi-turn Rollout has
+record=None and its training forward is the plain one.
 
 Bad environments: a step that raises, returns something malformed (see base.check_step) or takes longer
 than `step_timeout_s` either ends its episode with return 0 and the error recorded in `errors`
@@ -32,7 +36,7 @@ from typing import Any
 import torch
 
 from rlhfkit.envs.base import Env, EnvError, Message, SingleTurnEnv, check_observation, check_step
-from rlhfkit.rl.rollout import Rollout, SamplingParams, eos_ids, generate, left_pad
+from rlhfkit.rl.rollout import Rollout, SamplingParams, _cut_at_stop, eos_ids, left_pad, sample_next
 
 
 @dataclass
@@ -109,15 +113,73 @@ class Renderer:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
 
+class TurnCache:
+    """HF's forward over a batch of episodes with one DynamicCache kept across turns. `mask` (B, L) is 1 on
+    the cached positions that are real tokens of each episode; padding fed for finished rows stays 0."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.cache = model, DynamicCache()
+        self.mask: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None  # (B,) the next position id of each row
+
+    def feed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append ids (B, l) (mask (B, l): 1 on real tokens, left-padded so every row with any token has
+        one in the last column); returns the logits after each row's last column (B, V)."""
+        if self.mask is None:
+            self.mask, self.pos = mask.new_zeros(mask.size(0), 0), mask.new_zeros(mask.size(0))
+        pos = self.pos[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        self.mask = torch.cat([self.mask, mask], 1)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=self.mask, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.pos = self.pos + mask.sum(-1)
+        return out.logits[:, -1]
+
+
+def _sample_turn(tc: TurnCache, logits: torch.Tensor, live: torch.Tensor, params: SamplingParams, tok: Any,
+                 stops: torch.Tensor, pad: int, u: torch.Tensor | None) -> tuple[list[list[int]], list[list[float]]]:
+    """One policy turn for the rows in `live` (B,): each row's sampled ids and log-probs. Every sampled
+    token but the turn's last is fed to the cache; the last one is fed with the environment's answer."""
+    B = logits.size(0)
+    toks: list[list[int]] = [[] for _ in range(B)]
+    lps: list[list[float]] = [[] for _ in range(B)]
+    alive = live.clone()
+    for t in range(params.max_new_tokens):
+        nxt, lp = sample_next(logits, params.temperature, params.top_k, params.top_p,
+                              None if u is None else u[:, t:t + 1].to(logits.device))
+        for i in alive.nonzero()[:, 0].tolist():
+            toks[i].append(int(nxt[i]))
+            lps[i].append(float(lp[i]))
+            if params.stop and _cut_at_stop(tok.decode(toks[i][-17:], skip_special_tokens=True), params.stop)[1]:
+                alive[i] = False
+        alive &= ~torch.isin(nxt, stops)
+        if not bool(alive.any()) or t == params.max_new_tokens - 1:
+            break
+        logits = tc.feed(torch.where(alive, nxt, torch.full_like(nxt, pad))[:, None], alive.long()[:, None])
+    return toks, lps
+
+
+def _left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, L - len(r):] = torch.as_tensor(r)
+            mask[i, L - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _max_positions(model: Any) -> int:
     cfg = getattr(model, "config", None)
     return int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
 
 
 def run_episodes(model: torch.nn.Module, tok: Any, envs: Sequence[Env], seeds: Sequence[int],
-                 params: SamplingParams, template: str = "plain", backend: str = "auto",
-                 uniforms: torch.Tensor | None = None, max_turns: int = 0, on_error: str = "skip",
-                 step_timeout_s: float = 10.0, group_size: int = 1, name: str = "env") -> Episodes:
+                 params: SamplingParams, template: str = "plain", uniforms: torch.Tensor | None = None,
+                 max_turns: int = 0, on_error: str = "skip", step_timeout_s: float = 10.0, group_size: int = 1,
+                 name: str = "env") -> Episodes:
     """Run len(envs) episodes, episode i on envs[i] from reset(seeds[i]), all turns batched.
 
     `uniforms` (B, max_turns * max_new_tokens): each episode's sampling randomness, turn t using columns
@@ -149,47 +211,61 @@ def run_episodes(model: torch.nn.Module, tok: Any, envs: Sequence[Env], seeds: S
     errors: list[str | None] = [None] * B
     done = [False] * B
     n_new = params.max_new_tokens
-    for t in range(T):
-        for i in range(B):  # no room for another full turn: truncated
-            if not done[i] and len(prompt_ids[i]) + len(comp[i]) + n_new > limit:
-                done[i] = True
-        live = [i for i in range(B) if not done[i]]
-        if not live:
-            break
-        u = None if uniforms is None else uniforms[live, t * n_new:(t + 1) * n_new]
-        ro = generate(model, tok, [prompt_ids[i] + comp[i] for i in live], params, 1, backend,
-                      prompts=[""] * len(live), uniforms=u)
-        for j, i in enumerate(live):
-            k = int(ro.completion_mask[j].sum())
-            ids = ro.completion_ids[j, :k].tolist()
-            comp[i] += ids
-            mask[i] += [1] * k
-            lps[i] += ro.logprobs[j, :k].tolist()
-            texts[i].append(ro.completions[j])
-            turns[i] += 1
-            where = f"environment {name}, episode seed {seeds[i]}, turn {t + 1}"
-            try:
-                out = call_with_timeout(envs[i].step, ro.completions[j], step_timeout_s)
-                obs, r, term, trunc, info = check_step(out, where)
-            except Exception as e:  # the environment, not the policy, failed: report it with the episode
-                msg = f"{where}: {type(e).__name__}: {e} (action: {ro.completions[j][:200]!r})"
-                if on_error == "stop":
-                    raise EnvError(msg + "; set env.on_error=skip to score such episodes 0 and go on") from e
-                errors[i], returns[i], done[i] = msg, 0.0, True
-                continue
-            returns[i] += r
-            rew_at[i].append((max(len(comp[i]) - 1, 0), r))
-            if term or trunc or t == T - 1:
-                done[i], finished[i] = True, term
-                success[i] = bool(info.get("success", False))
-                continue
-            history[i] = history[i] + [{"role": "assistant", "content": ro.completions[j]}] + obs
-            env_ids = render.reply(ids, obs)
-            comp[i] += env_ids
-            mask[i] += [0] * len(env_ids)
-            lps[i] += [0.0] * len(env_ids)
-
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    stops = torch.tensor(sorted(render.eos), device=device)
+    was_training = model.training
+    model.eval()
+    tc = TurnCache(model)
+    pending = [list(p) for p in prompt_ids]  # what each row's cache still lacks
+    try:
+        for t in range(T):
+            for i in range(B):  # no room for another full turn: truncated
+                if not done[i] and len(prompt_ids[i]) + len(comp[i]) + n_new > limit:
+                    done[i] = True
+            live = [i for i in range(B) if not done[i]]
+            if not live:
+                break
+            with torch.inference_mode():
+                logits = tc.feed(*_left_padded([pending[i] if not done[i] else [] for i in range(B)], pad, device))
+                u = None if uniforms is None else uniforms[:, t * n_new:(t + 1) * n_new]
+                live_mask = torch.tensor([not d for d in done], device=device)
+                turn_toks, turn_lps = _sample_turn(tc, logits, live_mask, params, tok, stops, pad, u)
+            pending = [[] for _ in range(B)]
+            for i in live:
+                ids = turn_toks[i]
+                text = tok.decode(ids, skip_special_tokens=True)
+                text = _cut_at_stop(text, params.stop)[0] if params.stop else text
+                comp[i] += ids
+                mask[i] += [1] * len(ids)
+                lps[i] += turn_lps[i]
+                texts[i].append(text)
+                turns[i] += 1
+                where = f"environment {name}, episode seed {seeds[i]}, turn {t + 1}"
+                try:
+                    out = call_with_timeout(envs[i].step, text, step_timeout_s)
+                    obs, r, term, trunc, info = check_step(out, where)
+                except Exception as e:  # the environment, not the policy, failed: report it with the episode
+                    msg = f"{where}: {type(e).__name__}: {e} (action: {text[:200]!r})"
+                    if on_error == "stop":
+                        raise EnvError(msg + "; set env.on_error=skip to score such episodes 0 and go on") from e
+                    errors[i], returns[i], done[i] = msg, 0.0, True
+                    continue
+                returns[i] += r
+                rew_at[i].append((max(len(comp[i]) - 1, 0), r))
+                if term or trunc or t == T - 1:
+                    done[i], finished[i] = True, term
+                    success[i] = bool(info.get("success", False))
+                    continue
+                history[i] = history[i] + [{"role": "assistant", "content": text}] + obs
+                env_ids = render.reply(ids, obs)
+                comp[i] += env_ids
+                mask[i] += [0] * len(env_ids)
+                lps[i] += [0.0] * len(env_ids)
+                pending[i] = ids[-1:] + env_ids
+    finally:
+        model.train(was_training)
+
     p_ids, p_mask = left_pad(prompt_ids, pad)
     C = max(1, max(len(c) for c in comp))
     c_ids = torch.full((B, C), pad, dtype=torch.long)
@@ -203,7 +279,6 @@ def run_episodes(model: torch.nn.Module, tok: Any, envs: Sequence[Env], seeds: S
             step_r[i, pos] += r
         if errors[i] is not None:
             step_r[i] = 0.0
-    device = next(model.parameters()).device
     ro = Rollout(p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device), c_lp.to(device),
                  finished.to(device), prompt_texts, [" | ".join(x) for x in texts], group_size,
                  step_rewards=step_r.to(device))
@@ -237,7 +312,7 @@ class EnvRunner:
         while len(self.pool) < B:
             self.pool.append(self.make_env())
         return run_episodes(sampler.model, self.tok, self.pool[:B], [s for s in seeds for _ in range(n)], params,
-                            self.template, sampler.backend, uniforms, self.max_turns, self.on_error,
+                            self.template, uniforms, self.max_turns, self.on_error,
                             self.step_timeout_s, n, self.name)
 
     def _single(self, sampler, seeds, n, params, uniforms) -> Episodes:

@@ -188,8 +188,9 @@ class RLRun:
         if self.cfg.env.name:
             turns = self.env.turns_per_episode
             what = (f"environment {self.cfg.env.name} ({self.n_problems or 'unbounded'} problems, "
-                    + ("single-turn" if self.env.single else f"up to {turns} turns per episode, plain training "
-                       "forward: the replay record is single-turn only") + f"), {self.U} problems x {self.G} "
+                    + ("single-turn" if self.env.single else f"up to {turns} turns per episode, sampled through HF's "
+                       "forward with one KV cache per episode, plain training forward: the replay record is "
+                       "single-turn only") + f"), {self.U} problems x {self.G} "
                     f"episodes per step, {detail}")
         else:
             what = (f"{len(self.prompts.ids)} prompts, {self.U} prompts x {self.G} samples per step, "
