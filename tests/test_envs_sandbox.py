@@ -41,12 +41,12 @@ def test_cannot_open_a_socket(layers):
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     port, got = srv.getsockname()[1], []
-    srv.settimeout(5)
+    srv.settimeout(1.5)
     th = threading.Thread(target=lambda: got.append(_accept(srv)), daemon=True)
     th.start()
     r = run_python(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
                    "s.sendall(b'leak')\nprint('connected')", **layers)
-    th.join(6)
+    th.join(3)
     srv.close()
     assert r.returncode != 0 and "connected" not in r.stdout and got in ([], [None])
 
