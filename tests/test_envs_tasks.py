@@ -46,9 +46,10 @@ def test_humaneval_reward_is_the_fraction_of_tests_passed():
     obs, info = env.reset(seed=0)
     assert obs == p["prompt"]
     fence = "Here it is:\n```python\n" + p["prompt"] + p["canonical_solution"] + "```\nDone."
-    rewards = env.score([obs] * 5, [p["canonical_solution"], "    return False\n", "    while True: pass\n",
-                                    fence, "    import os; os.system('rm -rf ~')\n"], [info] * 5)
-    assert rewards[0] == 1.0 and rewards[3] == 1.0
+    prose = p["prompt"] + p["canonical_solution"] + "\n```\n\nIn this code, the function checks pairs."
+    rewards = env.score([obs] * 6, [p["canonical_solution"], "    return False\n", "    while True: pass\n",
+                                    fence, "    import os; os.system('rm -rf ~')\n", prose], [info] * 6)
+    assert rewards[0] == 1.0 and rewards[3] == 1.0 and rewards[5] == 1.0
     assert 0.0 < rewards[1] < 1.0 and rewards[1] == pytest.approx(3 / 7)  # 3 of its 7 asserts expect False
     assert rewards[2] == 0.0 and rewards[4] == 0.0
 

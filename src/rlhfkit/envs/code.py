@@ -60,15 +60,34 @@ def split_tests(test_src: str, entry: str) -> tuple[str, list[str]]:
     return "\n".join(ast.unparse(n) for n in setup), tests or ["check(candidate)"]
 
 
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _code_prefix(code: str) -> str:
+    """The longest run of whole lines from the start that parses (chat models add prose after the code)."""
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        if _parses("\n".join(lines[:end])):
+            return "\n".join(lines[:end])
+    return code
+
+
 def program_of(prompt: str, completion: str, entry: str) -> str:
-    """The program a completion stands for: a fenced block or a full definition of `entry` as is, else the
-    prompt followed by the completion (the usual HumanEval body completion)."""
+    """The program a completion stands for. Chat output: the first ```python block (or the text before a
+    closing ``` when the answer starts inside one), cut to the longest prefix that parses; if it defines
+    `entry` it is the program (after the prompt's imports). Otherwise the completion is the function's body:
+    prompt + completion, cut the same way."""
     fenced = _FENCE.findall(completion)
-    code = fenced[0] if fenced else completion
+    code = fenced[0] if fenced else completion.split("\n```", 1)[0]
     if re.search(rf"^def {re.escape(entry)}\s*\(", code, re.MULTILINE):
         header = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
-        return header + "\n" + code
-    return prompt + completion
+        return header + "\n" + _code_prefix(code)
+    return _code_prefix(prompt + completion)
 
 
 class HumanEvalEnv(SingleTurnEnv):
