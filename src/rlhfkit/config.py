@@ -549,8 +549,50 @@ class KLConfig:
             raise ConfigError(f"{here('target')} needs {here('coef')} > 0 (the initial coefficient)")
 
 
+@dataclass
+class EnvConfig:
+    name: str = opt("", "environment to train in instead of data + reward (docs/envs.md): reasoning, humaneval, "
+                        "guess_number, or module:Class of your own; empty = the prompts of data.source scored "
+                        "by reward.spec")
+    kwargs: dict = opt({}, "the environment's arguments, a YAML/JSON mapping (e.g. '{task: chain_sum, size: 500}')")
+    max_turns: int = opt(0, "policy turns per episode at most; 0 = the environment's own limit")
+    on_error: Literal["skip", "stop"] = opt(
+        "skip", "an environment step that raises, returns malformed output or hangs: skip = that episode "
+                "ends with return 0 and is counted in env/errors; stop = the run stops with the error")
+    step_timeout_s: float = opt(30.0, "an environment step (or reset) taking longer than this has hung")
+
+    def check(self) -> None:
+        _non_negative(self, "max_turns")
+        _positive(self, "step_timeout_s")
+        if not self.name:
+            if self.kwargs or self.max_turns:
+                raise ConfigError(f"{here('kwargs')} / {here('max_turns')} need {here('name')}")
+            return
+        from rlhfkit.envs import check_kwargs, spec
+        from rlhfkit.envs.base import SingleTurnEnv
+
+        check_kwargs(self.name, self.kwargs)
+        target = spec(self.name).load()
+        if self.max_turns > 1 and isinstance(target, type) and issubclass(target, SingleTurnEnv):
+            raise ConfigError(f"{here('max_turns')}={self.max_turns}: {self.name} is a single-turn environment")
+
+
+def _env_check(cfg: Any) -> None:
+    """An environment replaces the prompts and the reward: reject settings it would silently ignore."""
+    if not cfg.env.name:
+        return
+    if cfg.data.source != PromptDataConfig().source:
+        raise ConfigError(f"env.name={cfg.env.name} brings its own prompts: remove data.source={cfg.data.source}")
+    if cfg.reward.spec != RLRewardConfig().spec:
+        raise ConfigError(f"env.name={cfg.env.name} brings its own reward: remove reward.spec={cfg.reward.spec}")
+    if cfg.rollout.backend == "vllm":
+        raise ConfigError("env.name: episodes are sampled by our decoders (rollout.backend auto, fast or hf), "
+                          "not vllm")
+
+
 def _rl_check(cfg: Any, stage: str) -> None:
     """Checks shared by the online RL stages."""
+    _env_check(cfg)
     if not cfg.model.name_or_path:
         raise ConfigError(f"{stage} needs model.name_or_path (the policy to start from, e.g. runs/sft/final)")
     if cfg.optim.grad_accum != 1:
@@ -579,6 +621,7 @@ class RLConfig:
     data: PromptDataConfig = section(PromptDataConfig, "prompts")
     rollout: RolloutConfig = section(RolloutConfig, "sampling of completions")
     reward: RLRewardConfig = section(RLRewardConfig, "reward and reward shaping")
+    env: EnvConfig = section(EnvConfig, "an environment (single- or multi-turn) instead of data + reward")
     kl: KLConfig = section(KLConfig, "KL penalty to the reference policy (subtracted from the reward, summed "
                                      "over the completion)", ref_cache_mb=0.0)
     optim: OptimConfig = section(OptimConfig, _OPTIM_HELP, **_RL_OPTIM)
@@ -748,6 +791,11 @@ class EvalConfig:
                               "as vader:movie); empty = skip")
     ppl_docs: int = opt(200, "how many of those texts")
     samples_in_report: int = opt(20, "prompts whose before/after completions are kept in eval.json")
+    env: EnvConfig = section(EnvConfig, "evaluate in an environment instead: success rate and pass@k on held-out "
+                                        "episodes (split=test where the environment has splits); rollout."
+                                        "samples_per_prompt = episodes per problem")
+    env_problems: int = opt(100, "env.name: how many held-out problems (episode seeds 0..N-1)")
+    pass_k: list[int] = opt([1], "env.name: the k of each pass@k reported (k <= rollout.samples_per_prompt)")
     out: str = opt("", "where to write eval.json; empty = next to the policy (its run directory)")
     run: RunConfig = section(RunConfig, "seed, device and run control")
 
@@ -755,6 +803,15 @@ class EvalConfig:
         if not self.policy:
             raise ConfigError("eval needs policy (a model directory)")
         _non_negative(self, "ppl_docs", "samples_in_report")
+        _positive(self, "env_problems")
+        if self.env.name:
+            if self.data.source != PromptDataConfig().source or self.reward or self.gold:
+                raise ConfigError(f"env.name={self.env.name} brings its own problems and reward: remove "
+                                  "data.source / reward / gold")
+            bad = [k for k in self.pass_k if not 1 <= k <= self.rollout.samples_per_prompt]
+            if bad:
+                raise ConfigError(f"pass_k={bad}: each k must be in 1..rollout.samples_per_prompt="
+                                  f"{self.rollout.samples_per_prompt}")
 
 
 # ---- serving ----
@@ -1054,6 +1111,11 @@ def convert(value: Any, tp: Any, where: str) -> Any:
             return list(value)
         return [convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
+        if isinstance(value, str):  # a flag: a YAML / JSON mapping
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                raise bad from None
         if not isinstance(value, dict):
             raise bad
         return dict(value)

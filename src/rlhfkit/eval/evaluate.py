@@ -89,6 +89,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     quiet_hf()
     device = resolve_device(cfg.run.device)
     tok = get_tokenizer(TokenizerConfig(), cfg.policy)
+    if cfg.env.name:
+        return evaluate_in_env(cfg, tok, device, t0)
     prompts = load_prompts(cfg.data, tok)
     n = cfg.rollout.samples_per_prompt
     models = {"after": load_causal_lm(cfg.policy).to(device).eval()}
@@ -155,6 +157,40 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     result["samples"] = rows
     result["wall_s"] = round(time.time() - t0, 1)
 
+    out = Path(cfg.out) if cfg.out else Path(cfg.policy).resolve().parent / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    _print(result, out)
+    return result
+
+
+def evaluate_in_env(cfg: EvalConfig, tok: Any, device: torch.device, t0: float) -> dict[str, Any]:
+    """eval.json for an environment: success rate, return and pass@k of policy (after) and reference
+    (before) on the same held-out episodes (rlhfkit.envs.evaluate)."""
+    from rlhfkit.envs.evaluate import evaluate_env
+    from rlhfkit.models.factory import load_causal_lm
+    from rlhfkit.rl.rollout import SamplingParams
+
+    sides = {"after": cfg.policy, **({"before": cfg.reference} if cfg.reference else {})}
+    n = cfg.rollout.samples_per_prompt
+    result: dict[str, Any] = {"policy": cfg.policy, "reference": cfg.reference or None, "env": cfg.env.name}
+    samples: dict[str, list] = {}
+    for side, path in sides.items():
+        model = load_causal_lm(path).to(device).eval()
+        r = evaluate_env(model, tok, cfg.env, cfg.env_problems, n, list(cfg.pass_k),
+                         SamplingParams.from_config(cfg.rollout), cfg.data.template, cfg.rollout.backend,
+                         cfg.run.seed, cfg.rollout.prompts_per_step)
+        result.update({"n_prompts": r["problems"], "samples_per_prompt": n, "env_kwargs": r["env_kwargs"],
+                       f"env_errors_{side}": r["errors"]})
+        for key, val in r["metrics"].items():
+            result[f"{key}_{side}"] = val
+        samples[side] = r["samples"]
+        del model
+    keep = min(cfg.samples_in_report, len(samples["after"]))
+    result["samples"] = [{"prompt": samples["after"][i]["prompt"], "after": samples["after"][i]["episode"],
+                          **({"before": samples["before"][i]["episode"]} if "before" in samples else {})}
+                         for i in range(keep)]
+    result["wall_s"] = round(time.time() - t0, 1)
     out = Path(cfg.out) if cfg.out else Path(cfg.policy).resolve().parent / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False))

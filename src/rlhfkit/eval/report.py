@@ -21,6 +21,7 @@ from rlhfkit.utils.logging import read_jsonl
 # Plot panels, in page order: (title, metric-name prefixes or names, y label).
 PANELS = [
     ("Reward", ("rollout/reward", "reward/", "rollout/score"), "reward"),
+    ("Environment success rate", ("env/success_rate",), "share of episodes"),
     ("Gold vs proxy reward", ("eval/gold", "eval/proxy", "gold/", "proxy/"), "reward"),
     ("KL to the reference", ("kl/", "rollout/kl", "objective/kl", "ppo/kl"), "nats"),
     ("Policy optimisation", ("ppo/", "rloo/", "grpo/", "policy/"), ""),

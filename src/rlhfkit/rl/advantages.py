@@ -22,8 +22,10 @@ def shape_scores(scores: torch.Tensor, finished: torch.Tensor, lengths: torch.Te
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of a right-padded mask (0 for an empty row): (B, T) -> (B,)."""
-    return (mask.sum(-1).long() - 1).clamp(min=0)
+    """Index of the last 1 in each row of a mask (0 for an empty row): (B, T) -> (B,). The mask may have
+    holes (a multi-turn episode's environment tokens)."""
+    at = torch.arange(1, mask.size(-1) + 1, device=mask.device)
+    return ((mask != 0).long() * at).amax(-1).sub(1).clamp(min=0)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -58,7 +60,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, where V and A after the
     last token of a completion are 0 (the episode ends there). returns = advantages + values (the critic's
     regression target). Zero outside the mask.
+
+    Positions outside the mask are skipped, not treated as ends: in a multi-turn episode the environment's
+    tokens sit between policy turns, and the recursion runs over the policy's tokens only (the next value
+    of a turn's last token is the value before the next turn's first token). For a right-padded mask this
+    is the same as ending the episode at its last token.
     """
+    on = mask != 0
     mask = mask.to(rewards.dtype)
     values = values * mask
     adv = torch.zeros_like(rewards)
@@ -66,9 +74,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     next_value = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.size(1))):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        adv[:, t] = next_adv
-        next_value = values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * mask[:, t]
+        next_adv = torch.where(on[:, t], a, next_adv)
+        next_value = torch.where(on[:, t], values[:, t], next_value)
     return adv, (adv + values) * mask
 
 

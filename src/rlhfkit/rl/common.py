@@ -145,16 +145,6 @@ def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro:
                           for mb in micro_batches(B, batch_size, G)])
 
 
-def rollout_scores(reward_fn: Any, ro: Any, rcfg: Any,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each completion's reward (B,) as the reward function gives it, and after the EOS / length shaping
-    of the reward config `rcfg` (what the loops optimise)."""
-    from rlhfkit.rl.advantages import shape_scores
-
-    raw = reward_fn(ro.prompts, ro.completions).to(device)
-    return raw, shape_scores(raw, ro.finished, ro.lengths, rcfg.missing_eos_penalty, rcfg.length_penalty)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Processes (see the module docstring)
 # ---------------------------------------------------------------------------------------------------

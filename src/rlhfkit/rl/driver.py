@@ -4,9 +4,11 @@
     def update(run: RLRun, batch: Batch) -> dict: ...               # its rollout -> update block
 
 `run` builds the processes, the accelerated path's parts (rlhfkit.accel, from run.accel), tokenizer,
-prompts, reward, policy and reference (and PPO's critic), optimizer and schedule, KL controller and
-sampler; resumes from the newest checkpoint; then each step samples this rank's share of the prompts,
-scores the completions (a NaN reward stops the run before any update), calls the algorithm's `update`,
+the environment (env.name; else the prompts and reward as a single-turn one: rlhfkit.envs), policy and
+reference (and PPO's critic), optimizer and schedule, KL controller and sampler; resumes from the newest
+checkpoint; then each step runs this rank's share of the step's episodes through the environment (one
+batched sampling + one batched score for a single-turn environment; turn by turn for a multi-turn one; a
+NaN reward stops the run before any update), calls the algorithm's `update`,
 steps the schedule and the KL controller, logs, calls `on_step`, checkpoints and stops on Ctrl-C,
 SIGTERM or the time limit; at the end it saves final/ (and final_critic/) and summary.json.
 
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit.data.datasets import EpochSampler
+from rlhfkit.envs.rollout import EnvRunner, Episodes
 from rlhfkit.models.factory import (
     apply_lora,
     count_params,
@@ -35,6 +38,7 @@ from rlhfkit.models.factory import (
     make_optimizer,
 )
 from rlhfkit.models.reward import load_reward
+from rlhfkit.rl.advantages import shape_scores
 from rlhfkit.rl.common import (
     check_finite,
     finish_run,
@@ -46,7 +50,6 @@ from rlhfkit.rl.common import (
     policy_and_reference,
     reference_logprobs,
     rl_dist,
-    rollout_scores,
     run_note,
     samples_table,
     should_stop,
@@ -82,6 +85,7 @@ class Batch:
     all_mask: torch.Tensor      # (B, C') every rank's masks (padded to the longest)
     n_tokens: float             # completion tokens of the global batch (>= 1)
     step: int                   # the step this batch trains (1-based)
+    env_metrics: dict[str, float] = field(default_factory=dict)  # env/* of the global batch (env.name runs)
 
 
 class RLRun:
@@ -99,12 +103,11 @@ class RLRun:
         ckpt = latest_checkpoint(self.run_dir) if cfg.run.resume else None
 
         self.tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
-        self.prompts = load_prompts(cfg.data, self.tok)
-        self.reward_fn = load_reward(cfg.reward.spec, self.device)
+        self.env = self._environment()
         self.U, self.G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
         self.B = self.U * self.G
         self.params = SamplingParams.from_config(cfg.rollout)
-        self.order = EpochSampler(len(self.prompts.ids), cfg.run.seed)
+        self.order = EpochSampler(self.n_problems, cfg.run.seed) if self.n_problems else None
 
         seed_everything(cfg.run.seed)
         self.lora = bool(cfg.model.lora_r)
@@ -127,6 +130,25 @@ class RLRun:
         self.resumed_from = ckpt
 
     # --- setup -----------------------------------------------------------------------------------------
+    def _environment(self) -> EnvRunner:
+        """env.name's environment, or the prompts of data.source with reward.spec as a single-turn one."""
+        cfg = self.cfg
+        ecfg = cfg.env
+        if ecfg.name:
+            from rlhfkit import envs
+
+            self.prompts, self.reward_fn = None, None
+            runner = EnvRunner(lambda: envs.make(ecfg.name, **ecfg.kwargs), self.tok, cfg.data.template,
+                               ecfg.max_turns, ecfg.on_error, ecfg.step_timeout_s, ecfg.name)
+            self.n_problems = len(runner.env) if hasattr(runner.env, "__len__") else 0
+            return runner
+        from rlhfkit.envs.rewards import RewardEnv
+
+        self.prompts = load_prompts(cfg.data, self.tok)
+        self.reward_fn = load_reward(cfg.reward.spec, self.device)
+        self.n_problems = len(self.prompts.ids)
+        return EnvRunner(lambda: RewardEnv(self.prompts, self.reward_fn), self.tok, cfg.data.template)
+
     def _critic(self, ckpt: Path | None) -> torch.nn.Module:
         """PPO's critic: a saved ScalarHeadModel (a full critic's checkpoint, or cfg.critic), else the
         policy's backbone + a zero head. With LoRA its backbone gets adapters (the head trains in full);
@@ -163,9 +185,18 @@ class RLRun:
     def header(self, detail: str) -> str:
         n_train = sum(p.numel() for p in self.trainable) / 1e6
         critic = f" + {count_params(self.critic) / 1e6:.2f}M critic" if self.critic is not None else ""
+        if self.cfg.env.name:
+            turns = self.env.turns_per_episode
+            what = (f"environment {self.cfg.env.name} ({self.n_problems or 'unbounded'} problems, "
+                    + ("single-turn" if self.env.single else f"up to {turns} turns per episode, sampled through HF's "
+                       "forward with one KV cache per episode, plain training forward: the replay record is "
+                       "single-turn only") + f"), {self.U} problems x {self.G} "
+                    f"episodes per step, {detail}")
+        else:
+            what = (f"{len(self.prompts.ids)} prompts, {self.U} prompts x {self.G} samples per step, "
+                    f"{detail}reward {self.cfg.reward.spec}, ")
         return (f"{self.name}: {count_params(self.policy) / 1e6:.2f}M policy{critic} params ({n_train:.2f}M "
-                f"trained), {len(self.prompts.ids)} prompts, {self.U} prompts x {self.G} samples per step, "
-                f"{detail}reward {self.cfg.reward.spec}, KL coef {self.kl_ctl.value}, {self.dist.world} "
+                f"trained), {what}KL coef {self.kl_ctl.value}, {self.dist.world} "
                 f"process(es) on {self.device}{run_note(self.dist, self.accel)}"
                 + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
 
@@ -235,19 +266,33 @@ class RLRun:
 
     # --- the loop --------------------------------------------------------------------------------------
     def sample_and_score(self) -> Batch:
-        """This rank's share of the step's prompts (whole groups), sampled and scored."""
+        """This rank's share of the step's episodes (whole groups: one problem each), run and scored."""
         cfg, dist = self.cfg, self.dist
-        idx = [i for _, i in self.order.indices(self.pos, self.U)][dist.shard(self.U)]
-        uniforms = step_uniforms(cfg.run.seed, self.step, self.B, self.params.max_new_tokens)[dist.shard(self.B)]
-        ro = self.sampler([self.prompts.ids[i] for i in idx], self.params, self.G,
-                          [self.prompts.texts[i] for i in idx], uniforms)
+        if self.order is not None:
+            seeds = [i for _, i in self.order.indices(self.pos, self.U)][dist.shard(self.U)]
+        else:  # an environment without a fixed problem set: episode seeds count up
+            seeds = list(range(self.pos, self.pos + self.U))[dist.shard(self.U)]
+        n_rand = self.env.turns_per_episode * self.params.max_new_tokens
+        uniforms = step_uniforms(cfg.run.seed, self.step, self.B, n_rand)[dist.shard(self.B)]
+        eps: Episodes = self.env(self.sampler, seeds, self.G, self.params, uniforms)
+        ro = eps.ro
         mask = ro.completion_mask.float()
-        raw, scores = rollout_scores(self.reward_fn, ro, cfg.reward, self.device)
+        raw = eps.returns.to(self.device)
+        scores = shape_scores(raw, ro.finished, ro.lengths, cfg.reward.missing_eos_penalty, cfg.reward.length_penalty)
         all_raw, all_scores, all_lengths, all_finished, all_mask = self.gather(raw, scores, ro.lengths,
                                                                                ro.finished, mask)
         check_finite("reward", all_raw, self.step + 1, self.run_dir)
+        env_metrics = {}
+        if cfg.env.name:
+            errs = torch.tensor([e is not None for e in eps.errors])
+            ok, turns, errs = self.gather(*(x.float().to(self.device) for x in (eps.success, eps.turns, errs)))
+            env_metrics = {"env/success_rate": float(ok.mean()), "env/turns_mean": float(turns.mean()),
+                           "env/errors": float(errs.sum())}
+            for e in eps.errors:
+                if e is not None:
+                    self.logger.write(f"step {self.step + 1}: episode skipped: {e}")
         return Batch(ro, mask, raw, scores, all_raw, all_scores, all_lengths, all_finished, all_mask,
-                     max(float(all_mask.sum()), 1.0), self.step + 1)
+                     max(float(all_mask.sum()), 1.0), self.step + 1, env_metrics)
 
     def checkpoint(self) -> None:
         if self.dist.is_main:
@@ -306,7 +351,7 @@ def run(cfg: Any, name: str, update: Callable[[RLRun, Batch], dict[str, float]],
                 "rollout/score_mean": float(batch.all_scores.mean()),
                 "rollout/length_mean": float(batch.all_lengths.float().mean()),
                 "rollout/finished_frac": float(batch.all_finished.float().mean()), "rollout/tokens": n_gen,
-                **stats, "kl/coef": r.kl_ctl.value, "lr": r.scheduler.get_last_lr()[0], "perf/s_per_step": dt,
+                **batch.env_metrics, **stats, "kl/coef": r.kl_ctl.value, "lr": r.scheduler.get_last_lr()[0], "perf/s_per_step": dt,
                 "perf/gen_s": t_gen, "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": r.B / dt,
                 "perf/peak_rss_mb": peak_rss_mb(), **r.accel.cache_metrics(r.ref),
             }

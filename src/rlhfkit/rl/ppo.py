@@ -40,11 +40,15 @@ def update(run: driver.RLRun, b: driver.Batch) -> dict[str, float]:
     cfg, ro, mask, B = run.cfg, b.ro, b.mask, run.B
     n_rows, C = mask.shape  # this rank's rows and completion length
 
-    # Per-token rewards: -beta * KL(sampling-time policy || reference) + the score on the last token.
+    # Per-token rewards: -beta * KL(sampling-time policy || reference) + the score on the last token
+    # (multi-turn episodes: each step's reward on the last token of its turn).
     kl = torch.zeros_like(mask)
     if cfg.kl.coef:
         kl = kl_penalty(ro.logprobs, run.ref_logprobs(ro), cfg.kl.estimator) * mask
-    rewards = token_rewards(b.scores, kl, mask, run.kl_ctl.value)
+    if ro.step_rewards is None:
+        rewards = token_rewards(b.scores, kl, mask, run.kl_ctl.value)
+    else:  # multi-turn: each step's reward where it was earned; shaping (score - return) on the last token
+        rewards = token_rewards(b.scores - ro.step_rewards.sum(-1), kl, mask, run.kl_ctl.value) + ro.step_rewards
     if cfg.whiten_rewards:  # over the global batch
         rewards = run.mine(whiten(run.gather(rewards)[0], b.all_mask, shift_mean=False), C)
 

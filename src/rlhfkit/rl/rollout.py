@@ -60,6 +60,9 @@ class Rollout:
     # log-softmax over the vocabulary again (completion_logprobs).
     logz: torch.Tensor | None = field(default=None, repr=False)
     entropy: torch.Tensor | None = field(default=None, repr=False)
+    # Multi-turn episodes (rlhfkit.envs) only: each environment step's reward (B, C) on the last policy token
+    # of the turn that earned it; None for single-turn rollouts (the score goes on the last token).
+    step_rewards: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -76,7 +79,7 @@ class Rollout:
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.logprobs[idx], self.finished[idx], pick(self.prompts),
                        pick(self.completions), g, None if self.record is None else self.record.rows(idx, g),
-                       opt(self.logz), opt(self.entropy))
+                       opt(self.logz), opt(self.entropy), opt(self.step_rewards))
 
 
 # ---------------------------------------------------------------------------------------------------
