@@ -32,9 +32,9 @@ def tiny_lm_dir(tmp_path, tiny_model, tiny_tokenizer):
 def minilm_tok():
     from transformers import AutoTokenizer
 
-    from rlhfkit.models.embeddings import minilm_path
+    from rlhfkit.models.zoo import resolve_model
 
-    return AutoTokenizer.from_pretrained(str(minilm_path()))
+    return AutoTokenizer.from_pretrained(resolve_model("minilm"))
 
 
 # --------------------------------------------------------------------------------------------------
