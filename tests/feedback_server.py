@@ -25,7 +25,7 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.log = open(log or Path(db).with_suffix(".server.log"), "w")
+        self.log = open(log or Path(db).with_suffix(".server.log"), "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rlhfkit", "feedback", "serve", "--db", db, "--host", "127.0.0.1",
              "--port", str(self.port), "--log_level", "warning", *extra],

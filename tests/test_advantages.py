@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.rl.advantages import (discounted_returns, gae, group_advantages, normalize, shape_scores,
-                                   token_rewards, whiten)
+from rlhfkit.rl.advantages import (
+    discounted_returns,
+    gae,
+    group_advantages,
+    normalize,
+    shape_scores,
+    token_rewards,
+    whiten,
+)
 
 
 def t(x):

@@ -6,8 +6,14 @@ import random
 
 import pytest
 
-from rlhfkit.feedback.agreement import (category_counts, cohen_kappa, fleiss_kappa, krippendorff_alpha,
-                                        units_from_matrix, vader_alpha)
+from rlhfkit.feedback.agreement import (
+    category_counts,
+    cohen_kappa,
+    fleiss_kappa,
+    krippendorff_alpha,
+    units_from_matrix,
+    vader_alpha,
+)
 
 N = None
 # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", section C: 4 coders x 12 units with

@@ -44,7 +44,7 @@ def login(client: TestClient, name: str, password: str) -> str:
 
 def task_form(client: TestClient) -> dict:
     page = client.get("/task").text
-    grab = lambda n: re.search(rf'name="{n}" value="([^"]*)"', page).group(1)  # noqa: E731
+    grab = lambda n: re.search(rf'name="{n}" value="([^"]*)"', page).group(1)
     return {"csrf": grab("csrf"), "submission_id": grab("submission_id"), "kind": grab("kind"),
             "item": int(re.search(r'action="/task/(\d+)"', page).group(1)), "html": page}
 
@@ -73,7 +73,7 @@ def test_password_guessing_gets_429_and_a_success_is_still_refused_meanwhile(tmp
     c = TestClient(create_app(st, Settings(login_max_failures=3)))
     page = c.get("/login").text
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
-    post = lambda n, p: c.post("/login", data={"name": n, "password": p, "csrf": csrf},  # noqa: E731
+    post = lambda n, p: c.post("/login", data={"name": n, "password": p, "csrf": csrf},
                                follow_redirects=False)
     assert [post("alice", f"guess-{i}").status_code for i in range(3)] == [401, 401, 401]
     r = post("alice", "alice-password")                 # right password, but alice is locked for now
@@ -93,7 +93,7 @@ def test_a_new_password_ends_the_old_sessions(env):
 
 
 def test_login_session_and_escaping(env):
-    st, c, _ = env
+    _, c, _ = env
     assert c.get("/task", follow_redirects=False).headers["location"] == "/login"
     page = c.get("/login").text
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
@@ -158,7 +158,7 @@ def test_form_flow_rate_then_forged_and_bad_forms_change_nothing(env):
 
 
 def test_edit_page_refuses_bad_text_and_keeps_it(env):
-    st, c, tokens = env
+    st, c, _tokens = env
     login(c, "alice", "alice-password")
     f = task_form(c)
     c.post(f"/task/{f['item']}", data={"csrf": f["csrf"], "submission_id": f["submission_id"], "kind": "rate",
@@ -314,7 +314,7 @@ def test_failed_logins_cannot_lock_the_owner_out_and_forwarded_for_needs_a_trust
 def test_client_address_rules():
     from rlhfkit.utils.http import client_address, parse_trusted
 
-    scope = lambda peer, xff=None: {"client": (peer, 1), "headers": [(b"x-forwarded-for", xff.encode())] if xff else []}  # noqa: E731
+    scope = lambda peer, xff=None: {"client": (peer, 1), "headers": [(b"x-forwarded-for", xff.encode())] if xff else []}
     proxies = parse_trusted(["127.0.0.1", "10.0.0.0/8"])
     assert client_address(scope("127.0.0.1", "1.2.3.4"), []) == "127.0.0.1"          # nobody trusted
     assert client_address(scope("127.0.0.1", "1.2.3.4"), proxies) == "1.2.3.4"
@@ -325,7 +325,7 @@ def test_client_address_rules():
 
 
 def test_logout_ends_the_session_on_the_server_and_everywhere(env):
-    st, c, _ = env
+    _, c, _ = env
     csrf = login(c, "alice", "alice-password")
     cookie = c.cookies.get("rk_session")
     f = task_form(c)

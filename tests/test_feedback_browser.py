@@ -113,7 +113,7 @@ def test_annotate_in_browser_and_export(chromium, tmp_path):
 
     assert problems == []
     recs = records(st, "demo")
-    strip = lambda rs, keep: [{k: r[k] for k in keep} for r in rs]  # noqa: E731
+    strip = lambda rs, keep: [{k: r[k] for k in keep} for r in rs]
     assert strip(recs["ratings"], ("prompt", "completion", "rating", "annotator")) == [
         {"prompt": "How was dinner?", "completion": "The food was great <script>alert(1)</script>",
          "rating": 2.0, "annotator": "ann"}]

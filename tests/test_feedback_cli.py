@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from rlhfkit.cli import main
 from rlhfkit.feedback.store import Store

@@ -15,7 +15,6 @@ from rlhfkit.feedback.store import Assignment, Rating, Store, Submission
 from tests.feedback_server import LiveServer
 
 
-
 class Client:
     """One annotator: a keep-alive HTTP connection and a bearer token."""
 
@@ -40,7 +39,7 @@ def test_8_clients_x_25_answers_stored_exactly_once(tmp_path):
 
 
 def run_load(tmp_path, clients: int, per_client: int) -> None:
-    CLIENTS, PER_CLIENT = clients, per_client  # noqa: N806
+    CLIENTS, PER_CLIENT = clients, per_client
     db = tmp_path / "fb.db"
     st = Store(str(db))
     st.import_samples([{"prompt": f"prompt {i}", "completion": f"completion {i}"} for i in range(PER_CLIENT)],

@@ -14,8 +14,18 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.feedback import migrate
 from rlhfkit.feedback.export import clean, export, normalize_ws, records
 from rlhfkit.feedback.labelers import BradleyTerryLabeler, VaderRater, make_labeler, run_labeler
-from rlhfkit.feedback.store import (Base, Conflict, Forbidden, Invalid, NotFound, Store, Submission, Task,
-                                    hash_password, verify_password)
+from rlhfkit.feedback.store import (
+    Base,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Store,
+    Submission,
+    Task,
+    hash_password,
+    verify_password,
+)
 
 
 @pytest.fixture

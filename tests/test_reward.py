@@ -3,6 +3,7 @@ linear and deep (full and LoRA) reward models on a learnable task with a tiny in
 models loading behind the one reward interface."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -199,7 +200,7 @@ def test_rated_comparisons_respect_gap_domain_and_order():
     for g in rated_groups(items, 30, 3, 1.0, rng):
         means = [items[i].mean for i in g]
         assert means == sorted(means, reverse=True) and len({items[i].domain for i in g}) == 1
-        assert all(a - b >= 1.0 for a, b in zip(means, means[1:]))
+        assert all(a - b >= 1.0 for a, b in itertools.pairwise(means))
 
 
 # --------------------------------------------------------------------------------------------------

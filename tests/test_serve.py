@@ -226,7 +226,7 @@ def err(r: httpx.Response) -> str:
 
 def test_every_limit_is_enforced_with_a_4xx_naming_it(served):
     srv, _ = served
-    post = lambda path, body: httpx.post(srv.url + path, json=body, timeout=30)  # noqa: E731
+    post = lambda path, body: httpx.post(srv.url + path, json=body, timeout=30)
     r = post("/v1/completions", {"prompt": ["a"] * 5, "max_tokens": 1})
     assert r.status_code == 400 and "max_prompts" in err(r)
     r = post("/v1/completions", {"prompt": "a", "n": 5, "max_tokens": 1})
@@ -335,9 +335,8 @@ def test_turn_queue_serves_in_arrival_order_and_times_out():
     assert order == ["big", "small", "big", "big"]
     with q.turn(time.monotonic() + 5):
         t0 = time.monotonic()
-        with pytest.raises(RequestError) as e:
-            with q.turn(time.monotonic() + 0.2):
-                pass
+        with pytest.raises(RequestError) as e, q.turn(time.monotonic() + 0.2):
+            pass
         assert e.value.status == 503 and time.monotonic() - t0 >= 0.2
     assert not q.waiting and not q.busy
 

@@ -139,8 +139,8 @@ def run_worker(algo: str, steps: int, workdir: Path, threads: int, micro_batch: 
     import torch
 
     import rlhfkit
-    from rlhfkit.config import to_dict
     from rlhfkit.accel import cpu_alloc
+    from rlhfkit.config import to_dict
 
     train = importlib.import_module(f"rlhfkit.rl.{algo}").train
     run_dir = workdir / f"ours_{algo}"

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Hashable, Iterable, Literal, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def units_from_matrix(matrix: Sequence[Sequence[float | None]]) -> list[list[flo
 
 
 def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable],
-                weights: Literal[None, "linear", "quadratic"] = None) -> float:
+                weights: Literal["linear", "quadratic"] | None = None) -> float:
     """Cohen's kappa of two raters over the same items. Weighted variants need numeric (ordered) labels."""
     if len(a) != len(b) or not a:
         raise ValueError(f"need two equally long, non-empty label lists (got {len(a)} and {len(b)})")

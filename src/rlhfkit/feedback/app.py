@@ -21,21 +21,31 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import jinja2
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, Field
 
-from rlhfkit.feedback.store import (KINDS, TEXT_CEILING, Answer, FeedbackError, Forbidden, Invalid, Store,
-                                    parse_answer, validation_message)
+from rlhfkit.feedback.store import (
+    KINDS,
+    TEXT_CEILING,
+    Answer,
+    FeedbackError,
+    Forbidden,
+    Invalid,
+    Store,
+    parse_answer,
+    validation_message,
+)
 from rlhfkit.utils.http import INT64_MAX, BodyLimits, bad_unicode, client_address, json_error, parse_trusted
 
 HERE = Path(__file__).parent
@@ -124,9 +134,9 @@ def unsign(secret: bytes, value: str | None) -> dict | None:
 # --------------------------------------------------------------------------------------------------
 # Security headers (added to every response by BodyLimits, which also caps bodies)
 # --------------------------------------------------------------------------------------------------
-HEADERS = [(b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; "
-            b"img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
-            b"form-action 'self'"),
+HEADERS = [(b"content-security-policy", (b"default-src 'self'; script-src 'self'; style-src 'self'; "
+                                        b"img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                                        b"frame-ancestors 'none'; form-action 'self'")),
            (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
            (b"referrer-policy", b"same-origin")]
 
@@ -151,7 +161,7 @@ class TaskOut(BaseModel):
 
 
 class NextOut(BaseModel):
-    task: Optional[TaskOut]
+    task: TaskOut | None
 
 
 class StoredOut(BaseModel):
@@ -175,7 +185,7 @@ class MeOut(BaseModel):
 
 
 class UndoOut(BaseModel):
-    item_id: Optional[int] = Field(description="the task that is pending again; null if nothing to undo")
+    item_id: int | None = Field(description="the task that is pending again; null if nothing to undo")
 
 
 class CommentIn(BaseModel):
@@ -435,7 +445,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     # ---- JSON API ---------------------------------------------------------------------------------
     bearer = HTTPBearer(auto_error=False, description="a token from `rlhfkit feedback users token NAME`")
 
-    def api_user(cred: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> dict:
+    def api_user(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         token = cred.credentials.strip() if cred is not None else ""
         who = store.by_token(token) if token and not bad_unicode(token) and len(token) < 200 else None
         if who is None:

@@ -17,13 +17,27 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import select
 
-from rlhfkit.feedback.store import (Annotator, Choice, Edit, Item, ItemSample, Project, RankEntry, Rating,
-                                    Round, Sample, Store, Submission, _narrow)
+from rlhfkit.feedback.store import (
+    Annotator,
+    Choice,
+    Edit,
+    Item,
+    ItemSample,
+    Project,
+    RankEntry,
+    Rating,
+    Round,
+    Sample,
+    Store,
+    Submission,
+    _narrow,
+)
 
 EXPORT_KINDS = ("ratings", "pairs", "rankings", "edits")
 
@@ -54,7 +68,7 @@ def raw_records(store: Store, project: str, round: int | None = None) -> dict[st
                 samples[i] = s.get(Sample, i)
             return samples[i]
 
-        base = lambda sub, ann, rnd, item: {"annotator": ann.name, "round": rnd.number,  # noqa: E731
+        base = lambda sub, ann, rnd, item: {"annotator": ann.name, "round": rnd.number,
                                              "project": project, "task": item.id, "prompt": item.prompt.text}
         proj = s.scalar(select(Project).where(Project.name == project))
         q = _live(select(Submission, Annotator, Round, Item, Rating)
@@ -159,8 +173,7 @@ def write_jsonl(recs: list[dict], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
     os.replace(tmp, path)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.feedback.store import KINDS, Store, Task

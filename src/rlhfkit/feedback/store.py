@@ -28,15 +28,33 @@ import re
 import secrets
 import threading
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-                        UniqueConstraint, create_engine, event, exists, func, insert, select, update)
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy import text as sql_text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -117,7 +135,7 @@ class Round(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     number: Mapped[int] = mapped_column(Integer)
     overlap: Mapped[int] = mapped_column(Integer, default=1)      # annotators per item
-    closed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = _created()
     project: Mapped[Project] = relationship()
 
@@ -129,7 +147,7 @@ class Prompt(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     text: Mapped[str] = mapped_column(Text)
     text_sha: Mapped[str] = mapped_column(String(64))             # unique key (TEXT is not indexable on PG)
-    external_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = _created()
 
 
@@ -142,7 +160,7 @@ class Sample(Base):
     model: Mapped[str] = mapped_column(String(200), default="")
     text: Mapped[str] = mapped_column(Text)
     text_sha: Mapped[str] = mapped_column(String(64))
-    external_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = _created()
     prompt: Mapped[Prompt] = relationship()
 
@@ -162,7 +180,7 @@ class Item(Base):
     created_at: Mapped[datetime] = _created()
     round: Mapped[Round] = relationship()
     prompt: Mapped[Prompt] = relationship()
-    members: Mapped[list["ItemSample"]] = relationship(order_by="ItemSample.position")
+    members: Mapped[list[ItemSample]] = relationship(order_by="ItemSample.position")
 
 
 class ItemSample(Base):
@@ -178,8 +196,8 @@ class Annotator(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     kind: Mapped[str] = mapped_column(String(16), default="human")   # human, labeler, user (chat)
-    password_hash: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
-    token_hash: Mapped[Optional[str]] = mapped_column(String(64), nullable=True, unique=True)
+    password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = _created()
@@ -193,7 +211,7 @@ class Assignment(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
     status: Mapped[str] = mapped_column(String(8), default="pending")   # pending, done, skipped
-    undone_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _created()
 
@@ -213,7 +231,7 @@ class Submission(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
     kind: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = _created()
-    retracted_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    retracted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Rating(Base):
@@ -254,7 +272,7 @@ class Comment(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
-    submission_id: Mapped[Optional[int]] = mapped_column(ForeignKey("submissions.id"), nullable=True)
+    submission_id: Mapped[int | None] = mapped_column(ForeignKey("submissions.id"), nullable=True)
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = _created()
 
@@ -269,7 +287,7 @@ class WebSession(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
     csrf: Mapped[str] = mapped_column(String(64))                  # this session's form token
     expires_at: Mapped[float] = mapped_column(Float)               # Unix time
-    revoked_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = _created()
 
 
@@ -316,7 +334,7 @@ class RankingIn(_In):
 
 class ChoiceIn(_In):
     kind: Literal["pair"]
-    chosen: Optional[int] = Field(None, description="sample id of the better one; null with tie=true")
+    chosen: int | None = Field(None, description="sample id of the better one; null with tie=true")
     tie: bool = Field(False, description="both are equally good (or bad)")
 
 
@@ -325,7 +343,7 @@ class EditIn(_In):
     edited: str = Field(min_length=1, max_length=TEXT_CEILING, description="the improved response")
 
 
-Answer = Annotated[Union[RatingIn, RankingIn, ChoiceIn, EditIn], Field(discriminator="kind")]
+Answer = Annotated[RatingIn | RankingIn | ChoiceIn | EditIn, Field(discriminator="kind")]
 
 
 def parse_answer(data: dict) -> Any:
@@ -381,13 +399,13 @@ class Stored:
 # --------------------------------------------------------------------------------------------------
 # Passwords and tokens
 # --------------------------------------------------------------------------------------------------
-_SCRYPT = dict(n=2 ** 14, r=8, p=1, dklen=32)   # ~16 MB and tens of ms per check: slow for guessing
+_SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}   # ~16 MB and tens of ms per check: slow for guessing
 
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
     dk = hashlib.scrypt(password.encode("utf-8"), salt=salt, maxmem=64 << 20, **_SCRYPT)
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    b64 = lambda b: base64.b64encode(b).decode()
     return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${b64(salt)}${b64(dk)}"
 
 
@@ -437,8 +455,8 @@ class Store:
         if self.is_sqlite:
             if self.url not in ("sqlite://", "sqlite:///:memory:"):
                 Path(self.url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-            kw = dict(connect_args={"timeout": 60, "check_same_thread": False}, pool_size=pool_size,
-                      max_overflow=pool_size)
+            kw = {"connect_args": {"timeout": 60, "check_same_thread": False}, "pool_size": pool_size,
+                  "max_overflow": pool_size}
         self.engine = create_engine(self.url, **kw)
         if self.is_sqlite:
             _sqlite_setup(self.engine)

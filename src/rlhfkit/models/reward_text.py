@@ -17,8 +17,9 @@ are kept around the kept tokens and count towards max_len.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -28,9 +28,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -50,18 +51,18 @@ class _Sampling(BaseModel):
     # Strict types (a seed of 1.5 or "3" is an error, not rounded); unknown fields are ignored: OpenAI
     # clients send fields we do not use (user, ...).
     model_config = ConfigDict(extra="ignore", strict=True)
-    model: Optional[str] = Field(None, max_length=200)
-    max_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
-    temperature: Optional[float] = Field(None, ge=0.0, le=5.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    model: str | None = Field(None, max_length=200)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=INT64_MAX)
-    stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 stop strings")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     stream: bool = False
-    seed: Optional[int] = Field(None, ge=0, le=INT64_MAX)
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 class Message(BaseModel):
@@ -91,8 +92,8 @@ class EditIn(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str]
-    code: Optional[str]
+    param: str | None
+    code: str | None
 
 
 class ErrorOut(BaseModel):

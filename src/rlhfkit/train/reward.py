@@ -31,16 +31,25 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from rlhfkit.config import RewardConfig, to_dict
-from rlhfkit.data.reward_data import (Ranking, RatedText, load_reward_data, rated_groups, rated_pairs,
-                                      rater_half, split_of, write_split)
+from rlhfkit.data.reward_data import (
+    Ranking,
+    RatedText,
+    load_reward_data,
+    rated_groups,
+    rated_pairs,
+    rater_half,
+    split_of,
+    write_split,
+)
 from rlhfkit.errors import ConfigError, DataError, TrainingError
 from rlhfkit.eval import reward_metrics as M
 from rlhfkit.models.embeddings import Encoder, load_base_model
@@ -52,8 +61,14 @@ from rlhfkit.train.reward_losses import bradley_terry_loss, ranking_loss, rankin
 from rlhfkit.utils.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rlhfkit.utils.distributed import Dist
 from rlhfkit.utils.logging import MetricLogger
-from rlhfkit.utils.runtime import (GracefulStop, default_run_dir, quiet_hf, seed_everything,
-                                   set_threads, write_run_config)
+from rlhfkit.utils.runtime import (
+    GracefulStop,
+    default_run_dir,
+    quiet_hf,
+    seed_everything,
+    set_threads,
+    write_run_config,
+)
 
 SPLITS = ("train", "val", "test")
 N_REFERENCE = 2048  # training texts the normalisation mean/std are measured on

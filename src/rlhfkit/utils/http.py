@@ -6,8 +6,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Callable
 from itertools import accumulate
-from typing import Any, Callable
+from typing import Any
 
 MAX_JSON_DEPTH = 64          # deeper than any request we take; json.loads recurses once per level
 INT64_MAX = 2 ** 63 - 1      # ids are SQL BIGINTs / 64-bit; anything larger names nothing
