@@ -490,10 +490,19 @@ class KLConfig:
     estimator: Literal["k1", "k2", "k3"] = opt(
         "k1", "per-token KL estimator (Schulman 2020): k1 = log p - log ref, k2 = (log p - log ref)^2 / 2, "
               "k3 = ref/p - 1 - log(ref/p)")
-    target: float = opt(0.0, "adaptive coefficient (Ziegler et al. 2019): the KL per completion to aim "
-                             "for; 0 = fixed coefficient")
-    horizon: int = opt(10000, "adaptive coefficient: completions over which the coefficient may change "
+    target: float = opt(0.0, "adaptive coefficient: the KL per completion (nats) to hold, starting from "
+                             "kl.coef; 0 = fixed coefficient")
+    controller: Literal["pi", "ziegler"] = opt(
+        "pi", "adaptive coefficient's rule (with kl.target > 0): pi = proportional-integral control of "
+              "log(coef) on the error log(KL / target) (gains kl.kp, kl.ki; settles within tens of steps); "
+              "ziegler = Ziegler et al. 2019's clipped proportional rule (kl.horizon; moves the coefficient "
+              "by at most e^0.2 per kl.horizon completions, too slow for runs of a few thousand)")
+    horizon: int = opt(10000, "ziegler controller: completions over which the coefficient may change "
                               "by a factor of about e^0.2")
+    kp: float = opt(0.5, "pi controller: proportional gain on the clipped log error (log(coef) moves by "
+                         "kp * error with this step's KL)")
+    ki: float = opt(0.1, "pi controller: integral gain per step (log(coef) accumulates ki * error every "
+                         "step: at most e^ki a step)")
     ref_cache_mb: float = opt(64.0, "memory for the reference model's prompt cache: each prompt's keys and "
                                     "values, kept so that a prompt seen again (next epoch) skips the reference's "
                                     "prompt positions; exact up to float rounding; 0 = off, the default of GRPO, "
@@ -503,8 +512,20 @@ class KLConfig:
     def check(self) -> None:
         _non_negative(self, "coef", "target", "ref_cache_mb")
         _positive(self, "horizon")
+        _non_negative(self, "kp", "ki")
         if self.target and not self.coef:
             raise ConfigError(f"{here('target')} needs {here('coef')} > 0 (the initial coefficient)")
+        if self.target and self.controller == "pi" and not self.ki:
+            raise ConfigError(f"{here('ki')} must be > 0 for the pi controller (without the integral term "
+                              "the KL settles off target)")
+        # Gains of the rule not chosen would be silently ignored: reject them.
+        defaults = KLConfig()
+        if self.controller == "pi" and self.horizon != defaults.horizon:
+            raise ConfigError(f"{here('horizon')} is the ziegler controller's; with {here('controller')}=pi "
+                              f"set {here('kp')} / {here('ki')}, or choose {here('controller')}=ziegler")
+        if self.controller == "ziegler" and (self.kp, self.ki) != (defaults.kp, defaults.ki):
+            raise ConfigError(f"{here('kp')} / {here('ki')} are the pi controller's; with "
+                              f"{here('controller')}=ziegler set {here('horizon')}")
 
 
 def _rl_check(cfg: Any, stage: str) -> None:
@@ -865,9 +886,10 @@ class DemoConfig:
                    "by the demo)",
         model=ModelConfig(name_or_path="runs/demo/pretrain/final"),
         rollout=RolloutConfig(prompts_per_step=64, samples_per_prompt=1, max_new_tokens=24, temperature=1.0),
-        # An adaptive KL (Ziegler et al. 2019) aiming at ~8 nats per completion: with a fixed 0.05 the policy
-        # found "great great great ..." (KL 53 nats) within 100 steps.
-        kl=KLConfig(coef=0.2, target=8.0, horizon=2000),
+        # An adaptive KL held at ~8 nats per completion (the pi controller: Ziegler's rule can move the
+        # coefficient only x1.9 in 100 steps of 64): with a fixed 0.05 the policy found "great great great
+        # ..." (KL 53 nats) within 100 steps.
+        kl=KLConfig(coef=0.2, target=8.0),
         optim=OptimConfig(lr=2e-4, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999,
                           batch_size=32, max_steps=100),
         epochs=2, mini_batches=2, log=LogConfig(log_every=5, eval_every=0, save_every=50))
