@@ -867,6 +867,10 @@ class DemoConfig:
                              "interrupted one resumes from its checkpoint")
     prompt_words: int = opt(6, "prompts are the first N words of movie snippets (training prompts from the "
                                "reward models' train items, eval prompts from their held-out test items)")
+    overopt_every: int = opt(10, "PPO steps between the checkpoints scored for the over-optimisation curve "
+                                 "(proxy and gold reward vs KL to the pretrained model, Gao et al. 2022; sets "
+                                 "ppo.log.save_every and keeps every checkpoint); 0 = no curve")
+    overopt_prompts: int = opt(64, "held-out prompts (one sample each) per point of that curve")
     pretrain: PretrainConfig = section(
         PretrainConfig, "stage 1: the tiny LM on all VADER snippets",
         optim=OptimConfig(lr=2e-3, warmup_steps=30, batch_size=32, max_steps=300),
@@ -892,7 +896,7 @@ class DemoConfig:
         kl=KLConfig(coef=0.2, target=8.0),
         optim=OptimConfig(lr=2e-4, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999,
                           batch_size=32, max_steps=100),
-        epochs=2, mini_batches=2, log=LogConfig(log_every=5, eval_every=0, save_every=50))
+        epochs=2, mini_batches=2, log=LogConfig(log_every=1, eval_every=0, save_every=50))
     eval: EvalConfig = section(
         EvalConfig, "stage 4: before/after on held-out prompts (policy, reference, rewards and prompts are "
                     "set by the demo)",
@@ -900,7 +904,12 @@ class DemoConfig:
         rollout=RolloutConfig(prompts_per_step=50, samples_per_prompt=2))
 
     def check(self) -> None:
-        _positive(self, "prompt_words")
+        _positive(self, "prompt_words", "overopt_prompts")
+        _non_negative(self, "overopt_every")
+        if self.overopt_every and self.ppo.optim.max_steps // self.overopt_every < 5:
+            raise ConfigError(f"{here('overopt_every')}={self.overopt_every} leaves fewer than 5 checkpoints "
+                              f"in ppo.optim.max_steps={self.ppo.optim.max_steps} for the over-optimisation "
+                              "curve; lower it (or 0 = no curve)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
   3. ppo       fine-tune the LM to continue movie-review openings so that the proxy scores them higher,
                with a KL penalty to the pretrained model;
   4. eval      on openings of held-out movie snippets (test items of the reward models, never trained on):
-               proxy and gold reward, the VADER lexicon as an independent judge, KL, before vs after;
+               proxy and gold reward, the VADER lexicon as an independent judge, KL, before vs after; and
+               the over-optimisation curve: proxy and gold reward of PPO's checkpoints vs their KL;
   5. report    runs/demo/report.html with the plots, and runs/demo/summary.json with the headline numbers.
 
 Each stage writes into its own directory under run_dir and is skipped when it has finished before, so an
@@ -96,6 +97,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     cfg.ppo.reward.spec = str(root / "rm-proxy" / "final")
     cfg.ppo.data.source = str(train_prompts)
     cfg.ppo.log.run_dir = str(root / "ppo")
+    if cfg.overopt_every:  # keep a checkpoint every overopt_every steps for the curve below
+        cfg.ppo.log.save_every = cfg.overopt_every
+        cfg.ppo.log.keep_checkpoints = cfg.ppo.optim.max_steps // cfg.overopt_every + 1
     ppo = _stage("ppo", root / "ppo", ppo_train, cfg.ppo, timings)
 
     # 4. Evaluation on held-out openings: before (pretrained) vs after (PPO).
@@ -114,6 +118,16 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         t = time.time()
         ev = evaluate(cfg.eval)
         timings.append(f"eval: {time.time() - t:.0f}s")
+
+    # 4b. Over-optimisation: proxy and gold reward of every kept PPO checkpoint vs its KL (Gao et al. 2022).
+    curve_path = root / "ppo" / "overopt.jsonl"
+    if cfg.overopt_every and not curve_path.exists():
+        from rlhfkit.eval.overopt import checkpoints, eval_config_for_curve, overopt_curve
+
+        print(f"== over-optimisation curve -> {curve_path}", flush=True)
+        t = time.time()
+        overopt_curve(checkpoints(root / "ppo"), eval_config_for_curve(cfg.eval, cfg.overopt_prompts, 1), curve_path)
+        timings.append(f"overopt: {time.time() - t:.0f}s")
 
     # 5. Summary and report.
     from rlhfkit.eval.metrics import intervals_overlap
