@@ -44,6 +44,9 @@ def test_curve_of_checkpoints(tmp_path, tiny_tokenizer, tiny_model_cfg):
     # Same weights, same seed: same samples, so the same rewards and a KL of exactly 0.
     assert rows[1]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
     assert rows[1]["proxy"] == rows[0]["proxy"] and rows[1]["gold"] == rows[0]["gold"]
+    assert rows[1]["ref_ppl"] == pytest.approx(rows[0]["ref_ppl"]) and rows[1]["distinct_2"] == rows[0]["distinct_2"]
+    # A random 512-token model: its own samples' perplexity is near the vocabulary size, finite and > 1.
+    assert 1.0 < rows[0]["ref_ppl"] < 5000 and 0 < rows[0]["distinct_2"] <= 1 and rows[0]["length"]["mean"] > 0
     assert rows[2]["kl"]["mean"] > 0.01 and rows[2]["kl"]["low"] <= rows[2]["kl"]["mean"] <= rows[2]["kl"]["high"]
 
 

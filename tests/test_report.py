@@ -51,7 +51,7 @@ def test_report_plots_kl_target_and_overoptimisation(tmp_path):
         f.writelines(json.dumps({"step": s, "kl/mean": 0.8 * s, "kl/coef": 0.2}) + "\n" for s in range(1, 11))
     ci = lambda m: {"mean": m, "low": m - 0.1, "high": m + 0.1}  # noqa: E731
     with open(ppo / "overopt.jsonl", "w") as f:
-        f.writelines(json.dumps({"step": s, "kl": ci(0.8 * s), "proxy": ci(0.1 * s), "gold": ci(0.05 * s)}) + "\n"
+        f.writelines(json.dumps({"step": s, "kl": ci(0.8 * s), "proxy": ci(0.1 * s), "gold": ci(0.05 * s), "ref_ppl": 20.0 + s}) + "\n"
                      for s in range(0, 11, 2))
     out = build_report(tmp_path)
     names = sorted(p.name for p in (tmp_path / "report_files").iterdir())
@@ -65,3 +65,4 @@ def test_report_plots_kl_target_and_overoptimisation(tmp_path):
     names = sorted(p.name for p in (tmp_path / "report_files").iterdir())
     assert any("KL_vs_target" in n for n in names) and any("over_optimisation" in n for n in names)
     assert page.count("data:image/png;base64,") == len(names) and out.exists()
+    assert "<td class='num'>30</td>" in page and "1.000 [0.900, 1.100]" in page  # step 10's ref_ppl, proxy

@@ -154,7 +154,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                                                      trip("judge_positive_rate_after")),
         "gold_intervals_overlap": intervals_overlap(trip("gold_reward_before"), trip("gold_reward_after")),
         "eval_prompts": ev["n_prompts"], "samples_per_prompt": ev["samples_per_prompt"],
-        "ppo_steps": ppo.get("steps"), "stage_times": timings,
+        "ppo_steps": ppo.get("steps"), **_kl_and_fluency(root / "ppo", cfg.ppo.kl.target), "stage_times": timings,
         "wall_s": round(time.time() - t0, 1),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -172,6 +172,29 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         f"wall time          {summary['wall_s']:.0f}s ({', '.join(timings) or 'all stages done before'})",
         f"report             {report}", f"summary            {root / 'summary.json'}"]), flush=True)
     return summary
+
+
+def _kl_and_fluency(ppo_dir: Path, target: float) -> dict[str, Any]:
+    """How PPO held its KL target (second half of its steps), and fluency before (the pretrained model) vs
+    after (the last checkpoint) from the over-optimisation curve: completion perplexity under the pretrained
+    model, length, distinct-2."""
+    from rlhfkit.eval.report import kl_hold
+    from rlhfkit.utils.logging import read_jsonl
+
+    out: dict[str, Any] = {}
+    if target and (ppo_dir / "metrics.jsonl").exists():
+        h = kl_hold(read_jsonl(ppo_dir / "metrics.jsonl"), target)
+        if h:
+            out.update({"ppo_kl_target": target, "ppo_kl_second_half_mean": h["second_half_mean"],
+                        "ppo_kl_second_half_within_50pct": h["second_half_within_50pct"]})
+    curve = read_jsonl(ppo_dir / "overopt.jsonl") if (ppo_dir / "overopt.jsonl").exists() else []
+    if len(curve) >= 2:
+        first, last = curve[0], curve[-1]
+        out.update({"completion_ppl_under_base_before": first["ref_ppl"], "completion_ppl_under_base_after": last["ref_ppl"],
+                    "curve_length_before": first["length"]["mean"], "curve_length_after": last["length"]["mean"],
+                    "curve_distinct_2_before": first["distinct_2"], "curve_distinct_2_after": last["distinct_2"],
+                    "overopt_points": len(curve)})
+    return out
 
 
 def _ci_str(v: dict) -> str:

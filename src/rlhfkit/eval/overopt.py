@@ -7,13 +7,16 @@ rises with the proxy, then flattens or falls while the proxy keeps rising. Every
 same held-out prompts with the same seed; the points are means over prompts with 95% t intervals.
 
 Each point is one JSON line of RUN_DIR/overopt.jsonl:
-    {"step": 20, "kl": {"mean", "low", "high"}, "proxy": {...}, "gold": {...}, "n_prompts": 64}
-Step 0 is the reference itself (KL 0).
+    {"step": 20, "kl": {"mean", "low", "high"}, "proxy": {...}, "gold": {...}, "length": {...},
+     "ref_ppl": 31.2, "distinct_2": 0.93, "n_prompts": 64, "samples_per_prompt": 1}
+Step 0 is the reference itself (KL 0). ref_ppl (the completions' perplexity under the reference), length and
+distinct-2 tell whether the policy stayed fluent on the way.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ import numpy as np
 import torch
 
 from rlhfkit.config import EvalConfig
-from rlhfkit.eval.evaluate import _ci, _per_prompt, sample_all, sequence_kl
+from rlhfkit.eval import metrics
+from rlhfkit.eval.evaluate import _ci, _per_prompt, sample_all
 
 
 def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -61,8 +65,13 @@ def overopt_curve(models: list[tuple[int, str | Path]], cfg: EvalConfig, out: st
                 scores = [s for i in range(0, len(texts), 64)
                           for s in fn(comp_prompts[i:i + 64], texts[i:i + 64]).tolist()]
                 row[name] = _ci(_per_prompt(scores, n))
-        kl = np.zeros(len(prompts.texts)) if path is None else _per_prompt(sequence_kl(model, ref, chunks, temp), n)
-        row["kl"] = _ci(kl) if path is not None else {"mean": 0.0, "low": 0.0, "high": 0.0}
+        kl, ref_nll, tokens = _kl_and_ref_nll(model, ref, chunks, temp)
+        row["kl"] = _ci(_per_prompt(kl, n)) if path is not None else {"mean": 0.0, "low": 0.0, "high": 0.0}
+        # Fluency: perplexity of the completions under the reference (a base model that gets worse at
+        # predicting them means they left its language), their length and distinct-2.
+        row["ref_ppl"] = math.exp(ref_nll / max(tokens, 1))
+        row["length"] = _ci(_per_prompt([float(x) for ro in chunks for x in ro.lengths.tolist()], n))
+        row["distinct_2"] = metrics.distinct_n(texts, 2)
         rows.append(row)
         print(f"overopt step {step}: KL {row['kl']['mean']:.2f}, proxy {row['proxy']['mean']:.3f}, "
               f"gold {row['gold']['mean']:.3f}", flush=True)
@@ -70,6 +79,24 @@ def overopt_curve(models: list[tuple[int, str | Path]], cfg: EvalConfig, out: st
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+@torch.no_grad()
+def _kl_and_ref_nll(policy: torch.nn.Module, ref: torch.nn.Module, chunks: list, temperature: float
+                    ) -> tuple[list[float], float, int]:
+    """Per completion the k1 KL (sum of log pi - log ref over its tokens, as eval's KL); and over all
+    completions the reference's summed negative log-likelihood and the token count."""
+    from rlhfkit.accel import logprobs
+
+    kl, nll, tokens = [], 0.0, 0
+    for ro in chunks:
+        lr, _ = logprobs(ref, ro, temperature)
+        lp = lr if policy is ref else logprobs(policy, ro, temperature)[0]
+        m = ro.completion_mask
+        kl += ((lp - lr) * m).sum(-1).tolist()
+        nll -= float((lr * m).sum())
+        tokens += int(m.sum())
+    return kl, nll, tokens
 
 
 def eval_config_for_curve(base: EvalConfig, n_prompts: int, samples: int) -> EvalConfig:

@@ -308,6 +308,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
             pngs.insert(0, ("over-optimisation", png))
         body = "<div class='grid'>" + "".join(img(f"{rel} {t}", p, "wide" if t == "over-optimisation" else "")
                                               for t, p in pngs) + "</div>"
+        if curve.exists():
+            body += _overopt_table(read_jsonl(curve))
         s_path = mpath.parent / "summary.json"
         if s_path.exists() and s_path != top:
             body += _table(json.loads(s_path.read_text()))
@@ -323,6 +325,15 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
             "</main></body></html>")
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def _overopt_table(points: list[dict]) -> str:
+    """The over-optimisation curve's points as a table, with the fluency measures next to the rewards."""
+    cols = ["step", "kl", "proxy", "gold", "ref_ppl", "length", "distinct_2"]
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    rows = "".join("<tr>" + "".join(f"<td class='num'>{_fmt(p.get(c, ''))}</td>" for c in cols) + "</tr>" for p in points)
+    return (f"<h3>Over-optimisation curve (held-out prompts; ref_ppl = perplexity of the completions under the "
+            f"reference)</h3><table><tr>{head}</tr>{rows}</table>")
 
 
 def _kl_target(config_yaml: Path) -> float:
