@@ -25,6 +25,24 @@ def test_demo_overopt_settings_checked_at_parse_time(capsys):
     assert "leaves fewer than 5 checkpoints" in capsys.readouterr().err
 
 
+def test_smollm2_preset_sets_defaults_and_flags_win(capsys):
+    from rlhfkit.config import DEMO_PRESETS, DemoConfig, parse_config
+
+    cfg = parse_config(DemoConfig, ["--preset", "smollm2", "--ppo.optim.max_steps", "48",
+                                    "--eval.data.max_prompts", "7"])
+    assert (cfg.base_model, cfg.ppo.model.lora_r, cfg.ppo.kl.target, cfg.overopt_every) == ("smollm2", 16, 4.0, 8)
+    assert (cfg.ppo.optim.max_steps, cfg.eval.data.max_prompts) == (48, 7)  # given: not the preset's 40, 100
+    assert set(DEMO_PRESETS["smollm2"]) >= {"base_model", "ppo.model.lora_r", "ppo.kl.target"}
+    tiny = parse_config(DemoConfig, [])
+    assert (tiny.base_model, tiny.ppo.model.lora_r, tiny.ppo.kl.target, tiny.ppo.optim.max_steps) == ("", 0, 8.0, 100)
+    # The checks run on the preset's values: 40 steps // 12 leaves 3 checkpoints for the curve.
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--preset", "smollm2", "--overopt_every", "12"])
+    assert "overopt_every=12 leaves fewer than 5 checkpoints in ppo.optim.max_steps=40" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--preset", "gpt5"])
+
+
 @pytest.mark.slow
 def test_demo_small_end_to_end(tmp_path, capsys):
     from rlhfkit.cli import main

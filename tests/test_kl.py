@@ -8,7 +8,6 @@ import random
 import pytest
 
 from rlhfkit import config as C
-from rlhfkit.errors import ConfigError
 from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController, PIKLController, make_kl_controller
 
 
@@ -75,7 +74,7 @@ def test_ziegler_cannot_follow_in_100_steps():
 
 
 def test_controller_choice():
-    parse = lambda *a: C.parse_config(C.PPOConfig, ["--model.name_or_path", "m", *a])  # noqa: E731
+    parse = lambda *a: C.parse_config(C.PPOConfig, ["--model.name_or_path", "m", *a])
     assert type(make_kl_controller(parse().kl)) is FixedKLController
     assert type(make_kl_controller(parse("--kl.target", "8").kl)) is PIKLController
     zg = make_kl_controller(parse("--kl.target", "8", "--kl.controller", "ziegler", "--kl.horizon", "2000").kl)

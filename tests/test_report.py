@@ -49,9 +49,10 @@ def test_report_plots_kl_target_and_overoptimisation(tmp_path):
     ppo.mkdir()
     with open(ppo / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps({"step": s, "kl/mean": 0.8 * s, "kl/coef": 0.2}) + "\n" for s in range(1, 11))
-    ci = lambda m: {"mean": m, "low": m - 0.1, "high": m + 0.1}  # noqa: E731
+    ci = lambda m: {"mean": m, "low": m - 0.1, "high": m + 0.1}
     with open(ppo / "overopt.jsonl", "w") as f:
-        f.writelines(json.dumps({"step": s, "kl": ci(0.8 * s), "proxy": ci(0.1 * s), "gold": ci(0.05 * s), "ref_ppl": 20.0 + s}) + "\n"
+        f.writelines(json.dumps({"step": s, "kl": ci(0.8 * s), "proxy": ci(0.1 * s), "gold": ci(0.05 * s),
+                                 "ref_ppl": 20.0 + s}) + "\n"
                      for s in range(0, 11, 2))
     out = build_report(tmp_path)
     names = sorted(p.name for p in (tmp_path / "report_files").iterdir())

@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rlhfkit.config import EvalConfig
@@ -54,7 +53,7 @@ def overopt_curve(models: list[tuple[int, str | Path]], cfg: EvalConfig, out: st
     rewards = {"proxy": load_reward(cfg.reward, device), "gold": load_reward(cfg.gold, device)}
     rows = []
     for step, path in [(0, None), *models]:
-        model = ref if path is None else load_causal_lm(str(path)).to(device).eval()
+        model = ref if path is None else _load_checkpoint(Path(path), cfg.reference).to(device).eval()
         seed_everything(cfg.run.seed)  # the same dice for every checkpoint
         chunks = sample_all(model, tok, prompts.ids, prompts.texts, cfg)
         texts = [c for ro in chunks for c in ro.completions]
@@ -79,6 +78,17 @@ def overopt_curve(models: list[tuple[int, str | Path]], cfg: EvalConfig, out: st
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def _load_checkpoint(path: Path, base: str) -> torch.nn.Module:
+    """A checkpoint's policy: a full model, or (a LoRA run's checkpoint) adapters merged into `base`."""
+    from rlhfkit.models.factory import load_causal_lm
+
+    if not (path / "adapter_config.json").exists():
+        return load_causal_lm(str(path))
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_causal_lm(base), str(path)).merge_and_unload()
 
 
 @torch.no_grad()

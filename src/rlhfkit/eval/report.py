@@ -175,14 +175,17 @@ def plot_overopt(points: list[dict]) -> bytes | None:
     for ax, root in zip(axes, (False, True)):
         f = (lambda v: math.sqrt(max(v, 0.0))) if root else (lambda v: v)
         x = [f(p["kl"]["mean"]) for p in points]
-        xerr = [[xi - f(p["kl"]["low"]) for xi, p in zip(x, points)], [f(p["kl"]["high"]) - xi for xi, p in zip(x, points)]]
+        xerr = [[xi - f(p["kl"]["low"]) for xi, p in zip(x, points)],
+                [f(p["kl"]["high"]) - xi for xi, p in zip(x, points)]]
         for name, color in (("proxy", "#2f7ed8"), ("gold", "#dd6b20")):
             y = [p[name]["mean"] for p in points]
-            yerr = [[p[name]["mean"] - p[name]["low"] for p in points], [p[name]["high"] - p[name]["mean"] for p in points]]
+            yerr = [[p[name]["mean"] - p[name]["low"] for p in points],
+                    [p[name]["high"] - p[name]["mean"] for p in points]]
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=3, lw=1.4, color=color,
                         label=f"{name} reward")
         for xi, p in zip(x, points):
-            ax.annotate(str(p["step"]), (xi, p["proxy"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(str(p["step"]), (xi, p["proxy"]["mean"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
         ax.set_xlabel("sqrt(KL to the reference)" if root else "KL to the reference (nats per completion)")
         ax.set_ylabel("reward (mean over held-out prompts)")
         ax.grid(alpha=0.3)
@@ -331,7 +334,8 @@ def _overopt_table(points: list[dict]) -> str:
     """The over-optimisation curve's points as a table, with the fluency measures next to the rewards."""
     cols = ["step", "kl", "proxy", "gold", "ref_ppl", "length", "distinct_2"]
     head = "".join(f"<th>{c}</th>" for c in cols)
-    rows = "".join("<tr>" + "".join(f"<td class='num'>{_fmt(p.get(c, ''))}</td>" for c in cols) + "</tr>" for p in points)
+    rows = "".join("<tr>" + "".join(f"<td class='num'>{_fmt(p.get(c, ''))}</td>" for c in cols) + "</tr>"
+                   for p in points)
     return (f"<h3>Over-optimisation curve (held-out prompts; ref_ppl = perplexity of the completions under the "
             f"reference)</h3><table><tr>{head}</tr>{rows}</table>")
 
