@@ -15,14 +15,16 @@ def test_pi_updates_by_hand():
     pi = PIKLController(0.2, target=8.0, kp=0.5, ki=0.1)
     pi.update(8.0 * math.exp(0.5), 64)  # e = 0.5: integral 0.05, log coef moves 0.5*0.5 + 0.05
     assert pi.value == pytest.approx(0.2 * math.exp(0.30))
-    pi.update(0.0, 64)  # KL 0: the clip's floor e = -1; integral 0.05 - 0.1
-    assert pi.value == pytest.approx(0.2 * math.exp(-0.5 - 0.05))
-    pi.update(8.0 * math.exp(3.0), 64)  # e = 3 clipped to 1; integral -0.05 + 0.1
-    assert pi.value == pytest.approx(0.2 * math.exp(0.5 + 0.05))
+    pi.update(0.0, 64)  # KL 0: the clip's floor e = -0.2; integral 0.05 - 0.02
+    assert pi.value == pytest.approx(0.2 * math.exp(-0.1 + 0.03))
+    pi.update(8.0 * math.exp(3.0), 64)  # e = 3 clipped to 1; integral 0.03 + 0.1
+    assert pi.value == pytest.approx(0.2 * math.exp(0.5 + 0.13))
     pi.update(8.0, 64)  # on target: only the integral remains
-    assert pi.value == pytest.approx(0.2 * math.exp(0.05))
+    assert pi.value == pytest.approx(0.2 * math.exp(0.13))
     pi.update(-0.3, 64)  # a negative k1 batch mean is far below target, not an error
-    assert pi.value == pytest.approx(0.2 * math.exp(-0.5 - 0.05))
+    assert pi.value == pytest.approx(0.2 * math.exp(-0.1 + 0.11))
+    pi.update(8.0 * math.exp(-0.1), 64)  # e = -0.1, inside the clip; integral 0.11 - 0.01
+    assert pi.value == pytest.approx(0.2 * math.exp(-0.05 + 0.10))
 
 
 def test_pi_resumes_where_it_stopped():
@@ -62,6 +64,23 @@ def test_pi_holds_the_target_over_the_second_half(lag, scale, power):
     for seed in range(3):
         kl = _simulate(PIKLController(0.2, 8.0, 0.5, 0.1), lag=lag, scale=scale, power=power, seed=seed)
         assert all(4.0 <= k <= 12.0 for k in kl[50:]), (seed, [round(k, 1) for k in kl[50:]])
+
+
+def test_pi_does_not_wind_up_while_the_policy_is_slow_to_move():
+    # A policy whose KL can grow by at most 0.4 nats a step (its learning rate), drifting to 40 nats at
+    # coef 0.2: the KL is below target for the first ~20 steps whatever the coefficient. A symmetric clip
+    # lets the integral sink meanwhile and the KL overshoots in the second half; ours holds it.
+    for seed in range(3):
+        rng, kl, measured = random.Random(seed), 0.0, []
+        pi = PIKLController(0.2, 8.0, 0.5, 0.1)
+        for _ in range(100):
+            m = kl * math.exp(rng.gauss(0.0, 0.1))
+            pi.update(m, 64)
+            kl = max(0.0, kl + min(0.4, 0.1 * (8.0 / pi.value - kl)))
+            measured.append(m)
+        half = measured[50:]
+        assert sum(4.0 <= k <= 12.0 for k in half) >= 0.8 * len(half), [round(k, 1) for k in half]
+        assert 6.0 <= sum(half) / len(half) <= 10.0
 
 
 def test_ziegler_cannot_follow_in_100_steps():
