@@ -53,3 +53,24 @@ def test_curve_of_checkpoints(tmp_path, tiny_tokenizer, tiny_model_cfg):
 def test_curve_needs_both_rewards(tmp_path):
     with pytest.raises(ValueError, match="needs a reference, a proxy reward and a gold reward"):
         overopt_curve([], EvalConfig(reference="r", reward="rule:length"), tmp_path / "o.jsonl")
+
+
+def test_a_lora_checkpoint_is_merged_into_the_reference(tmp_path, tiny_tokenizer, tiny_model_cfg):
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.eval.overopt import _load_checkpoint
+    from rlhfkit.models.factory import apply_lora, load_causal_lm
+
+    ref = make_policy_dir(tmp_path, tiny_tokenizer, tiny_model_cfg)
+    lora = apply_lora(load_causal_lm(ref), ModelConfig(lora_r=4, lora_alpha=8.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:  # B starts at 0 (adapters off): move it so the checkpoint differs
+                p.add_(0.1 * torch.randn_like(p))
+    lora.save_pretrained(tmp_path / "ckpt")  # adapters only, as an RL checkpoint of a LoRA run
+    assert (tmp_path / "ckpt" / "adapter_config.json").exists()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    merged = _load_checkpoint(tmp_path / "ckpt", ref)
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
+        assert not torch.allclose(load_causal_lm(ref)(input_ids=ids).logits, want, atol=1e-3)
