@@ -181,7 +181,8 @@ def plot_overopt(points: list[dict]) -> bytes | None:
             y = [p[name]["mean"] for p in points]
             yerr = [[p[name]["mean"] - p[name]["low"] for p in points],
                     [p[name]["high"] - p[name]["mean"] for p in points]]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=3, lw=1.4, color=color,
+            # Points, not a line: KL is not monotone in the step (the controller pulls it back).
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=3, lw=1.2, ls="none", color=color,
                         label=f"{name} reward")
         for xi, p in zip(x, points):
             ax.annotate(str(p["step"]), (xi, p["proxy"]["mean"]), fontsize=7, xytext=(3, 3),
