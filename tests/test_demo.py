@@ -62,6 +62,7 @@ def test_demo_small_end_to_end(tmp_path, capsys):
     # The over-optimisation curve: the pretrained model (step 0) and every PPO step's checkpoint.
     curve = [json.loads(line) for line in (run_dir / "ppo" / "overopt.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [0, 1, 2, 3, 4, 5] and curve[-1]["kl"]["mean"] > 0
+    assert sorted(p.name for p in (run_dir / "ppo" / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
     assert "over-optimisation" in html and "KL vs target" in html
     assert "== rlhfkit demo: done" in out
 

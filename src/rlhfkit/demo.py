@@ -135,6 +135,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         t = time.time()
         curve_cfg = eval_config_for_curve(cfg.eval, cfg.overopt_prompts, 1)
         overopt_curve(checkpoints(root / "ppo"), curve_cfg, curve_path)
+        # Scored: keep only the newest two, as PPO would have (the tiny demo's eleven hold ~1 GB).
+        from rlhfkit.utils.checkpoint import list_checkpoints
+
+        for old in list_checkpoints(root / "ppo")[:-2]:
+            shutil.rmtree(old)
         timings.append(f"overopt: {time.time() - t:.0f}s")
 
     # 5. Summary and report.
