@@ -13,10 +13,11 @@ TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all bench venv clean lint help
+.PHONY: demo demo-smollm2 test test-slow test-all bench venv clean lint help
 
 help:
 	@echo "make demo      - set up (first time) and run the full RLHF demo offline on embedded data"
+	@echo "make demo-smollm2 - the demo on the real pretrained SmolLM2-135M-Instruct (LoRA PPO; runs/demo-smollm2)"
 	@echo "make test      - set up (first time) and run the test suite (slow tests excluded)"
 	@echo "make test-slow - only the tests marked slow (end-to-end runs of a minute or more; CI runs them too)"
 	@echo "make test-all  - the test suite including tests marked slow"
@@ -45,6 +46,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: venv
 	$(VENV)/bin/rlhfkit demo
+
+demo-smollm2: venv
+	$(VENV)/bin/rlhfkit demo --preset smollm2 --run_dir runs/demo-smollm2
 
 test: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -532,10 +532,19 @@ class KLConfig:
     estimator: Literal["k1", "k2", "k3"] = opt(
         "k1", "per-token KL estimator (Schulman 2020): k1 = log p - log ref, k2 = (log p - log ref)^2 / 2, "
               "k3 = ref/p - 1 - log(ref/p)")
-    target: float = opt(0.0, "adaptive coefficient (Ziegler et al. 2019): the KL per completion to aim "
-                             "for; 0 = fixed coefficient")
-    horizon: int = opt(10000, "adaptive coefficient: completions over which the coefficient may change "
+    target: float = opt(0.0, "adaptive coefficient: the KL per completion (nats) to hold, starting from "
+                             "kl.coef; 0 = fixed coefficient")
+    controller: Literal["pi", "ziegler"] = opt(
+        "pi", "adaptive coefficient's rule (with kl.target > 0): pi = proportional-integral control of "
+              "log(coef) on the error log(KL / target) (gains kl.kp, kl.ki; settles within tens of steps); "
+              "ziegler = Ziegler et al. 2019's clipped proportional rule (kl.horizon; moves the coefficient "
+              "by at most e^0.2 per kl.horizon completions, too slow for runs of a few thousand)")
+    horizon: int = opt(10000, "ziegler controller: completions over which the coefficient may change "
                               "by a factor of about e^0.2")
+    kp: float = opt(0.5, "pi controller: proportional gain on the clipped log error (log(coef) moves by "
+                         "kp * error with this step's KL)")
+    ki: float = opt(0.1, "pi controller: integral gain per step (log(coef) accumulates ki * error every "
+                         "step: at most e^ki a step)")
     ref_cache_mb: float = opt(64.0, "memory for the reference model's prompt cache: each prompt's keys and "
                                     "values, kept so that a prompt seen again (next epoch) skips the reference's "
                                     "prompt positions; exact up to float rounding; 0 = off, the default of GRPO, "
@@ -545,8 +554,20 @@ class KLConfig:
     def check(self) -> None:
         _non_negative(self, "coef", "target", "ref_cache_mb")
         _positive(self, "horizon")
+        _non_negative(self, "kp", "ki")
         if self.target and not self.coef:
             raise ConfigError(f"{here('target')} needs {here('coef')} > 0 (the initial coefficient)")
+        if self.target and self.controller == "pi" and not self.ki:
+            raise ConfigError(f"{here('ki')} must be > 0 for the pi controller (without the integral term "
+                              "the KL settles off target)")
+        # Gains of the rule not chosen would be silently ignored: reject them.
+        defaults = KLConfig()
+        if self.controller == "pi" and self.horizon != defaults.horizon:
+            raise ConfigError(f"{here('horizon')} is the ziegler controller's; with {here('controller')}=pi "
+                              f"set {here('kp')} / {here('ki')}, or choose {here('controller')}=ziegler")
+        if self.controller == "ziegler" and (self.kp, self.ki) != (defaults.kp, defaults.ki):
+            raise ConfigError(f"{here('kp')} / {here('ki')} are the pi controller's; with "
+                              f"{here('controller')}=ziegler set {here('horizon')}")
 
 
 @dataclass
@@ -951,12 +972,23 @@ class DemoConfig:
     movie-review continuations -> eval on held-out prompts -> HTML report. Each stage is a full stage
     config below: --pretrain.optim.max_steps 100 works like `rlhfkit pretrain --optim.max_steps 100`."""
 
+    preset: Literal["tiny", "smollm2"] = opt(
+        "tiny", "tiny = pretrain a 4.3M-parameter LM from scratch first (the default); smollm2 = start from the "
+                "real pretrained SmolLM2-135M-Instruct (no pretraining; LoRA PPO, batches and steps sized for 2 "
+                "CPU cores: see DEMO_PRESETS). A preset changes defaults only: settings you give still win "
+                "(unless given at exactly the plain demo's default)")
     run_dir: str = opt("runs/demo", "where every stage writes (one sub-directory each), report.html and "
                                     "summary.json; the stages' own run_dir settings are set from it")
+    base_model: str = opt("", "start PPO from this pretrained LM instead of pretraining one (a zoo name such as "
+                              "smollm2, or an HF model directory); empty = pretrain (stage 1)")
     fresh: bool = opt(False, "delete run_dir first; otherwise finished stages are skipped and an "
                              "interrupted one resumes from its checkpoint")
     prompt_words: int = opt(6, "prompts are the first N words of movie snippets (training prompts from the "
                                "reward models' train items, eval prompts from their held-out test items)")
+    overopt_every: int = opt(10, "PPO steps between the checkpoints scored for the over-optimisation curve "
+                                 "(proxy and gold reward vs KL to the pretrained model, Gao et al. 2022; sets "
+                                 "ppo.log.save_every and keeps every checkpoint); 0 = no curve")
+    overopt_prompts: int = opt(64, "held-out prompts (one sample each) per point of that curve")
     pretrain: PretrainConfig = section(
         PretrainConfig, "stage 1: the tiny LM on all VADER snippets",
         optim=OptimConfig(lr=2e-3, warmup_steps=30, batch_size=32, max_steps=300),
@@ -976,12 +1008,13 @@ class DemoConfig:
                    "by the demo)",
         model=ModelConfig(name_or_path="runs/demo/pretrain/final"),
         rollout=RolloutConfig(prompts_per_step=64, samples_per_prompt=1, max_new_tokens=24, temperature=1.0),
-        # An adaptive KL (Ziegler et al. 2019) aiming at ~8 nats per completion: with a fixed 0.05 the policy
-        # found "great great great ..." (KL 53 nats) within 100 steps.
-        kl=KLConfig(coef=0.2, target=8.0, horizon=2000),
+        # An adaptive KL held at ~8 nats per completion (the pi controller: Ziegler's rule can move the
+        # coefficient only x1.9 in 100 steps of 64): with a fixed 0.05 the policy found "great great great
+        # ..." (KL 53 nats) within 100 steps.
+        kl=KLConfig(coef=0.2, target=8.0),
         optim=OptimConfig(lr=2e-4, schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999,
                           batch_size=32, max_steps=100),
-        epochs=2, mini_batches=2, log=LogConfig(log_every=5, eval_every=0, save_every=50))
+        epochs=2, mini_batches=2, log=LogConfig(log_every=1, eval_every=0, save_every=50))
     eval: EvalConfig = section(
         EvalConfig, "stage 4: before/after on held-out prompts (policy, reference, rewards and prompts are "
                     "set by the demo)",
@@ -989,7 +1022,44 @@ class DemoConfig:
         rollout=RolloutConfig(prompts_per_step=50, samples_per_prompt=2))
 
     def check(self) -> None:
-        _positive(self, "prompt_words")
+        if self.preset != "tiny":  # its values where the settings are still the defaults; then check them
+            default = DemoConfig()
+            for dotted, value in DEMO_PRESETS[self.preset].items():
+                *parents, leaf = dotted.split(".")
+                obj, ref = self, default
+                for name in parents:
+                    obj, ref = getattr(obj, name), getattr(ref, name)
+                if getattr(obj, leaf) == getattr(ref, leaf):
+                    setattr(obj, leaf, value)
+            for f in dataclasses.fields(self):
+                if dataclasses.is_dataclass(getattr(self, f.name)):
+                    check_config(getattr(self, f.name), f"{f.name}.")
+        _positive(self, "prompt_words", "overopt_prompts")
+        _non_negative(self, "overopt_every")
+        if self.overopt_every and self.ppo.optim.max_steps // self.overopt_every < 5:
+            raise ConfigError(f"{here('overopt_every')}={self.overopt_every} leaves fewer than 5 checkpoints "
+                              f"in ppo.optim.max_steps={self.ppo.optim.max_steps} for the over-optimisation "
+                              "curve; lower it (or 0 = no curve)")
+
+
+# `rlhfkit demo --preset NAME`: dotted DemoConfig settings -> values, applied where a setting is still at
+# its default. smollm2: the real SmolLM2-135M-Instruct continues the same movie openings (plain text, as the
+# reward models were trained on snippets); LoRA adapters on policy and critic (full PPO of 135M parameters
+# costs 14-26 s per AdamW step on 2 cores); 16 prompts x 24 tokens a step; a KL target of 4 nats (a real
+# LM's fluency is what the KL guards: half the tiny demo's 8); a checkpoint every 8 of 40 steps for the
+# over-optimisation curve.
+DEMO_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2": {
+        "base_model": "smollm2",
+        "ppo.model.lora_r": 16, "ppo.model.lora_alpha": 32.0,
+        "ppo.rollout.prompts_per_step": 16, "ppo.rollout.max_new_tokens": 24,
+        "ppo.kl.coef": 0.05, "ppo.kl.target": 4.0,
+        "ppo.optim.lr": 1e-4, "ppo.optim.batch_size": 16, "ppo.optim.max_steps": 40,
+        "ppo.mini_batches": 1,
+        "overopt_every": 8, "overopt_prompts": 32,
+        "eval.data.max_prompts": 100,
+    },
+}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -119,6 +119,85 @@ def plot_hist(values: list[float], title: str, bins: int = 17) -> bytes:
     return _png(fig)
 
 
+def kl_hold(rows: list[dict], target: float) -> dict[str, float]:
+    """How well a run held its KL target over the second half of its logged steps: the mean KL, and the
+    share of steps within +-50% of the target."""
+    xs, ys = _series(rows, "kl/mean")
+    half = [y for x, y in zip(xs, ys) if x > max(xs) / 2] if xs else []
+    if not half:
+        return {}
+    return {"target": target, "second_half_mean": sum(half) / len(half),
+            "second_half_within_50pct": sum(0.5 * target <= y <= 1.5 * target for y in half) / len(half)}
+
+
+def plot_kl_target(rows: list[dict], target: float) -> bytes | None:
+    """The measured KL per step against the target, its +-50% band, the second half shaded."""
+    xs, ys = _series(rows, "kl/mean")
+    if not xs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = kl_hold(rows, target)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.axvspan(max(xs) / 2, max(xs), color="#edf2f7", label="second half")
+    ax.axhspan(0.5 * target, 1.5 * target, color="#c6f6d5", alpha=0.6, label="target +-50%")
+    ax.axhline(target, color="#276749", lw=1.2, ls="--", label=f"target {target:g}")
+    ax.plot(xs, ys, color="#2f7ed8", lw=1.6, label="kl/mean")
+    _, coef = _series(rows, "kl/coef")
+    if coef:
+        ax2 = ax.twinx()
+        ax2.plot(_series(rows, "kl/coef")[0], coef, color="#dd6b20", lw=1.0, alpha=0.8, label="kl/coef")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("KL coefficient (log)", color="#dd6b20")
+    ax.set_title(f"KL vs target: second half mean {h['second_half_mean']:.2f}, "
+                 f"{100 * h['second_half_within_50pct']:.0f}% of steps within +-50%", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per completion")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
+def plot_overopt(points: list[dict]) -> bytes | None:
+    """Gao et al. 2022's over-optimisation plot: proxy and gold reward of RL checkpoints against their KL to
+    the reference, and against sqrt(KL); 95% intervals on both axes."""
+    points = [p for p in points if all(isinstance(p.get(k), dict) for k in ("kl", "proxy", "gold"))]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, root in zip(axes, (False, True)):
+        f = (lambda v: math.sqrt(max(v, 0.0))) if root else (lambda v: v)
+        x = [f(p["kl"]["mean"]) for p in points]
+        xerr = [[xi - f(p["kl"]["low"]) for xi, p in zip(x, points)],
+                [f(p["kl"]["high"]) - xi for xi, p in zip(x, points)]]
+        for name, color in (("proxy", "#2f7ed8"), ("gold", "#dd6b20")):
+            y = [p[name]["mean"] for p in points]
+            yerr = [[p[name]["mean"] - p[name]["low"] for p in points],
+                    [p[name]["high"] - p[name]["mean"] for p in points]]
+            # Points, not a line: KL is not monotone in the step (the controller pulls it back).
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=3, lw=1.2, ls="none", color=color,
+                        label=f"{name} reward")
+        for xi, p in zip(x, points):
+            ax.annotate(str(p["step"]), (xi, p["proxy"]["mean"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("sqrt(KL to the reference)" if root else "KL to the reference (nats per completion)")
+        ax.set_ylabel("reward (mean over held-out prompts)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Over-optimisation (Gao et al. 2022): proxy vs gold reward of checkpoints (step numbers on the "
+                 "proxy points; 95% intervals)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 header{background:#1d2330;color:#fff;padding:18px 32px} header h1{margin:0;font-size:22px}
@@ -226,7 +305,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
         rel = str(mpath.parent.relative_to(run_dir))
         rel = run_dir.resolve().name if rel == "." else rel
         pngs = plot_panels(rows, rel)
-        body = "<div class='grid'>" + "".join(img(f"{rel} {t}", p) for t, p in pngs) + "</div>"
+        target = _kl_target(mpath.parent / "config.yaml")
+        if target and (png := plot_kl_target(rows, target)):
+            pngs.insert(0, ("KL vs target", png))
+        curve = mpath.parent / "overopt.jsonl"
+        if curve.exists() and (png := plot_overopt(read_jsonl(curve))):
+            pngs.insert(0, ("over-optimisation", png))
+        body = "<div class='grid'>" + "".join(img(f"{rel} {t}", p, "wide" if t == "over-optimisation" else "")
+                                              for t, p in pngs) + "</div>"
+        if curve.exists():
+            body += _overopt_table(read_jsonl(curve))
         s_path = mpath.parent / "summary.json"
         if s_path.exists() and s_path != top:
             body += _table(json.loads(s_path.read_text()))
@@ -242,6 +330,26 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, title: str 
             "</main></body></html>")
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def _overopt_table(points: list[dict]) -> str:
+    """The over-optimisation curve's points as a table, with the fluency measures next to the rewards."""
+    cols = ["step", "kl", "proxy", "gold", "ref_ppl", "length", "distinct_2"]
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    rows = "".join("<tr>" + "".join(f"<td class='num'>{_fmt(p.get(c, ''))}</td>" for c in cols) + "</tr>"
+                   for p in points)
+    return (f"<h3>Over-optimisation curve (held-out prompts; ref_ppl = perplexity of the completions under the "
+            f"reference)</h3><table><tr>{head}</tr>{rows}</table>")
+
+
+def _kl_target(config_yaml: Path) -> float:
+    """The run's kl.target from its config.yaml (0 when none)."""
+    if not config_yaml.exists():
+        return 0.0
+    import yaml
+
+    kl = (yaml.safe_load(config_yaml.read_text()) or {}).get("kl") or {}
+    return float(kl.get("target") or 0.0) if isinstance(kl, dict) else 0.0
 
 
 def main(argv: list[str]) -> int:
