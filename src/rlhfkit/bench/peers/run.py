@@ -147,7 +147,9 @@ def summarize_run(raw: dict, w: W.Workload, model_info: dict, peak_flops: float)
     from rlhfkit.utils.runtime import model_flops_per_token
 
     rows = step_rows(raw, w)
-    med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+    def med(k: str) -> float:
+        return statistics.median(r[k] for r in rows)
+
     s, other = med("s"), med("other_s")
     tokens = statistics.median(r["tokens"] for r in rows)
     # Training FLOPs of the policy over the step's sequences (prompt + completion), charged to the "other"
@@ -264,8 +266,8 @@ def table(rows: list[dict]) -> str:
     """Markdown: per (trainer, LoRA, side), medians over repeats; then ours / TRL with each side's spread."""
     ok = [r for r in rows if r.get("status") == "ok"]
     keys = sorted({(r["trainer"], r["lora_r"]) for r in ok}, key=lambda k: (W.TRAINERS.index(k[0]), k[1]))
-    out = ["| trainer | LoRA | side | runs | median s/step | samples/s | gen tok/s | generation s | reward s "
-           "| other s | peak RSS MB | update GFLOP/s (of sgemm peak) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [("| trainer | LoRA | side | runs | median s/step | samples/s | gen tok/s | generation s | reward s "
+            "| other s | peak RSS MB | update GFLOP/s (of sgemm peak) |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for trainer, lora in keys:
         got = {}
@@ -273,24 +275,26 @@ def table(rows: list[dict]) -> str:
             rs = [r for r in ok if (r["trainer"], r["lora_r"], r["side"]) == (trainer, lora, side)]
             if not rs:
                 continue
-            med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-            s = med("s_per_step_median")
+            med = {k: statistics.median(r[k] for r in rs) for k in (
+                "s_per_step_median", "samples_per_s", "gen_tokens_per_s", "gen_s_median", "reward_s_median",
+                "other_s_median", "peak_rss_mb", "update_flops_per_s", "update_peak_frac")}
+            s = med["s_per_step_median"]
             # Spread: across runs where there are several, else across the steps of the one run.
             lo, hi = ((min(r["s_per_step_median"] for r in rs), max(r["s_per_step_median"] for r in rs))
                       if len(rs) > 1 else (rs[0]["s_per_step_min"], rs[0]["s_per_step_max"]))
-            got[side] = {"sps": med("samples_per_s"), "rss": med("peak_rss_mb"), "spread": (hi - lo) / s}
-            fl = med("update_flops_per_s")
+            got[side] = {"sps": med["samples_per_s"], "rss": med["peak_rss_mb"], "spread": (hi - lo) / s}
             out.append(f"| {trainer} | {lora or 'full'} | {'TRL' if side == 'trl' else 'rlhfkit'} | {len(rs)} | "
-                       f"{s:.2f} | {med('samples_per_s'):.2f} | {med('gen_tokens_per_s'):.0f} | "
-                       f"{med('gen_s_median'):.2f} | {med('reward_s_median'):.3f} | {med('other_s_median'):.2f} | "
-                       f"{med('peak_rss_mb'):.0f} | {fl / 1e9:.1f} ({med('update_peak_frac'):.0%}) |")
+                       f"{s:.2f} | {med['samples_per_s']:.2f} | {med['gen_tokens_per_s']:.0f} | "
+                       f"{med['gen_s_median']:.2f} | {med['reward_s_median']:.3f} | {med['other_s_median']:.2f} | "
+                       f"{med['peak_rss_mb']:.0f} | {med['update_flops_per_s'] / 1e9:.1f} "
+                       f"({med['update_peak_frac']:.0%}) |")
         if len(got) == 2:
             t, o = got["trl"], got["ours"]
             ratios.append(f"| {trainer} | {lora or 'full'} | {o['sps'] / t['sps']:.2f}x | {o['rss'] / t['rss']:.2f}x | "
                           f"{t['spread']:.0%} | {o['spread']:.0%} |")
     if ratios:
-        out += ["", "| trainer | LoRA | samples/s, rlhfkit / TRL | peak RSS, rlhfkit / TRL | TRL s/step spread "
-                    "| rlhfkit s/step spread |", "|---|---|---|---|---|---|", *ratios]
+        out += ["", ("| trainer | LoRA | samples/s, rlhfkit / TRL | peak RSS, rlhfkit / TRL | TRL s/step spread "
+                     "| rlhfkit s/step spread |"), "|---|---|---|---|---|---|", *ratios]
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         out += ["", *(f"- {r.get('side')} {r.get('trainer', '')} LoRA {r.get('lora_r', '')}: {r.get('error')} "
@@ -305,7 +309,7 @@ def comma_list(text: str, allowed: tuple, what: str) -> list:
     from rlhfkit.errors import ConfigError
 
     items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items or (bad := [x for x in items if x not in allowed]):
+    if not items or any(x not in allowed for x in items):
         raise ConfigError(f"--{what}: {text!r}; choose from {', '.join(map(str, allowed))} (comma list)")
     return items
 
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if "trl" in sides:
         venv = Path(a.venv) if a.venv else default_venv()
         trl_python, built_s = ensure_trl_venv(venv)
-        print(f"TRL's virtualenv {'built in %.0f s' % built_s if built_s else 'ready'}: {venv}", flush=True)
+        print(f"TRL's virtualenv {f'built in {built_s:.0f} s' if built_s else 'ready'}: {venv}", flush=True)
 
     out = Path(a.out)
     out.write_text("")

@@ -91,11 +91,14 @@ def read_prompts(path: str | Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 REWARD_SECONDS = [0.0]
 
-POSITIVE = frozenset("""good great excellent wonderful brilliant superb fine fun funny enjoyable enjoyed love
-loved lovely beautiful best moving charming clever delightful fascinating fresh gripping powerful remarkable
-smart solid strong sweet touching entertaining engaging witty warm perfect masterpiece amazing""".split())
-NEGATIVE = frozenset("""bad awful terrible boring dull poor worst weak mess messy stupid silly tedious
-predictable flat bland lame annoying disappointing disappointed waste hate hated ugly slow tired""".split())
+POSITIVE = frozenset({"good", "great", "excellent", "wonderful", "brilliant", "superb", "fine", "fun",
+    "funny", "enjoyable", "enjoyed", "love", "loved", "lovely", "beautiful", "best", "moving", "charming",
+    "clever", "delightful", "fascinating", "fresh", "gripping", "powerful", "remarkable", "smart", "solid",
+    "strong", "sweet", "touching", "entertaining", "engaging", "witty", "warm", "perfect", "masterpiece",
+    "amazing"})
+NEGATIVE = frozenset({"bad", "awful", "terrible", "boring", "dull", "poor", "worst", "weak", "mess", "messy",
+    "stupid", "silly", "tedious", "predictable", "flat", "bland", "lame", "annoying", "disappointing",
+    "disappointed", "waste", "hate", "hated", "ugly", "slow", "tired"})
 _WORD = re.compile(r"[a-z']+")
 
 
