@@ -119,6 +119,7 @@ def test_ours_end_to_end(tiny_llama, tmp_path, capsys):
     assert row["gen_s_median"] > 0 and row["other_s_median"] > 0 and row["peak_rss_mb"] > 100
     assert 0 < row["update_peak_frac"] < 1.5 and row["sgemm_peak_flops_per_s"] > 0
     assert "| grpo | full | rlhfkit | 1 |" in capsys.readouterr().out
+    assert not list((tmp_path / "wd").glob("*_run"))  # the trainer's saved policy is removed after the run
     assert R.main(["--summarize", str(out)]) == 0
 
 

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -224,6 +225,8 @@ def run_side(side: str, w: W.Workload, wl: Path, workdir: Path, tag: str, trl_py
         cmd = [trl_python, str(HERE / "trl_worker.py"), str(wl), str(out)]
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(w), check=False).returncode
+    # The run's own output (our trainer saves the final policy: 540 MB for SmolLM2) is not needed here.
+    shutil.rmtree(workdir / f"{side}_{tag}_run", ignore_errors=True)
     if rc == 0 and out.exists():
         return json.loads(out.read_text())
     return {"side": side, "status": "failed", "error": f"worker exited {rc}", "log": str(log),
