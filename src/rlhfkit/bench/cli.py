@@ -7,6 +7,8 @@ import sys
 BENCHES = {
     "trl-peer": ("our GRPO, RLOO and PPO beside TRL's on TRL's fixed CPU workload, measured in one run",
                  "rlhfkit.bench.trl_peer:main"),
+    "peers": ("our GRPO and RLOO beside TRL's on a real model (SmolLM2-135M), full and LoRA, one command",
+              "rlhfkit.bench.peers.run:main"),
 }
 
 
