@@ -97,44 +97,40 @@ def requested_mode(config_mode: str) -> tuple[str, str]:
     return config_mode, "run.accel"
 
 
-def select(cfg: Any, device: Any) -> Accel:
-    """Choose the accelerated path's parts for an RL run config (`run`, `rollout`, `kl` sections) on
-    `device`, and switch our kernels on or off for this process accordingly."""
+def select(cfg: Any) -> Accel:
+    """Choose the accelerated path's parts for a stage's config (`run`, and for the RL stages `rollout`
+    and `kl`), and switch our kernels on or off for this process accordingly."""
     from rlhfkit.accel import native
 
     mode, source = requested_mode(cfg.run.accel)
     rollout, kl = getattr(cfg, "rollout", None), getattr(cfg, "kl", None)
+    native.set_enabled(mode != "off")
     if mode == "off":
-        native.set_enabled(False)
         if rollout is not None and rollout.backend == "fast":
             raise ConfigError("rollout.backend=fast is part of the accelerated path; with run.accel=off use "
                               "auto or hf")
         acc = Accel("off", f"{source}=off", allocator="system")
         acc.notes["path"] = "plain PyTorch/transformers"
         return acc
-    native.set_enabled(True)
+    kernels = native.lib() is not None
     if rollout is None:  # a supervised stage (DPO): our kernels only
-        acc = Accel("auto", f"{source}=auto", kernels=native.lib() is not None, allocator="system")
-        acc.notes["kernels"] = _kernels_note(acc.kernels)
+        acc = Accel("auto", f"{source}=auto", kernels=kernels, allocator="system")
+    else:
+        fast = rollout.backend != "hf"
+        acc = Accel("auto", f"{source}=auto", kernels=kernels, fast_decode=fast,
+                    replay_mb=rollout.replay_max_mb if fast else 0.0,
+                    ref_cache_mb=getattr(kl, "ref_cache_mb", 0.0) if fast else 0.0,
+                    allocator=cfg.run.cpu_allocator)
+    acc.notes["kernels"] = "on" if kernels else native.native_status()
+    if rollout is None:
         return acc
-    acc = Accel("auto", f"{source}=auto", kernels=native.lib() is not None, fast_decode=rollout.backend != "hf",
-                replay_mb=rollout.replay_max_mb if rollout.backend != "hf" else 0.0,
-                ref_cache_mb=getattr(kl, "ref_cache_mb", 0.0) if rollout.backend != "hf" else 0.0,
-                allocator=cfg.run.cpu_allocator)
-    acc.notes["kernels"] = _kernels_note(acc.kernels)
-    acc.notes["fast decode"] = ("on (GPT-2, Llama)" if acc.fast_decode else "off (rollout.backend=hf)")
+    acc.notes["fast decode"] = "on (GPT-2, Llama)" if acc.fast_decode else "off (rollout.backend=hf)"
     acc.notes["replay"] = (f"on (up to {acc.replay_mb:g} MB)" if acc.replay_mb else
                            "off (" + ("rollout.replay_max_mb=0" if acc.fast_decode else "rollout.backend=hf") + ")")
     if kl is not None and getattr(kl, "coef", 0):
         acc.notes["ref cache"] = (f"on (up to {acc.ref_cache_mb:g} MB)" if acc.ref_cache_mb
                                   else "off (kl.ref_cache_mb=0)")
     return acc
-
-
-def _kernels_note(on: bool) -> str:
-    from rlhfkit.accel import native
-
-    return "on" if on else native.native_status()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def rl_dist(cfg: Any) -> tuple[Any, Any]:
     if U % dist.world:
         raise ConfigError(f"rollout.prompts_per_step={U} does not split over {dist.world} processes (each "
                           "process samples whole groups of the same number of prompts)")
-    acc = accel.select(cfg, dist.device)
+    acc = accel.select(cfg)
     dist.cpu_allocator = cpu_alloc.use(acc.allocator, dist.device)
     return dist, acc
 

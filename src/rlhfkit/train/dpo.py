@@ -86,7 +86,7 @@ def evaluate(model, pairs, ref, cfg, pad_id) -> dict[str, float]:
 def train(cfg: DPOConfig) -> dict[str, Any]:
     run = driver.setup("dpo", cfg)
     dist = run.dist
-    accel = select_accel(cfg, dist.device)  # our log-prob kernels, or torch's ops (run.accel=off)
+    accel = select_accel(cfg)  # our log-prob kernels, or torch's ops (run.accel=off)
 
     tok = get_tokenizer(cfg.tokenizer, cfg.model.name_or_path)
     pairs = load_pairs(cfg, tok)
