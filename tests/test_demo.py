@@ -30,7 +30,7 @@ def test_smollm2_preset_sets_defaults_and_flags_win(capsys):
 
     cfg = parse_config(DemoConfig, ["--preset", "smollm2", "--ppo.optim.max_steps", "48",
                                     "--eval.data.max_prompts", "7"])
-    assert (cfg.base_model, cfg.ppo.model.lora_r, cfg.ppo.kl.target, cfg.overopt_every) == ("smollm2", 16, 4.0, 8)
+    assert (cfg.base_model, cfg.ppo.model.lora_r, cfg.ppo.kl.target, cfg.overopt_every) == ("smollm2", 16, 6.0, 8)
     assert (cfg.ppo.optim.max_steps, cfg.eval.data.max_prompts) == (48, 7)  # given: not the preset's 40, 100
     assert set(DEMO_PRESETS["smollm2"]) >= {"base_model", "ppo.model.lora_r", "ppo.kl.target"}
     tiny = parse_config(DemoConfig, [])

@@ -342,6 +342,13 @@ def test_deep_rm_resumes_exactly_from_a_checkpoint(tmp_path, pairs_file, tiny_lm
     assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
     first = torch.load(ck / "step-000006" / "trainer_state.pt", weights_only=False)["model"]
     assert any(not torch.equal(first[k], resumed[k]) for k in first)  # it did train after resuming
+    # The curve has every step once: the resumed run dropped the dead run's rows after step 6, kept those
+    # before, and the epoch counter went on from the checkpoint.
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss/train" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 12]
+    assert [r["step"] for r in rows if "val/score" in r] == [6, 12]
+    assert train_rows[-1]["epoch"] > train_rows[0]["epoch"] > 0
 
 
 @pytest.mark.slow

@@ -188,14 +188,6 @@ def step_uniforms(seed: int, step: int, n_rows: int, n_tokens: int) -> torch.Ten
     return torch.rand(n_rows, n_tokens, generator=g)
 
 
-def should_stop(dist: Any, stop: Any, t_start: float, max_minutes: float) -> bool:
-    """Stop now (Ctrl-C / SIGTERM seen by GracefulStop, or past the time limit), agreed by every rank: one
-    may see the signal or the clock a step later than another, and ranks stopping at different steps would
-    leave the others waiting in a collective."""
-    local = bool(stop.requested) or bool(max_minutes and time.time() - t_start > max_minutes * 60)
-    return dist.sum(float(local)) > 0 if dist.world > 1 else local
-
-
 def global_rows(dist: Any, *xs: torch.Tensor) -> list[torch.Tensor]:
     """Each tensor's rows from every rank, in global order (see Dist.gather_rows)."""
     return [dist.gather_rows(x) for x in xs]

@@ -52,7 +52,6 @@ from rlhfkit.rl.common import (
     rl_dist,
     run_note,
     samples_table,
-    should_stop,
     step_uniforms,
 )
 from rlhfkit.rl.kl import make_kl_controller
@@ -67,6 +66,7 @@ from rlhfkit.utils.runtime import (
     quiet_hf,
     seed_everything,
     set_threads,
+    should_stop,
     write_run_config,
 )
 

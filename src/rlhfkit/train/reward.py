@@ -50,24 +50,22 @@ from rlhfkit.data.reward_data import (
     split_of,
     write_split,
 )
-from rlhfkit.errors import ConfigError, DataError, TrainingError
+from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.eval import reward_metrics as M
 from rlhfkit.models.embeddings import Encoder, load_base_model
-from rlhfkit.models.factory import apply_lora, enable_gradient_checkpointing, lr_lambda, make_optimizer
+from rlhfkit.models.factory import apply_lora, count_params, enable_gradient_checkpointing
 from rlhfkit.models.heads import ScalarHeadModel
 from rlhfkit.models.reward_models import DeepRewardModel, LinearRewardModel, TextRewardModel
 from rlhfkit.models.reward_text import CutStats, TextTokenizer, cut_message
+from rlhfkit.train import driver
 from rlhfkit.train.reward_losses import bradley_terry_loss, ranking_loss, ranking_to_pairs, regression_loss
-from rlhfkit.utils.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rlhfkit.utils.distributed import Dist
 from rlhfkit.utils.logging import MetricLogger
 from rlhfkit.utils.runtime import (
-    GracefulStop,
     default_run_dir,
     quiet_hf,
     seed_everything,
     set_threads,
-    write_run_config,
 )
 
 SPLITS = ("train", "val", "test")
@@ -298,129 +296,70 @@ def passes(batch: list[Example], rows: list[list[int]], budget: int) -> list[tup
 
 
 def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[int], list[Example]],
-             val_rated: list[RatedText], val_rankings: list[Ranking], run_dir: Path,
-             logger: MetricLogger, dist: Dist | None = None) -> dict:
-    dist = dist or Dist("cpu")
-    net, kind, oc = rm.net, cfg.loss.kind, cfg.optim
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    # Fused AdamW (make_optimizer): 0.10 s vs 0.48 s per step for MiniLM's 22.7M parameters on one CPU core.
-    optimizer = make_optimizer(net, oc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(oc))
-    step, epoch, pos, best_val, tokens = 0, 0, 0, -math.inf, 0
-    best_file = run_dir / "best_state.pt"
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if ckpt is None and dist.is_main:
-        best_file.unlink(missing_ok=True)  # from an earlier run in this directory
-    dist.barrier()
-    have_best = best_file.exists()
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, pos, best_val, tokens = (state[k] for k in ("step", "epoch", "pos", "best_val", "tokens"))
-        logger.write(f"resumed from {ckpt} at step {step}")
-    dist.broadcast_from_main(trainable)  # every rank starts from rank 0's weights (LoRA's init is random)
-    examples = epoch_examples(epoch)
+             val_rated: list[RatedText], val_rankings: list[Ranking], run: driver.Run, logger: MetricLogger) -> dict:
+    """Train the deep model on the supervised driver (resume, checkpoints, stops, logging, selection). Each
+    epoch draws fresh comparisons between rated texts in a fresh order, so the stage counts its own epoch
+    and position in it; the model is called through the pooling of `rm`, so it is not wrapped and the
+    driver sums the gradients over processes."""
+    t0, kind, dist = time.time(), cfg.loss.kind, run.dist
+    global_bs = cfg.optim.batch_size * cfg.optim.grad_accum * dist.world
+    trained = count_params(rm.net) - count_params(rm.net, frozen_only=True)
+    run.start(rm.net, None, f"deep model {count_params(rm.net) / 1e6:.2f}M params ({trained / 1e6:.2f}M trained)",
+              select="val/score" if cfg.select == "best" else None, higher_better=True, ties_to_later=True,
+              seq_len=cfg.model.max_len, counters={"epoch": 0, "epoch_pos": 0}, wrap=False, logger=logger)
+    st = run.state
+    examples = epoch_examples(st["epoch"])
 
     def next_batch(n: int) -> list[Example]:
-        nonlocal examples, epoch, pos
+        nonlocal examples
         out = []
         while len(out) < n:
-            if pos >= len(examples):  # new epoch: fresh comparisons between rated texts, fresh order
-                epoch, pos = epoch + 1, 0
-                examples = epoch_examples(epoch)
-            take = examples[pos:pos + n - len(out)]
+            if st["epoch_pos"] >= len(examples):  # new epoch: fresh comparisons between rated texts, fresh order
+                st["epoch"], st["epoch_pos"] = st["epoch"] + 1, 0
+                examples = epoch_examples(st["epoch"])
+            take = examples[st["epoch_pos"]:st["epoch_pos"] + n - len(out)]
             out += take
-            pos += len(take)
+            st["epoch_pos"] += len(take)
         return out
 
-    def checkpoint() -> None:
-        if dist.is_main:
-            save_checkpoint(run_dir, step, models={}, keep=cfg.log.keep_checkpoints,
-                            state={"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "epoch": epoch, "pos": pos,
-                                   "best_val": best_val, "tokens": tokens})
-        dist.barrier()
+    def step() -> driver.Step:
+        # The global batch; this rank's slice in micro-batches, each weighted by its share of the global
+        # batch's loss weight, so the contributions add up to the loss of the whole batch.
+        everyone = next_batch(global_bs)
+        total_w = loss_weight(kind, everyone)
+        mine = everyone[dist.shard(global_bs)]
+        loss_sum, stats, tokens = 0.0, {}, 0
+        for k in range(cfg.optim.grad_accum):
+            batch = mine[k * cfg.optim.batch_size:(k + 1) * cfg.optim.batch_size]
+            rows = rm.text_tokenizer.ids([p for e in batch for p, _ in e.texts], [c for e in batch for _, c in e.texts])
+            # Passes of at most model.tokens_per_pass padded tokens: activation memory is bounded whatever
+            # the batch size and text length, and the gradients add up to the same step.
+            for part, part_rows in passes(batch, rows, cfg.model.tokens_per_pass):
+                enc = rm.text_tokenizer.pad(part_rows, rm.device)
+                loss, part_stats = batch_loss(kind, rm.forward(**enc), part)
+                share = loss_weight(kind, part) / total_w
+                (loss * share).backward()
+                loss_sum += loss.item() * share
+                for name, v in part_stats.items():
+                    stats[name] = stats.get(name, 0.0) + float(v) * share
+                tokens += int(enc["attention_mask"].sum())
+        stats = {name: dist.sum(v) for name, v in stats.items()}
+        stats["epoch"] = st["epoch"] + st["epoch_pos"] / max(len(examples), 1)
+        return driver.Step(dist.sum(loss_sum), stats, int(dist.sum(tokens)))
 
-    global_bs = oc.batch_size * oc.grad_accum * dist.world
+    def evaluate() -> dict[str, float]:  # every rank scores the validation set (the same numbers)
+        return {"val/score": val_score(_model_scorer(rm), val_rated, val_rankings)}
 
-    t0, t_log, tok_log = time.time(), time.time(), tokens
-    net.train()
-    saved = step
-    with GracefulStop() as stop:
-        while step < oc.max_steps:
-            # The global batch; this rank's slice in micro-batches, each weighted by its share of the
-            # global batch's loss weight, so the contributions add up to the loss of the whole batch.
-            everyone = next_batch(global_bs)
-            total_w = loss_weight(kind, everyone)
-            mine = everyone[dist.shard(global_bs)]
-            step_loss, stats, step_tokens = 0.0, {}, 0
-            for k in range(oc.grad_accum):
-                batch = mine[k * oc.batch_size:(k + 1) * oc.batch_size]
-                rows = rm.text_tokenizer.ids([p for e in batch for p, _ in e.texts],
-                                             [c for e in batch for _, c in e.texts])
-                # Passes of at most model.tokens_per_pass padded tokens: activation memory is bounded
-                # whatever the batch size and text length, and the gradients add up to the same step.
-                for part, part_rows in passes(batch, rows, cfg.model.tokens_per_pass):
-                    enc = rm.text_tokenizer.pad(part_rows, rm.device)
-                    loss, st = batch_loss(kind, rm.forward(**enc), part)
-                    share = loss_weight(kind, part) / total_w
-                    (loss * share).backward()
-                    step_loss += loss.item() * share
-                    for name, v in st.items():
-                        stats[name] = stats.get(name, 0.0) + float(v) * share
-                    step_tokens += int(enc["attention_mask"].sum())
-            step_loss = dist.sum(step_loss)
-            stats = {name: dist.sum(v) for name, v in stats.items()}
-            tokens += int(dist.sum(step_tokens))
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"loss is {step_loss} at step {step + 1}; last good checkpoint: "
-                                    f"{latest_checkpoint(run_dir) or 'none'} (lower optim.lr?)")
-            dist.sum_gradients(trainable)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, oc.grad_clip or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            logger.advance(1, loss=step_loss)
-            if step % cfg.log.log_every == 0 or step == oc.max_steps:
-                dt = time.time() - t_log
-                logger.log({"loss/train": step_loss, **stats, "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm), "epoch": epoch + pos / max(len(examples), 1),
-                            "perf/tokens_per_s": (tokens - tok_log) / dt,
-                            "perf/s_per_step": dt / cfg.log.log_every}, step)
-                t_log, tok_log = time.time(), tokens
-            if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == oc.max_steps:
-                # Every rank scores the validation set (the same numbers); rank 0 keeps the best weights.
-                v = val_score(_model_scorer(rm), val_rated, val_rankings)
-                logger.log({"val/score": v}, step)
-                if cfg.select == "best" and (v >= best_val or not have_best):  # ties: the later step
-                    best_val, have_best = v, True
-                    if dist.is_main:
-                        torch.save(net.state_dict(), best_file.with_suffix(".tmp"))
-                        best_file.with_suffix(".tmp").replace(best_file)
-            over_time = cfg.run.max_minutes and time.time() - t0 > cfg.run.max_minutes * 60
-            halt = dist.sum(float(bool(stop.requested or over_time))) > 0  # all ranks stop at the same step
-            if (cfg.log.save_every and step % cfg.log.save_every == 0) or halt:
-                checkpoint()
-                saved = step
-            if halt:
-                break
-        if saved != step:
-            checkpoint()
+    run.train(step, len(examples), evaluate=evaluate)
     if cfg.select == "best":
-        if not have_best and dist.is_main:  # stopped before the first evaluation: keep the last weights
-            torch.save(net.state_dict(), best_file)
-        dist.barrier()
-        net.load_state_dict(torch.load(best_file, map_location=rm.device, weights_only=True))
+        run.load_best()  # none if it stopped before its first evaluation: the last weights
+        best = run.best_val
     else:  # select last: the weights as they are; report the last validation score
-        best_val = val_score(_model_scorer(rm), val_rated, val_rankings)
+        best = val_score(_model_scorer(rm), val_rated, val_rankings)
     if cfg.model.lora_r:  # fold the adapters in: the saved model is a plain backbone, no peft to load it
-        net.backbone = net.backbone.merge_and_unload()
-    return {"steps": step, "stopped_early": step < oc.max_steps, "val_score": best_val, "select": cfg.select,
-            "tokens": tokens,
-            "train_s": round(time.time() - t0, 1)}
+        rm.net.backbone = rm.net.backbone.merge_and_unload()
+    return {"steps": run.step, "stopped_early": run.step < cfg.optim.max_steps, "val_score": best,
+            "select": cfg.select, "tokens": st["tokens_seen"], "train_s": round(time.time() - t0, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,17 +493,12 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     if b != "minilm" and b not in NAMED_MODELS and not Path(b).exists():
         raise ConfigError(f"model.backbone={b!r}: not found (use 'minilm', a named model such as smollm2, an "
                           "HF model directory or a GGUF file)")
-    set_threads(cfg.run.threads)
-    quiet_hf()
     seed_everything(cfg.run.seed)
-    dist = Dist(cfg.run.device)
-    device = dist.device
-    run_dir = default_run_dir("reward", cfg.log.run_dir)
+    run = driver.setup("reward", cfg)  # threads, processes, run dir + config.yaml, the checkpoint to resume
+    dist, device, run_dir = run.dist, run.dist.device, run.run_dir
     if cfg.model.kind == "linear" and not dist.is_main:
         dist.barrier()  # the closed-form / L-BFGS fit runs on rank 0 (module docstring)
         return {}
-    if dist.is_main:
-        write_run_config(run_dir, cfg)
 
     # 1. Data, split by item; the test ids are written before anything is fit.
     dc = cfg.data
@@ -620,7 +554,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         oc.warmup_steps = min(oc.warmup_steps, oc.max_steps // 10)
     counts = ", ".join(f"{sp} {split_counts(rated[sp], rankings[sp])}" for sp in SPLITS)
     logger = MetricLogger(run_dir, cfg.log, total_steps=oc.max_steps if cfg.model.kind == "deep" else 0,
-                          desc="reward", config=to_dict(cfg), is_main=dist.is_main)
+                          start_step=run.resume_step, desc="reward", config=to_dict(cfg), is_main=dist.is_main)
     logger.write(f"reward: {cfg.model.kind} on {cfg.model.backbone}, loss {cfg.loss.kind}, raters {dc.raters}; "
                  f"{counts}; {len(first)} examples per epoch"
                  + (f"; skipped {data.skipped}" if data.skipped else ""))
@@ -648,7 +582,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
             fit["train_s"] = round(time.time() - t_fit, 1)
             score = _cached_scorer(rm, enc)
         else:
-            fit = fit_deep(cfg, rm, epoch_examples, rated["val"], rankings["val"], run_dir, logger, dist)
+            fit = fit_deep(cfg, rm, epoch_examples, rated["val"], rankings["val"], run, logger)
             if not dist.is_main:  # rank 0 normalises, evaluates and saves
                 dist.barrier()
                 return {}

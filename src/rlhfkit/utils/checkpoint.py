@@ -51,6 +51,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(ckpt: str | Path) -> int:
+    """The step of a checkpoint directory (checkpoints/step-N)."""
+    m = _STEP_DIR.match(Path(ckpt).name)
+    if m is None:
+        raise ValueError(f"{ckpt}: not a checkpoint directory (step-N)")
+    return int(m.group(1))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     cks = list_checkpoints(run_dir)
     return cks[-1] if cks else None
@@ -63,6 +71,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if inner is None:
             return model
         model = inner
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    """A transformers model (LoRA adapters or not), which `save_model` / `load_weights_into` round-trip; other
+    modules (e.g. a backbone with a scalar head) are checkpointed as state dicts."""
+    from transformers import PreTrainedModel
+
+    model = unwrap(model)
+    return isinstance(model, PreTrainedModel) or _is_peft(model)
 
 
 def _is_peft(model: torch.nn.Module) -> bool:

@@ -194,3 +194,11 @@ class GracefulStop:
 
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def should_stop(dist: Any, stop: Any, t_start: float, max_minutes: float) -> bool:
+    """Stop now (Ctrl-C / SIGTERM seen by GracefulStop, or past the time limit), agreed by every rank: one
+    may see the signal or the clock a step later than another, and ranks stopping at different steps would
+    leave the others waiting in a collective."""
+    local = bool(stop.requested) or bool(max_minutes and time.time() - t_start > max_minutes * 60)
+    return dist.sum(float(local)) > 0 if dist.world > 1 else local
