@@ -48,6 +48,11 @@ CASES = {
     "grpo-it2": (GRPOConfig, {"rollout.prompts_per_step": 4, "iterations": 2, "kl.coef": 0.05}),
     "rloo": (RLOOConfig, {"rollout.prompts_per_step": 4, "kl.coef": 0.05, "kl.ref_cache_mb": 64.0}),
     "reinforce": (REINFORCEConfig, {"rollout.prompts_per_step": 8, "kl.coef": 0.05}),
+    # LoRA: the policy samples from its merged copy (accel/lora.py), the critic's backbone has adapters too
+    "grpo-lora": (GRPOConfig, {"rollout.prompts_per_step": 4, "kl.coef": 0.05, "model.lora_r": 4,
+                               "model.lora_alpha": 8.0, "optim.lr": 3e-2}),
+    "ppo-lora": (PPOConfig, {"rollout.prompts_per_step": 8, "optim.batch_size": 4, "model.lora_r": 4,
+                             "model.lora_alpha": 8.0, "optim.lr": 3e-2}),
 }
 
 

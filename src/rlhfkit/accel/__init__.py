@@ -168,11 +168,15 @@ def clip_and_step(optimizer: Any, params: list, max_norm: float) -> float:
 
 
 def fast_decoder(model: Any, required: bool = False) -> Any:
-    """Our KV-cache decoder for a GPT-2 or Llama model, or None for any other (`required`: an error)."""
-    from rlhfkit.accel import fastdecode
+    """Our KV-cache decoder for a GPT-2 or Llama model (a LoRA one samples from its merged copy,
+    accel/lora.py), or None for any other (`required`: an error)."""
+    from rlhfkit.accel import fastdecode, lora
 
     if fastdecode.supported(model):
         return fastdecode.make_fast_decoder(model)
+    plain = lora.merged(model)
+    if plain is not None:
+        return fastdecode.make_fast_decoder(plain)
     if required:
         raise ConfigError(f"rollout.backend=fast supports GPT-2 and Llama models, not {type(model).__name__}; "
                           "use auto or hf")
