@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,9 +45,16 @@ print("\\n__RESULT__" + _json.dumps({{"passed": _passed, "total": len(_tests)}})
 '''
 
 
+# ast.parse from several threads at once can fail on the Python we run (3.11) with "SystemError: AST
+# constructor recursion depth mismatch" (CPython gh-106905; seen here in the slow suite), and the
+# environment scores episodes in a thread pool: one parse at a time.
+_AST_LOCK = threading.Lock()
+
+
 def split_tests(test_src: str, entry: str) -> tuple[str, list[str]]:
     """A HumanEval `test` module -> (set-up code, the test statements of check(candidate), in order)."""
-    tree = ast.parse(test_src)
+    with _AST_LOCK:
+        tree = ast.parse(test_src)
     setup = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "check")]
     check = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check")
     tests, pre = [], []
@@ -62,7 +70,8 @@ def split_tests(test_src: str, entry: str) -> tuple[str, list[str]]:
 
 def _parses(code: str) -> bool:
     try:
-        ast.parse(code)
+        with _AST_LOCK:
+            ast.parse(code)
     except (SyntaxError, ValueError):
         return False
     return True
