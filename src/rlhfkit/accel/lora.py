@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rlhfkit.utils import weights
+from rlhfkit.utils.checkpoint import is_peft
 
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy -> (stamp, merged copy)
 
@@ -49,7 +50,6 @@ def merged(model: Any) -> torch.nn.Module | None:
     """A plain model equal to the LoRA `model` as it is now, for sampling; None if `model` is not a LoRA
     model whose base our decoders read (see the module docstring)."""
     from rlhfkit.accel import fastdecode
-    from rlhfkit.models.factory import is_peft
 
     if not is_peft(model) or not fastdecode.supported(model.get_base_model()):
         return None
@@ -66,12 +66,11 @@ def merged(model: Any) -> torch.nn.Module | None:
             copy_.requires_grad_(False)
         else:
             copy_ = kept[1]
-            base = model.get_base_model()
-            # Every weight, not only the adapted layers': a trainable non-adapter parameter moves too.
-            src = {n: p for n, p in base.named_parameters() if "lora_" not in n}
-            for n, p in copy_.named_parameters():
-                p.copy_(src.get(n, src.get(n.replace(".weight", ".base_layer.weight"),
-                                           src.get(n.replace(".bias", ".base_layer.bias")))))
+            # Every base weight as it is now (a load may have written frozen ones too), then the adapters.
+            params = dict(copy_.named_parameters())
+            for n, p in model.get_base_model().named_parameters():
+                if "lora_" not in n:
+                    params[n.replace(".base_layer", "")].copy_(p)
             for name, layer in layers:
                 target = copy_.get_submodule(name)
                 target.weight.add_(layer.get_delta_weight(layer.active_adapters[0]).to(target.weight.dtype))

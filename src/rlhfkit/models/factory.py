@@ -80,10 +80,6 @@ def apply_lora(model: torch.nn.Module, cfg: Any, causal_lm: bool = True) -> torc
         raise ConfigError(f"model.lora_targets={spec!r}: {e}") from None
 
 
-def is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
-
-
 def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -132,7 +132,7 @@ def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro:
     """Log-probs (B, C) of the rollout's completions under the reference: the reference model, or (LoRA) the
     policy with its adapters switched off. No gradients. `logprobs`: how to compute them (the run's
     Accel.logprobs; default: the accelerated parts wherever they apply)."""
-    from rlhfkit.models.factory import is_peft
+    from rlhfkit.utils.checkpoint import is_peft
 
     if logprobs is None:
         from rlhfkit.accel import logprobs

@@ -79,10 +79,11 @@ def is_hf_model(model: torch.nn.Module) -> bool:
     from transformers import PreTrainedModel
 
     model = unwrap(model)
-    return isinstance(model, PreTrainedModel) or _is_peft(model)
+    return isinstance(model, PreTrainedModel) or is_peft(model)
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
+def is_peft(model: torch.nn.Module) -> bool:
+    """A peft model (LoRA adapters on a base model)."""
     return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
@@ -100,7 +101,7 @@ def save_model(path: str | Path, model: torch.nn.Module, tokenizer: Any = None, 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model = unwrap(model)
-    if _is_peft(model) and merge_lora:
+    if is_peft(model) and merge_lora:
         model = copy.deepcopy(model).merge_and_unload()  # a copy: training goes on with the adapters
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
