@@ -302,7 +302,7 @@ def fit_deep(cfg: RewardConfig, rm: DeepRewardModel, epoch_examples: Callable[[i
     and position in it; the model is called through the pooling of `rm`, so it is not wrapped and the
     driver sums the gradients over processes."""
     t0, kind, dist = time.time(), cfg.loss.kind, run.dist
-    global_bs = cfg.optim.batch_size * cfg.optim.grad_accum * dist.world
+    global_bs = run.global_bs
     trained = count_params(rm.net) - count_params(rm.net, frozen_only=True)
     run.start(rm.net, None, f"deep model {count_params(rm.net) / 1e6:.2f}M params ({trained / 1e6:.2f}M trained)",
               select="val/score" if cfg.select == "best" else None, higher_better=True, ties_to_later=True,
@@ -541,8 +541,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         ex = make_examples(cfg, rated["train"], rankings["train"], y_mu, y_sd, rng)
         # Grouped by the global batch (what one optimizer step reads), so the order is the same on any
         # number of processes for the same global batch.
-        global_bs = cfg.optim.batch_size * cfg.optim.grad_accum * dist.world
-        return length_grouped(ex, global_bs, rng) if cfg.model.kind == "deep" else ex
+        return length_grouped(ex, run.global_bs, rng) if cfg.model.kind == "deep" else ex
 
     first = epoch_examples(0)
     if not first:
@@ -550,7 +549,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
                         f"{cfg.loss.min_gap} and there are no comparisons")
     oc = cfg.optim
     if cfg.model.kind == "deep" and cfg.epochs:
-        oc.max_steps = max(1, math.ceil(cfg.epochs * len(first) / (oc.batch_size * oc.grad_accum * dist.world)))
+        oc.max_steps = max(1, math.ceil(cfg.epochs * len(first) / run.global_bs))
         oc.warmup_steps = min(oc.warmup_steps, oc.max_steps // 10)
     counts = ", ".join(f"{sp} {split_counts(rated[sp], rankings[sp])}" for sp in SPLITS)
     logger = MetricLogger(run_dir, cfg.log, total_steps=oc.max_steps if cfg.model.kind == "deep" else 0,
