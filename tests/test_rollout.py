@@ -130,6 +130,83 @@ def test_gpt2_decode_step_in_one_call_equals_the_epilogues_and_the_plain_ops(bud
             torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
+def biased_gqa_llama(tok, bias: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=bias, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # biases start at zero: make them count
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("budget_mb", [0, 0.03, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_llama_packed_decode_step_equals_the_plain_step(bias, budget_mb, tiny_tokenizer, monkeypatch):
+    """Where MKL's packed sgemm is found, a Llama decode step multiplies by weights packed once per rows
+    and weights (LlamaDecoder._packed_step: q|k|v and gate|up in one product each, biases after). It gives
+    the logits, KV cache and recorded layer outputs of the per-op step (fully, partly and not recorded)."""
+    from rlhfkit.accel import native
+
+    model = biased_gqa_llama(tiny_tokenizer, bias)
+    if not native.packed_ok(model.lm_head.weight):
+        pytest.skip("no packed sgemm here (our kernels off, or torch's BLAS is not MKL)")
+    ids, mask = left_pad(prompts_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    U, P, G, n = ids.size(0), ids.size(1), 3, 7
+    extra = torch.randint(5, 500, (U * G, n))
+    out, kv, recs, used = {}, {}, {}, []
+    real_packs = fastdecode.decode_packs
+    for mode in ("packed", "plain"):
+        monkeypatch.setattr(fastdecode, "decode_packs", (lambda d, r: used.append(r) or real_packs(d, r))
+                            if mode == "packed" else (lambda d, r: None))
+        dec = fastdecode.make_fast_decoder(model)
+        rec = dec.record(model, U, G, P, n, budget_mb) if budget_mb else None
+        with torch.no_grad():
+            first = dec.start(ids, mask, G, max_new=n)
+            out[mode] = torch.stack([first] + [dec.step(extra[:, t]) for t in range(n - 1)], 1)
+        kv[mode] = dec.KV[:, :P + n - 1]
+        recs[mode] = [] if rec is None else [t for layer in rec.comp for t in layer if t is not None] + (
+            [rec.logits] if rec.logits is not None else [])
+    assert used == [U * G] * (n - 1)
+    if budget_mb == 0.03:
+        assert 0 < len(recs["packed"]) < 14  # some layers recorded, the others through scratch buffers
+    torch.testing.assert_close(out["packed"], out["plain"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(kv["packed"], kv["plain"], rtol=0, atol=1e-5)
+    for x, y in zip(recs["packed"], recs["plain"], strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+def test_llama_packed_weights_follow_an_optimizer_step(tiny_tokenizer):
+    """The packed weights are packed again, in place, when the weights stamp moves on (a fused AdamW step):
+    decoding after the step gives HF's logits of the updated model."""
+    from rlhfkit.accel import native
+
+    model = biased_gqa_llama(tiny_tokenizer, True)
+    if not native.packed_ok(model.lm_head.weight):
+        pytest.skip("no packed sgemm here (our kernels off, or torch's BLAS is not MKL)")
+    ids, mask = left_pad(prompts_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    extra = torch.randint(5, 500, (ids.size(0) * 2, 4))
+
+    def decode(dec):
+        with torch.no_grad():
+            first = dec.start(ids, mask, 2, max_new=4)
+            return torch.stack([first] + [dec.step(extra[:, t]) for t in range(3)], 1)
+
+    decode(fastdecode.make_fast_decoder(model))
+    packs = fastdecode._PACKS[model]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model(input_ids=extra).logits.square().mean().backward()
+    opt.step()
+    fast, hf = decode(fastdecode.make_fast_decoder(model)), decode(HFDecoder(model))
+    assert fastdecode._PACKS[model] is packs  # packed again in place
+    torch.testing.assert_close(fast, hf, rtol=0, atol=1e-4)
+
+
 def test_the_one_call_step_checks_the_sgemm_it_calls():
     """The decode step calls torch's BLAS sgemm_ only once it has multiplied small matrices right; a
     function that writes nothing (or anything else) is refused, and the decoder then steps per op."""

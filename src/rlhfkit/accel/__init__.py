@@ -176,7 +176,9 @@ def fast_decoder(model: Any, required: bool = False) -> Any:
         return fastdecode.make_fast_decoder(model)
     plain = lora.merged(model)
     if plain is not None:
-        return fastdecode.make_fast_decoder(plain)
+        dec = fastdecode.make_fast_decoder(plain)
+        dec.weights_of = model  # the copy is refreshed in place when the policy's weights change
+        return dec
     if required:
         raise ConfigError(f"rollout.backend=fast supports GPT-2 and Llama models, not {type(model).__name__}; "
                           "use auto or hf")
