@@ -61,20 +61,22 @@ def test_step_rows_split_the_phases():
     w = W.Workload(model="m", trainer="grpo", reward="rule", steps=2)
     ours = {"side": "ours", "start": 0.0, "marks": [
         {"t": 5.0, "peak": 1, "rollout": 3.0, "reward": 0.5, "tokens": 100},   # warm-up
-        {"t": 7.0, "peak": 1, "rollout": 1.2, "reward": 0.7, "tokens": 200},
-        {"t": 10.0, "peak": 1, "rollout": 1.5, "reward": 1.0, "tokens": 300}]}
+        {"t": 7.0, "peak": 1, "rollout": 1.2, "reward": 0.7, "ref": 0.25, "tokens": 200},  # ref: this step's
+        {"t": 10.0, "peak": 1, "rollout": 1.5, "reward": 1.0, "ref": 0.5, "tokens": 300}]}
     rows = R.step_rows(ours, w)
     assert [r["s"] for r in rows] == [2.0, 3.0]
     assert [r["reward_s"] for r in rows] == pytest.approx([0.2, 0.3])
     assert [r["gen_s"] for r in rows] == pytest.approx([1.0, 1.2])      # rollout minus reward
-    assert [r["other_s"] for r in rows] == pytest.approx([0.8, 1.5])
+    assert [r["score_s"] for r in rows] == pytest.approx([0.25, 0.5])   # the reference's forward
+    assert [r["other_s"] for r in rows] == pytest.approx([0.55, 1.0])
     trl = {"side": "trl", "start": 0.0, "marks": [
         {"t": 5.0, "peak": 1, "gen": 2.0, "reward": 0.1, "logs": {"completions/mean_length": 10.0}},
-        {"t": 8.0, "peak": 1, "gen": 3.5, "reward": 0.2, "logs": {"completions/mean_length": 20.0}},
-        {"t": 10.0, "peak": 1, "gen": 4.0, "reward": 0.4, "logs": {"completions/mean_length": 30.0}}]}
+        {"t": 8.0, "peak": 1, "gen": 3.5, "reward": 0.2, "score": 0.5, "logs": {"completions/mean_length": 20.0}},
+        {"t": 10.0, "peak": 1, "gen": 4.0, "reward": 0.4, "score": 0.75, "logs": {"completions/mean_length": 30.0}}]}
     rows = R.step_rows(trl, w)
     assert [r["gen_s"] for r in rows] == pytest.approx([1.5, 0.5])       # time inside generate()
-    assert [r["other_s"] for r in rows] == pytest.approx([1.4, 1.3])
+    assert [r["score_s"] for r in rows] == pytest.approx([0.5, 0.25])    # no-gradient forwards, cumulative
+    assert [r["other_s"] for r in rows] == pytest.approx([0.9, 1.05])
     assert [r["tokens"] for r in rows] == [640.0, 960.0]                 # mean length x 32 completions
     with pytest.raises(RuntimeError, match="expected 3 steps"):
         R.step_rows({**ours, "marks": ours["marks"][:2]}, w)
@@ -83,7 +85,8 @@ def test_step_rows_split_the_phases():
 def _row(side, s, rss, lo=None, hi=None, **over):
     return {"side": side, "trainer": "grpo", "lora_r": 16, "status": "ok", "s_per_step_median": s,
             "s_per_step_min": lo or s, "s_per_step_max": hi or s, "samples_per_s": 32 / s, "gen_tokens_per_s": 640 / s,
-            "gen_s_median": s / 2, "reward_s_median": 0.01, "other_s_median": s / 2, "peak_rss_mb": rss,
+            "gen_s_median": s / 2, "reward_s_median": 0.01, "score_s_median": 0.25, "other_s_median": s / 2 - 0.25,
+            "peak_rss_mb": rss,
             "update_flops_per_s": 2e10, "update_peak_frac": 0.25, **over}
 
 
@@ -92,7 +95,7 @@ def test_table_ratios_and_spread():
             {"side": "trl", "trainer": "rloo", "lora_r": 0, "status": "failed", "error": "worker exited 1",
              "log": "x.log"}]
     out = R.table(rows)
-    assert "| grpo | 16 | TRL | 1 | 4.00 | 8.00 | 160 | 2.00 | 0.010 | 2.00 | 1000 | 20.0 (25%) |" in out
+    assert "| grpo | 16 | TRL | 1 | 4.00 | 8.00 | 160 | 2.00 | 0.010 | 0.25 | 1.75 | 1000 | 20.0 (25%) |" in out
     assert "| grpo | 16 | 2.00x | 0.50x | 50% | 20% |" in out   # spread = (max - min) / median
     assert "- trl rloo LoRA 0: worker exited 1 (log: x.log)" in out
     # Several repeats: medians over runs, spread across the runs' medians.
@@ -117,6 +120,7 @@ def test_ours_end_to_end(tiny_llama, tmp_path, capsys):
     assert row["status"] == "ok" and row["side"] == "ours" and row["samples_per_step"] == 32
     assert 0 < row["gen_tokens_per_step"] <= 32 * 64
     assert row["gen_s_median"] > 0 and row["other_s_median"] > 0 and row["peak_rss_mb"] > 100
+    assert row["score_s_median"] == 0  # GRPO's KL weight is 0: no reference forward
     assert 0 < row["update_peak_frac"] < 1.5 and row["sgemm_peak_flops_per_s"] > 0
     assert "| grpo | full | rlhfkit | 1 |" in capsys.readouterr().out
     assert not list((tmp_path / "wd").glob("*_run"))  # the trainer's saved policy is removed after the run

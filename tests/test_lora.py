@@ -109,8 +109,19 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tmp_path, tiny_tokeni
     ro = generate(policy, tiny_tokenizer, ids, SamplingParams(max_new_tokens=6), n=2)
     base = load_policy(path, "float32", torch.device("cpu"), trainable=False)
     want = completion_logprobs(base, ro)[0]
-    got = reference_logprobs(policy, None, ro, 1.0, batch_size=2)
+    from rlhfkit.accel import fastdecode
+
+    calls = []
+    real = fastdecode.LlamaDecoder.replay
+    fastdecode.LlamaDecoder.replay = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    try:  # the accelerated forward of the base model (adapters off), then the plain one (peft's)
+        got = reference_logprobs(policy, None, ro, 1.0, batch_size=2)
+    finally:
+        fastdecode.LlamaDecoder.replay = real
+    assert calls
+    plain = reference_logprobs(policy, None, ro, 1.0, batch_size=2, logprobs=completion_logprobs)
     assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(plain, want, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(completion_logprobs(policy, ro)[0], want, atol=1e-3)  # adapters back on
 

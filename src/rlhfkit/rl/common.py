@@ -137,8 +137,11 @@ def reference_logprobs(policy: torch.nn.Module, ref: torch.nn.Module | None, ro:
     if logprobs is None:
         from rlhfkit.accel import logprobs
 
-    model = ref if ref is not None else policy
-    off = policy.disable_adapter() if ref is None and is_peft(policy) else contextlib.nullcontext()
+    model, off = ref if ref is not None else policy, contextlib.nullcontext()
+    if ref is None and is_peft(policy):
+        # Adapters off, the base model's own forward is the reference: a plain model (its adapted layers
+        # hand back their base weights), so the accelerated forward applies to it as to a full reference.
+        model, off = policy.get_base_model(), policy.disable_adapter()
     B, G = len(ro.prompts), ro.group_size
     with torch.no_grad(), off:
         return torch.cat([logprobs(model, ro.rows(mb), temperature)[0]

@@ -93,6 +93,7 @@ class RLRun:
 
     def __init__(self, cfg: Any, name: str, critic: bool) -> None:
         self.cfg, self.name, self.t_start = cfg, name, time.time()
+        self.t_ref = 0.0  # seconds in the reference's forward this step (perf/ref_s)
         set_threads(cfg.run.threads)
         quiet_hf()
         self.dist, self.accel = rl_dist(cfg)
@@ -208,8 +209,11 @@ class RLRun:
 
     def ref_logprobs(self, ro: Rollout) -> torch.Tensor:
         """The reference's log-probs (b, C), no gradients (LoRA: the policy with adapters off)."""
-        return reference_logprobs(self.policy, self.ref, ro, self.params.temperature, self.cfg.optim.batch_size,
-                                  self.accel.logprobs)
+        t = time.perf_counter()
+        out = reference_logprobs(self.policy, self.ref, ro, self.params.temperature, self.cfg.optim.batch_size,
+                                 self.accel.logprobs)
+        self.t_ref += time.perf_counter() - t
+        return out
 
     def values(self, ro: Rollout) -> torch.Tensor:
         """The critic's value before each completion token (b, C)."""
@@ -335,7 +339,7 @@ def run(cfg: Any, name: str, update: Callable[[RLRun, Batch], dict[str, float]],
     saved_step, history = r.step, []
     with GracefulStop() as stop, r.logger:
         while r.step < cfg.optim.max_steps:
-            t0 = time.perf_counter()
+            t0, r.t_ref = time.perf_counter(), 0.0
             batch = r.sample_and_score()
             t_gen = time.perf_counter() - t0
             stats = update(r, batch)
@@ -352,7 +356,7 @@ def run(cfg: Any, name: str, update: Callable[[RLRun, Batch], dict[str, float]],
                 "rollout/length_mean": float(batch.all_lengths.float().mean()),
                 "rollout/finished_frac": float(batch.all_finished.float().mean()), "rollout/tokens": n_gen,
                 **batch.env_metrics, **stats, "kl/coef": r.kl_ctl.value, "lr": r.scheduler.get_last_lr()[0], "perf/s_per_step": dt,
-                "perf/gen_s": t_gen, "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": r.B / dt,
+                "perf/gen_s": t_gen, "perf/ref_s": r.t_ref, "perf/tokens_per_s": n_gen / dt, "perf/samples_per_s": r.B / dt,
                 "perf/peak_rss_mb": peak_rss_mb(), **r.accel.cache_metrics(r.ref),
             }
             history.append(metrics["rollout/reward_mean"])

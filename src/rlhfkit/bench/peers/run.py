@@ -106,7 +106,8 @@ def run_ours_worker(workload_json: str, out_json: str) -> None:
 
     def on_step(step: int, m: dict) -> None:
         marks.append({"t": time.perf_counter(), "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rollout": m["perf/gen_s"], "reward": W.REWARD_SECONDS[0], "tokens": m["rollout/tokens"],
+                      "rollout": m["perf/gen_s"], "reward": W.REWARD_SECONDS[0], "ref": m["perf/ref_s"],
+                      "tokens": m["rollout/tokens"],
                       "reward_mean": m["rollout/reward_mean"]})
 
     t0 = time.perf_counter()
@@ -121,8 +122,10 @@ def run_ours_worker(workload_json: str, out_json: str) -> None:
 
 
 def step_rows(raw: dict, w: W.Workload) -> list[dict]:
-    """Per timed step: seconds, generation / reward / other seconds, generated tokens (from a worker's marks).
-    Ours: the rollout time minus the reward's is generation. TRL: generation is the time in generate()."""
+    """Per timed step: seconds, generation / reward / scoring / update seconds, generated tokens (from a
+    worker's marks). Ours: the rollout time minus the reward's is generation, scoring is the reference's
+    forward. TRL: generation is the time in generate(), scoring the no-gradient log-prob forwards (the
+    reference's, and the old policy's where TRL runs one). The update is the rest of the step."""
     marks = raw["marks"]
     if len(marks) != w.warmup_steps + w.steps:
         raise RuntimeError(f"{raw['side']}: expected {w.warmup_steps + w.steps} steps, saw {len(marks)}")
@@ -131,14 +134,15 @@ def step_rows(raw: dict, w: W.Workload) -> list[dict]:
         t_prev = prev["t"] if prev else raw["start"]
         dt, reward = m["t"] - t_prev, m["reward"] - (prev["reward"] if prev else 0.0)
         if raw["side"] == "ours":
-            gen, tokens = m["rollout"] - reward, m["tokens"]
+            gen, score, tokens = m["rollout"] - reward, m.get("ref", 0.0), m["tokens"]
         else:
             gen = m["gen"] - (prev["gen"] if prev else 0.0)
+            score = m.get("score", 0.0) - ((prev or {}).get("score", 0.0))
             logs = m.get("logs") or {}
             tokens = logs.get("completions/mean_length", float("nan")) * w.samples_per_step
         if i >= w.warmup_steps:
-            rows.append({"s": dt, "gen_s": gen, "reward_s": reward, "other_s": dt - gen - reward, "tokens": tokens,
-                         "peak_rss_mb": m["peak"]})
+            rows.append({"s": dt, "gen_s": gen, "reward_s": reward, "score_s": score,
+                         "other_s": dt - gen - reward - score, "tokens": tokens, "peak_rss_mb": m["peak"]})
         prev = m
     return rows
 
@@ -153,8 +157,10 @@ def summarize_run(raw: dict, w: W.Workload, model_info: dict, peak_flops: float)
 
     s, other = med("s"), med("other_s")
     tokens = statistics.median(r["tokens"] for r in rows)
-    # Training FLOPs of the policy over the step's sequences (prompt + completion), charged to the "other"
-    # phase (loss, backward, optimizer; also the reference and old log-prob forwards where a trainer has them).
+    # Training FLOPs of the policy over the step's sequences (prompt + completion), charged to the update
+    # (the step less generation, reward and the no-gradient scoring forwards: loss, forward, backward,
+    # optimizer). Model FLOPs, as MFU counts them: work a side skips (our replay of the sampling forward,
+    # each prompt run once per group) still counts, so the figure compares the two sides' update speed.
     seq = model_info["prompt_tokens_mean"] + tokens / w.samples_per_step
     fpt = model_flops_per_token(model_info["params"], model_info["layers"], model_info["d_model"], int(seq),
                                 frozen=model_info["params"] if w.lora_r else 0)
@@ -165,7 +171,8 @@ def summarize_run(raw: dict, w: W.Workload, model_info: dict, peak_flops: float)
             "s_per_step_max": round(max(r["s"] for r in rows), 3),
             "samples_per_s": round(w.samples_per_step / s, 3), "gen_tokens_per_step": round(tokens, 1),
             "gen_tokens_per_s": round(tokens / s, 1), "gen_s_median": round(med("gen_s"), 3),
-            "reward_s_median": round(med("reward_s"), 3), "other_s_median": round(other, 3),
+            "reward_s_median": round(med("reward_s"), 3), "score_s_median": round(med("score_s"), 3),
+            "other_s_median": round(other, 3),
             "update_flops_per_s": round(update_flops), "sgemm_peak_flops_per_s": round(peak_flops),
             "update_peak_frac": round(update_flops / peak_flops, 3) if peak_flops else None,
             "peak_rss_mb": round(raw["peak_rss_mb"], 1), "torch_threads": raw["torch_threads"],
@@ -270,7 +277,8 @@ def table(rows: list[dict]) -> str:
     ok = [r for r in rows if r.get("status") == "ok"]
     keys = sorted({(r["trainer"], r["lora_r"]) for r in ok}, key=lambda k: (W.TRAINERS.index(k[0]), k[1]))
     out = [("| trainer | LoRA | side | runs | median s/step | samples/s | gen tok/s | generation s | reward s "
-            "| other s | peak RSS MB | update GFLOP/s (of sgemm peak) |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| scoring s | update s | peak RSS MB | update GFLOP/s (of sgemm peak) |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for trainer, lora in keys:
         got = {}
@@ -280,7 +288,8 @@ def table(rows: list[dict]) -> str:
                 continue
             med = {k: statistics.median(r[k] for r in rs) for k in (
                 "s_per_step_median", "samples_per_s", "gen_tokens_per_s", "gen_s_median", "reward_s_median",
-                "other_s_median", "peak_rss_mb", "update_flops_per_s", "update_peak_frac")}
+                "score_s_median", "other_s_median", "peak_rss_mb", "update_flops_per_s", "update_peak_frac")
+                if all(k in r for r in rs)}
             s = med["s_per_step_median"]
             # Spread: across runs where there are several, else across the steps of the one run.
             lo, hi = ((min(r["s_per_step_median"] for r in rs), max(r["s_per_step_median"] for r in rs))
@@ -288,7 +297,8 @@ def table(rows: list[dict]) -> str:
             got[side] = {"sps": med["samples_per_s"], "rss": med["peak_rss_mb"], "spread": (hi - lo) / s}
             out.append(f"| {trainer} | {lora or 'full'} | {'TRL' if side == 'trl' else 'rlhfkit'} | {len(rs)} | "
                        f"{s:.2f} | {med['samples_per_s']:.2f} | {med['gen_tokens_per_s']:.0f} | "
-                       f"{med['gen_s_median']:.2f} | {med['reward_s_median']:.3f} | {med['other_s_median']:.2f} | "
+                       f"{med['gen_s_median']:.2f} | {med['reward_s_median']:.3f} | "
+                       f"{med.get('score_s_median', float('nan')):.2f} | {med['other_s_median']:.2f} | "
                        f"{med['peak_rss_mb']:.0f} | {med['update_flops_per_s'] / 1e9:.1f} "
                        f"({med['update_peak_frac']:.0%}) |")
         if len(got) == 2:

@@ -55,7 +55,7 @@ def main(workload_json: str, out_json: str) -> int:
     class Marks(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             marks.append({"t": time.perf_counter(), "peak": peak_rss_mb(), "gen": sum(gen_s),
-                          "reward": REWARD_SECONDS[0], "logs": None})
+                          "reward": REWARD_SECONDS[0], "score": score_s[0], "logs": None})
 
         def on_log(self, args, state, control, logs=None, **kw):
             if marks and logs and "completions/mean_length" in logs:  # the step's log, not the final summary
@@ -78,6 +78,20 @@ def main(workload_json: str, out_json: str) -> int:
               dataloader_num_workers=0, use_vllm=False)
     trainer = Trainer(model=policy, reward_funcs=reward_fn(w.reward), args=cfg, train_dataset=ds,
                       processing_class=tok, callbacks=[Marks()], peft_config=peft_config)
+    # The no-gradient forwards of a step (the reference's and, where TRL computes them, the old policy's
+    # log-probs) are timed apart from the update.
+    score_s = [0.0]
+    logps = trainer._get_per_token_logps_and_entropies
+
+    def timed_logps(*a, **kw):
+        if torch.is_grad_enabled():
+            return logps(*a, **kw)
+        t = time.perf_counter()
+        out = logps(*a, **kw)
+        score_s[0] += time.perf_counter() - t
+        return out
+
+    trainer._get_per_token_logps_and_entropies = timed_logps
     t0 = time.perf_counter()
     trainer.train()
     res = {"side": "trl", "train_call_s": time.perf_counter() - t0, "marks": marks, "start": t0,
