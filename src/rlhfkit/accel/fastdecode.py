@@ -1132,7 +1132,7 @@ class LlamaDecoder(_Base):
         nq, nk, I = H * hd, self.Hkv * hd, self.widths[4]
         x = self.m.embed_tokens(tokens)  # (B, D), a new tensor: updated in place below
         cos, sin = self.m.rotary_emb(x[:, None], self.next_pos[:, None])  # (B, 1, hd)
-        scratch = pk.scratch(x)
+        scratch = pk.scratch
         for i, layer in enumerate(self.m.layers):
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             y = pk.mm(i, 0, F.rms_norm(x, (D,), ln1.weight, ln1.variance_epsilon), scratch[0])  # q | k | v
@@ -1171,14 +1171,11 @@ class _Packs:
     q|k|v, o, gate|up and down (with their biases, added after the product), and the LM head."""
 
     def __init__(self, dec: LlamaDecoder, rows: int, stamp: tuple) -> None:
-        self.rows, self.stamp, self.bias = rows, stamp, []
+        self.rows, self.stamp = rows, stamp
         self.layers = [[native.PackedWeight(w, rows) for w in self._weights(layer)] for layer in dec.m.layers]
+        self.bias = [self._biases(layer) for layer in dec.m.layers]
         self.head = native.PackedWeight(dec.lm_head.weight, rows)
-        for layer in dec.m.layers:
-            a = layer.self_attn
-            qkv = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
-            self.bias.append([None if qkv[0] is None else torch.cat(qkv), a.o_proj.bias, None, None])
-        self._scratch: list[torch.Tensor] = []
+        self.scratch = [dec.weight_like.new_empty(rows, pw.n) for pw in self.layers[0]]  # each product's output
 
     @staticmethod
     def _weights(layer: torch.nn.Module) -> list[torch.Tensor]:
@@ -1187,21 +1184,20 @@ class _Packs:
             return [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight]
 
+    @staticmethod
+    def _biases(layer: torch.nn.Module) -> list[torch.Tensor | None]:
+        a = layer.self_attn
+        with torch.no_grad():
+            qkv = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        return [qkv, a.o_proj.bias, None, None]
+
     def repack(self, dec: LlamaDecoder, stamp: tuple) -> None:
-        for packs, layer, bias in zip(self.layers, dec.m.layers, self.bias):
+        for packs, layer in zip(self.layers, dec.m.layers):
             for pw, w in zip(packs, self._weights(layer)):
                 pw.repack(w)
-            a = layer.self_attn
-            if bias[0] is not None:
-                with torch.no_grad():
-                    bias[0].copy_(torch.cat((a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)))
+        self.bias = [self._biases(layer) for layer in dec.m.layers]
         self.head.repack(dec.lm_head.weight)
         self.stamp = stamp
-
-    def scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
-        if not self._scratch:
-            self._scratch = [like.new_empty(self.rows, pw.n) for pw in self.layers[0]]
-        return self._scratch
 
     def mm(self, i: int, j: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         y = self.layers[i][j].mm(x.contiguous(), out)
